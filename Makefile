@@ -1,0 +1,40 @@
+# One place for every set-up command. Override TORCH_SPEC on a GPU host, e.g.
+#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= config.yaml
+PY := $(VENV)/bin/python
+# glibc malloc tuned for large gRPC messages (see README "Large messages").
+MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483648 MALLOC_TOP_PAD_=268435456
+
+.PHONY: install serve test bench proto lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[server,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	env $(MALLOC_ENV) $(PY) -m moe_router serve --config $(CONFIG)
+
+test: install
+	$(PY) scripts/install_promtool.py || true
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: install
+	env $(MALLOC_ENV) $(PY) -m moe_router bench --preset default
+
+proto: install
+	$(PY) scripts/gen_protos.py
+
+lint: install
+	$(VENV)/bin/ruff check server client tests scripts
+	$(VENV)/bin/mypy server/moe_router client/moe_router_client
+
+clean:
+	rm -rf $(VENV) build *.egg-info benchmark_results

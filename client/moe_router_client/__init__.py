@@ -1,0 +1,1 @@
+"""Client for the moe-router gRPC service (grpcio, protobuf and numpy only)."""

@@ -1,0 +1,1 @@
+"""moe-router: a gRPC service hosting Mixture-of-Experts token routers."""

@@ -1,0 +1,226 @@
+"""RouterBase: the shared routing pipeline; each router supplies only its selection step.
+
+validate -> logits (fp32) -> select (subclass) -> capacity -> losses -> stats -> RouterOutput
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_router.errors import ValidationError
+from moe_router.routing import functional as F
+from moe_router.routing.output import RouterOutput, Selection
+from moe_router.routing.router_config import RouterConfig
+
+__all__ = ["RouterBase", "FLOAT_DTYPES"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class RouterBase(nn.Module, ABC):
+    """Base of every router: an fp32 gate ``[E, D]`` and the shared pipeline.
+
+    Subclasses implement :meth:`select`. Class attributes describe the router to the
+    serving layer: ``couples_tokens`` (the decision for one token depends on the
+    others in the batch, so calls may not be merged) and :attr:`stateful` (the answer
+    depends on traffic seen so far, so it may not be cached).
+    """
+
+    couples_tokens: bool = False
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.gate_bias)
+        self._stats_lock = threading.Lock()
+        self.register_buffer(
+            "expert_load", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
+        )
+        self.reset_stats()
+
+    # ----------------------------------------------------------------- description
+    @property
+    def num_experts(self) -> int:
+        """Number of routed experts E."""
+        return self.config.num_experts
+
+    @property
+    def hidden_size(self) -> int:
+        """Input dimension D."""
+        return self.config.hidden_size
+
+    @property
+    def k_range(self) -> tuple[int, int]:
+        """(min, max) experts a token may get."""
+        return (self.config.top_k, self.config.top_k)
+
+    @property
+    def stateful(self) -> bool:
+        """True when the answer depends on traffic already routed (never cache it)."""
+        return False
+
+    @property
+    def stochastic(self) -> bool:
+        """True when the answer draws random numbers (cache only with a seed)."""
+        return self.training and self.config.jitter_noise > 0
+
+    @property
+    def couples_tokens_now(self) -> bool:
+        """True when calls must not be merged: token-coupled router or capacity dropping."""
+        return self.couples_tokens or self.config.capacity_factor is not None
+
+    def version(self) -> str:
+        """A short hash of the router's class, config and parameters (names its answers)."""
+        digest = hashlib.blake2b(digest_size=8)
+        digest.update(type(self).__name__.encode())
+        digest.update(repr(self.config).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    # ----------------------------------------------------------------- pipeline
+    def forward(
+        self, hidden_states: torch.Tensor, generator: torch.Generator | None = None, **kwargs: Any
+    ) -> RouterOutput:
+        """Route ``hidden_states`` [T, D] or [B, S, D]; results keep the leading dims.
+
+        ``generator`` seeds any noise the router draws; ``kwargs`` carry extra tensors
+        (``attention_weights``, ``logits``, ``gradients``) for complexity estimators.
+        """
+        flat, lead = self.validate(hidden_states)
+        logits = self.compute_router_logits(flat, generator=generator)
+        selection = self.select(logits, flat, generator=generator, lead_shape=lead, **kwargs)
+        indices, weights = selection.indices, selection.weights
+        dropped = 0
+        cf = self.config.capacity_factor
+        if cf is not None and not self.couples_tokens:
+            capacity = F.expert_capacity(flat.shape[0], self.k_range[1], self.num_experts, cf)
+            indices, weights, dropped = F.apply_capacity(
+                indices, weights, selection.probs, capacity, self.config.drop_policy
+            )
+        aux_loss = self.compute_aux_loss(selection.probs, indices)
+        z_loss = self.compute_z_loss(logits)
+        indices_i32, weights_f32, num_per_token = F.pad_selection(indices, weights)
+        counts = F.tokens_per_expert(indices_i32, self.num_experts)
+        self.update_stats(counts, num_per_token, dropped)
+        extras = dict(selection.extras)
+        complexity = extras.pop("complexity_scores", None)
+        info = extras.pop("info", {})
+        return RouterOutput(
+            expert_indices=indices_i32.reshape(*lead, -1),
+            expert_weights=weights_f32.reshape(*lead, -1),
+            num_experts_per_token=num_per_token.reshape(lead),
+            router_logits=logits.reshape(*lead, -1),
+            tokens_per_expert=counts,
+            dropped_tokens=dropped,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            complexity_scores=None if complexity is None else complexity.reshape(lead),
+            info=info,
+            **extras,
+        )
+
+    def validate(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Check shape and dtype; return the flat [T, D] view and the leading dims."""
+        if not isinstance(hidden_states, torch.Tensor):
+            raise ValidationError(
+                f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}"
+            )
+        if hidden_states.dtype not in FLOAT_DTYPES:
+            raise ValidationError(
+                f"hidden_states dtype {hidden_states.dtype} is not accepted; "
+                "expected float32, float16 or bfloat16"
+            )
+        if hidden_states.dim() not in (2, 3):
+            raise ValidationError(
+                f"hidden_states must be [tokens, dim] or [batch, seq, dim], "
+                f"got shape {list(hidden_states.shape)}"
+            )
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValidationError(
+                f"hidden_states dim {hidden_states.shape[-1]} does not match "
+                f"the router's input_dim {self.hidden_size}"
+            )
+        lead = tuple(hidden_states.shape[:-1])
+        return hidden_states.reshape(-1, self.hidden_size), lead
+
+    def compute_router_logits(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Gate logits [T, E] in fp32 (input upcast first; train-time jitter if configured)."""
+        x = x.float()
+        eps = self.config.jitter_noise
+        if self.training and eps > 0:
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x * (1.0 - eps + 2.0 * eps * noise)
+        weight = self.gate.weight.float()
+        bias = None if self.gate.bias is None else self.gate.bias.float()
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @abstractmethod
+    def select(
+        self,
+        logits: torch.Tensor,
+        hidden_states: torch.Tensor,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> Selection:
+        """Choose experts for flat logits [T, E]; return indices/weights [T, k] and probs."""
+
+    def compute_aux_loss(self, router_logits_or_probs: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:
+        """Switch load-balancing loss of this call (see :func:`functional.compute_aux_loss`)."""
+        return F.compute_aux_loss(router_logits_or_probs, expert_indices, self.k_range[1])
+
+    def compute_z_loss(self, router_logits: torch.Tensor) -> torch.Tensor:
+        """Router z-loss of this call (see :func:`functional.compute_z_loss`)."""
+        return F.compute_z_loss(router_logits)
+
+    # ----------------------------------------------------------------- statistics
+    def update_stats(
+        self, counts: torch.Tensor, num_per_token: torch.Tensor, dropped: int = 0
+    ) -> None:
+        """Add one call's per-expert assignments to the running statistics."""
+        with torch.no_grad(), self._stats_lock:
+            self.expert_load += counts.to(self.expert_load.device)
+            self._total_batches += 1
+            self._total_tokens += int(num_per_token.numel())
+            self._total_assignments += int(num_per_token.sum())
+            self._dropped += dropped
+
+    def get_stats(self) -> dict[str, Any]:
+        """Running statistics since the last reset (counts are cumulative)."""
+        with self._stats_lock:
+            load = self.expert_load.detach().cpu()
+            tokens = self._total_tokens
+            stats = {
+                "total_batches": self._total_batches,
+                "total_tokens": tokens,
+                "tokens_per_expert": load.tolist(),
+                "dropped_tokens": self._dropped,
+                "avg_experts_per_token": self._total_assignments / tokens if tokens else 0.0,
+            }
+        loadf = load.double()
+        stats.update(
+            avg_usage_per_expert=(loadf / max(tokens, 1)).tolist(),
+            usage_variance=float(loadf.var(unbiased=False)) if loadf.numel() else 0.0,
+            most_used_expert=int(torch.argmax(load)) if load.numel() else -1,
+            least_used_expert=int(torch.argmin(load)) if load.numel() else -1,
+            load_balance_score=F.load_balance_score(load),
+        )
+        return stats
+
+    def reset_stats(self) -> None:
+        """Forget every running statistic."""
+        with self._stats_lock:
+            self.expert_load.zero_()
+            self._total_batches = 0
+            self._total_tokens = 0
+            self._total_assignments = 0
+            self._dropped = 0

@@ -1,0 +1,187 @@
+"""Routing math as small typed functions that the routers call in order.
+
+Vocabulary (as Megatron's moe_utils): ``logits`` are raw gate outputs [T, E];
+``scores`` are logits after softmax/sigmoid; ``probs`` are the per-expert
+probabilities the aux loss uses; ``indices``/``weights`` are the [T, k] selection.
+All functions are pure: no I/O, no globals, vectorised over tokens and experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moe_router.routing.router_config import DropPolicy, ScoringFunction
+
+__all__ = [
+    "score",
+    "topk_lowest_index",
+    "renormalize",
+    "compute_aux_loss",
+    "compute_seq_aux_loss",
+    "compute_z_loss",
+    "expert_capacity",
+    "apply_capacity",
+    "tokens_per_expert",
+    "load_balance_score",
+    "pad_selection",
+]
+
+
+def score(logits: torch.Tensor, scoring: ScoringFunction) -> torch.Tensor:
+    """Scores [T, E] in fp32 from logits [T, E]: softmax over experts or elementwise sigmoid."""
+    logits = logits.float()
+    if scoring is ScoringFunction.SOFTMAX:
+        return torch.softmax(logits, dim=-1)
+    return torch.sigmoid(logits)
+
+
+def topk_lowest_index(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim with ties going to the lower index, on CPU and CUDA alike.
+
+    torch.topk leaves the order of equal values unspecified; a stable descending sort
+    keeps equal values in index order, so the lower index wins every tie.
+    Returns (values [..., k], indices [..., k] int64), largest first.
+    """
+    sorted_values, sorted_indices = torch.sort(values, dim=-1, descending=True, stable=True)
+    return sorted_values[..., :k], sorted_indices[..., :k]
+
+
+def renormalize(weights: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
+    """Rescale [T, k] weights so each row sums to 1 (HF ``norm_topk_prob``; DeepSeek adds eps)."""
+    return weights / (weights.sum(dim=-1, keepdim=True) + eps)
+
+
+def tokens_per_expert(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert [E] int64 from indices [..., k]; -1 padding is ignored."""
+    flat = indices.reshape(-1)
+    flat = flat[flat >= 0]
+    return torch.bincount(flat, minlength=num_experts)[:num_experts]
+
+
+def compute_aux_loss(probs: torch.Tensor, indices: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch/GShard load-balancing loss  L = E * sum_i f_i * P_i.
+
+    probs: [T, E] routing probabilities; indices: [T, k] chosen experts (-1 ignored).
+    f_i = count_i / (T * k) is the fraction of assignments to expert i and
+    P_i = mean_t probs[t, i] its mean probability, so uniform routing gives exactly 1
+    (Fedus et al. 2021, eq. 4). transformers' ``load_balancing_loss_func`` divides the
+    counts by T only (f_i summing to k), so its value is k times this one.
+    """
+    num_tokens, num_experts = probs.shape
+    if num_tokens == 0:
+        return probs.new_zeros(())
+    counts = tokens_per_expert(indices, num_experts).to(probs.dtype)
+    fraction = counts / (num_tokens * top_k)
+    mean_prob = probs.float().mean(dim=0)
+    return num_experts * torch.sum(fraction * mean_prob)
+
+
+def compute_seq_aux_loss(
+    probs: torch.Tensor, indices: torch.Tensor, top_k: int, seq_len: int
+) -> torch.Tensor:
+    """Per-sequence variant (DeepSeek-V3 sequence-wise balance loss): the aux loss of each
+    sequence of ``seq_len`` consecutive tokens, averaged over sequences.
+
+    probs: [B*S, E]; indices: [B*S, k].
+    """
+    num_tokens, num_experts = probs.shape
+    if num_tokens == 0:
+        return probs.new_zeros(())
+    if num_tokens % seq_len:
+        raise ValueError(f"seq_len {seq_len} does not divide the {num_tokens} tokens")
+    batch = num_tokens // seq_len
+    idx = indices.reshape(batch, -1)
+    valid = idx >= 0
+    one_hot = torch.zeros(batch, num_experts + 1, dtype=probs.dtype, device=probs.device)
+    one_hot.scatter_add_(1, torch.where(valid, idx, num_experts), valid.to(probs.dtype))
+    fraction = one_hot[:, :num_experts] / (seq_len * top_k)
+    mean_prob = probs.float().reshape(batch, seq_len, num_experts).mean(dim=1)
+    return (num_experts * (fraction * mean_prob).sum(dim=1)).mean()
+
+
+def compute_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022): mean over tokens of logsumexp(logits)^2."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Assignments one expert may keep: ceil(T * k / E * capacity_factor)."""
+    return int(math.ceil(num_tokens * top_k / num_experts * capacity_factor))
+
+
+def apply_capacity(
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    probs: torch.Tensor,
+    capacity: int,
+    policy: DropPolicy,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Drop the assignments each expert cannot take (capacity per expert).
+
+    indices/weights: [T, k]; probs: [T, E] (ranks assignments under ``probs`` policy).
+    ``probs`` keeps each expert's highest-probability assignments (ties: earlier token);
+    ``position`` keeps the earliest tokens (token order, then k slot).
+    Returns (indices with dropped slots set to -1, weights zeroed there, dropped count).
+    """
+    num_tokens, k = indices.shape
+    flat_expert = indices.reshape(-1)
+    valid = flat_expert >= 0
+    num_experts = probs.shape[-1]
+    order = torch.arange(flat_expert.numel(), device=indices.device)
+    if policy is DropPolicy.PROBS:
+        gathered = probs.gather(1, indices.clamp(min=0)).reshape(-1)
+        order = torch.sort(-gathered, stable=True).indices
+    # Group by expert (padding last), keeping the priority order inside each group.
+    expert_of = torch.where(valid, flat_expert, num_experts)[order]
+    by_expert = torch.sort(expert_of, stable=True)
+    grouped = order[by_expert.indices]
+    counts = torch.bincount(by_expert.values, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(grouped.numel(), device=indices.device) - starts[by_expert.values]
+    rank = torch.empty_like(rank_sorted)
+    rank[grouped] = rank_sorted
+    keep = (rank < capacity) | ~valid
+    dropped = int((~keep).sum())
+    keep = keep.reshape(num_tokens, k)
+    return (
+        torch.where(keep, indices, torch.full_like(indices, -1)),
+        torch.where(keep, weights, torch.zeros_like(weights)),
+        dropped,
+    )
+
+
+def load_balance_score(counts: torch.Tensor) -> float:
+    """Jain's fairness index of per-expert load, (sum c)^2 / (E * sum c^2).
+
+    1 when every expert gets the same load, 1/E when one expert takes everything,
+    independent of the total; 1 when nothing has been routed yet.
+    """
+    c = counts.double()
+    total_sq = float(torch.sum(c * c))
+    if total_sq == 0.0:
+        return 1.0
+    return float(c.sum() ** 2 / (c.numel() * total_sq))
+
+
+def pad_selection(
+    indices: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move each row's real slots (index >= 0) to the front, pad with -1 / 0.
+
+    Returns (indices int32 [T, k], weights float32 [T, k], num_experts_per_token int32 [T]).
+    """
+    valid = indices >= 0
+    # Stable sort on "is padding" brings real slots forward without reordering them.
+    order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
+    indices = indices.gather(-1, order)
+    weights = weights.gather(-1, order)
+    valid = valid.gather(-1, order)
+    return (
+        torch.where(valid, indices, -1).to(torch.int32),
+        torch.where(valid, weights, 0.0).to(torch.float32),
+        valid.sum(dim=-1).to(torch.int32),
+    )

@@ -1,0 +1,97 @@
+"""The one token-centric answer every router gives (DESIGN.md, "The answer is token-centric")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["RouterOutput", "Selection"]
+
+
+class Selection(NamedTuple):
+    """What a router's selection step hands back to the shared pipeline (flat tokens).
+
+    indices: [T, k] int64 expert ids, -1 where a slot is unused.
+    weights: [T, k] float32 combine weights, 0 where unused.
+    probs:   [T, E] float32 routing probabilities used for the aux loss.
+    extras:  optional tensors keyed by RouterOutput field name
+             (complexity_scores [T], dispatch_weights, combine_weights, ...).
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    probs: torch.Tensor
+    extras: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """Token-centric routing result; leading dims follow the input ([T] or [B, S]).
+
+    expert_indices:        int32   [..., k_max]  chosen experts, padded with -1
+    expert_weights:        float32 [..., k_max]  combine weights, 0 where padded
+    num_experts_per_token: int32   [...]         how many of the k_max slots are real
+    router_logits:         float32 [..., E]      raw gate logits
+    tokens_per_expert:     int64   [E]           assignments kept per expert in this call
+    dropped_tokens:        int                   assignments dropped by capacity
+    aux_loss / z_loss:     float32 scalars       Switch load-balancing loss, router z-loss
+    complexity_scores:     float32 [...]         dynamic routers only
+    dispatch_weights:      float32 [T, E*slots]  Soft MoE only (softmax over tokens per slot)
+    combine_weights:       float32 [T, E*slots]  Soft MoE only (softmax over slots per token)
+    """
+
+    expert_indices: torch.Tensor
+    expert_weights: torch.Tensor
+    num_experts_per_token: torch.Tensor
+    router_logits: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped_tokens: int = 0
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    complexity_scores: torch.Tensor | None = None
+    dispatch_weights: torch.Tensor | None = None
+    combine_weights: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k_max(self) -> int:
+        """Width of the padded expert dimension."""
+        return int(self.expert_indices.shape[-1])
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts the router chose among."""
+        return int(self.tokens_per_expert.shape[0])
+
+    def detach(self) -> RouterOutput:
+        """The same answer with every tensor cut from the autograd graph."""
+        def cut(value: Any) -> Any:
+            return value.detach() if isinstance(value, torch.Tensor) else value
+
+        return replace(
+            self,
+            **{name: cut(getattr(self, name)) for name in _TENSOR_FIELDS},
+        )
+
+    def to(self, device: torch.device | str) -> RouterOutput:
+        """The same answer with every tensor moved to ``device``."""
+        def move(value: Any) -> Any:
+            return value.to(device) if isinstance(value, torch.Tensor) else value
+
+        return replace(self, **{name: move(getattr(self, name)) for name in _TENSOR_FIELDS})
+
+
+_TENSOR_FIELDS = (
+    "expert_indices",
+    "expert_weights",
+    "num_experts_per_token",
+    "router_logits",
+    "tokens_per_expert",
+    "aux_loss",
+    "z_loss",
+    "complexity_scores",
+    "dispatch_weights",
+    "combine_weights",
+)
