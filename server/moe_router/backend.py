@@ -1,0 +1,79 @@
+"""The one interface every serving stage implements, and the values that cross it.
+
+A router's chain, outermost first (DESIGN.md):
+    Metrics -> RateLimit -> Cache -> CircuitBreaker -> Batcher -> DeviceExecutor -> router
+Each stage is a ``Backend`` wrapping the next; the gRPC handler calls the outermost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from moe_router.routing.output import RouterOutput
+
+__all__ = ["RouteOptions", "RouteCall", "RouteResult", "Backend"]
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    """Per-call options that can change the answer (all belong in a cache key).
+
+    extra_inputs: estimator tensors by name (``attention_weights``, ``logits``,
+    ``gradients``), host tensors.
+    """
+
+    return_router_logits: bool = False
+    skip_cache: bool = False
+    seed: int | None = None
+    extra_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RouteCall:
+    """A decoded Route request: hidden states [T, D] or [B, S, D] as a host tensor.
+
+    deadline: absolute ``time.monotonic()`` after which the answer is useless, or None.
+    peer: the caller's identity for rate limiting (API key id or peer address).
+    """
+
+    router: str
+    layer: int
+    hidden_states: torch.Tensor
+    options: RouteOptions = RouteOptions()
+    deadline: float | None = None
+    request_id: str = ""
+    peer: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in this call (product of the leading dims)."""
+        return int(self.hidden_states.numel() // max(self.hidden_states.shape[-1], 1))
+
+
+@dataclass(frozen=True)
+class RouteResult:
+    """A routed answer on the host, plus how it was produced."""
+
+    output: RouterOutput
+    router_version: str
+    cache_hit: bool = False
+    batch_requests: int = 1
+    batch_tokens: int = 0
+    queue_time_us: int = 0
+    compute_time_us: int = 0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One serving stage: route a call, report its own statistics."""
+
+    async def route(self, call: RouteCall) -> RouteResult:
+        """Answer ``call`` or raise a ``DynamicMoEError``."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """This stage's figures merged over the stages it wraps."""
+        ...
