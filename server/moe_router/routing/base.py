@@ -154,7 +154,11 @@ class RouterBase(nn.Module, ABC):
     def compute_router_logits(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Gate logits [T, E] in fp32 (input upcast first; train-time jitter if configured)."""
+        """Gate logits [T, E] in fp32 (input upcast first; train-time jitter if configured).
+
+        The matmul is batch-invariant (:func:`functional.batch_invariant_linear`) so a
+        token's answer never depends on which other tokens share its call.
+        """
         x = x.float()
         eps = self.config.jitter_noise
         if self.training and eps > 0:
@@ -162,7 +166,7 @@ class RouterBase(nn.Module, ABC):
             x = x * (1.0 - eps + 2.0 * eps * noise)
         weight = self.gate.weight.float()
         bias = None if self.gate.bias is None else self.gate.bias.float()
-        return torch.nn.functional.linear(x, weight, bias)
+        return F.batch_invariant_linear(x, weight, bias)
 
     @abstractmethod
     def select(
