@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -97,11 +98,50 @@ class RouterBase(nn.Module, ABC):
         flat, lead = self.validate(hidden_states)
         logits = self.compute_router_logits(flat, generator=generator)
         selection = self.select(logits, flat, generator=generator, lead_shape=lead, **kwargs)
+        return self._finish(logits, selection, lead)
+
+    def route_many(
+        self, hidden_states: Sequence[torch.Tensor], generator: torch.Generator | None = None
+    ) -> list[RouterOutput]:
+        """Route several calls in one device pass; each answer equals ``forward`` on it alone.
+
+        Only for routers whose decision is per token (``couples_tokens_now`` is False):
+        the gate matmul is batch-invariant, selection is row-wise, and losses and counts
+        are computed per call. Each input is [T_i, D] or [B_i, S_i, D].
+        """
+        if self.couples_tokens_now:
+            raise ValidationError(
+                f"{type(self).__name__} couples the tokens of a call; route calls one by one"
+            )
+        flats, leads = zip(*(self.validate(h) for h in hidden_states))
+        sizes = [f.shape[0] for f in flats]
+        merged = torch.cat([f.to(flats[0].dtype) for f in flats]) if len(flats) > 1 else flats[0]
+        logits = self.compute_router_logits(merged, generator=generator)
+        selection = self.select(logits, merged, generator=generator, lead_shape=(merged.shape[0],))
+        outputs = []
+        start = 0
+        for size, lead in zip(sizes, leads):
+            part = slice(start, start + size)
+            start += size
+            extras = {
+                key: value[part] if isinstance(value, torch.Tensor) else value
+                for key, value in selection.extras.items()
+            }
+            piece = Selection(
+                selection.indices[part], selection.weights[part], selection.probs[part], extras
+            )
+            outputs.append(self._finish(logits[part], piece, lead))
+        return outputs
+
+    def _finish(
+        self, logits: torch.Tensor, selection: Selection, lead: tuple[int, ...]
+    ) -> RouterOutput:
+        """Capacity, losses, padding, counts and statistics for one call's selection."""
         indices, weights = selection.indices, selection.weights
         dropped = 0
         cf = self.config.capacity_factor
         if cf is not None and not self.couples_tokens:
-            capacity = F.expert_capacity(flat.shape[0], self.k_range[1], self.num_experts, cf)
+            capacity = F.expert_capacity(logits.shape[0], self.k_range[1], self.num_experts, cf)
             indices, weights, dropped = F.apply_capacity(
                 indices, weights, selection.probs, capacity, self.config.drop_policy
             )
@@ -114,10 +154,10 @@ class RouterBase(nn.Module, ABC):
         complexity = extras.pop("complexity_scores", None)
         info = extras.pop("info", {})
         return RouterOutput(
-            expert_indices=indices_i32.reshape(*lead, indices_i32.shape[-1]),
-            expert_weights=weights_f32.reshape(*lead, weights_f32.shape[-1]),
+            expert_indices=indices_i32.reshape(*lead, -1),
+            expert_weights=weights_f32.reshape(*lead, -1),
             num_experts_per_token=num_per_token.reshape(lead),
-            router_logits=logits.reshape(*lead, logits.shape[-1]),
+            router_logits=logits.reshape(*lead, -1),
             tokens_per_expert=counts,
             dropped_tokens=dropped,
             aux_loss=aux_loss,
