@@ -154,10 +154,10 @@ class RouterBase(nn.Module, ABC):
         complexity = extras.pop("complexity_scores", None)
         info = extras.pop("info", {})
         return RouterOutput(
-            expert_indices=indices_i32.reshape(*lead, -1),
-            expert_weights=weights_f32.reshape(*lead, -1),
+            expert_indices=indices_i32.reshape(*lead, indices_i32.shape[-1]),
+            expert_weights=weights_f32.reshape(*lead, weights_f32.shape[-1]),
             num_experts_per_token=num_per_token.reshape(lead),
-            router_logits=logits.reshape(*lead, -1),
+            router_logits=logits.reshape(*lead, logits.shape[-1]),
             tokens_per_expert=counts,
             dropped_tokens=dropped,
             aux_loss=aux_loss,
