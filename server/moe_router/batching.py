@@ -1,0 +1,152 @@
+"""Dynamic batching: concurrent Route calls coalesced into one device pass.
+
+Calls to the same router and layer with the same hidden dim and dtype wait in a
+queue for at most ``max_queue_delay_us``; the queue is flushed as one device pass as
+soon as it holds ``max_batch_tokens`` or the oldest call has waited long enough.
+Answers are bit-identical to routing each call alone (``RouterBase.route_many``).
+Calls that cannot share a pass (token-coupled routers, capacity dropping, stateful or
+stochastic routers, estimator inputs) run alone but still count against the queue
+bound; a full queue answers ``OverloadedError`` (RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moe_router.backend import RouteCall, RouteResult
+from moe_router.errors import OverloadedError
+from moe_router.executor import DeviceExecutor
+
+__all__ = ["Batcher"]
+
+_Key = tuple[int, int, torch.dtype]
+
+
+@dataclass
+class _Pending:
+    call: RouteCall
+    future: asyncio.Future[RouteResult]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Backend that merges concurrent calls for one router before its DeviceExecutor."""
+
+    def __init__(
+        self,
+        inner: DeviceExecutor,
+        *,
+        max_batch_tokens: int = 8192,
+        max_queue_delay_us: int = 500,
+        max_queue_size: int = 1024,
+        on_batch: Callable[[int, int], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue_delay_s = max_queue_delay_us / 1e6
+        self.max_queue_size = max_queue_size
+        self._on_batch = on_batch
+        self._on_queue_depth = on_queue_depth
+        self._queues: dict[_Key, list[_Pending]] = {}
+        self._timers: dict[_Key, asyncio.TimerHandle] = {}
+        self._depth = 0
+        self._batches = 0
+        self._merged_calls = 0
+
+    async def route(self, call: RouteCall) -> RouteResult:
+        """Queue ``call``; resolve when its device pass is done."""
+        self.inner.check(call)
+        if self._depth >= self.max_queue_size:
+            raise OverloadedError(
+                f"router '{self.inner.name}' queue is full ({self.max_queue_size} calls "
+                "waiting); retry shortly or raise batching.max_queue_size",
+                retry_after_s=max(self.max_queue_delay_s, 0.001) * 10,
+                reason="QUEUE_FULL",
+            )
+        self._set_depth(self._depth + 1)
+        try:
+            if not self.inner.batchable(call) or call.num_tokens >= self.max_batch_tokens:
+                return await self._run_alone(call)
+            return await self._enqueue(call)
+        finally:
+            self._set_depth(self._depth - 1)
+
+    async def _run_alone(self, call: RouteCall) -> RouteResult:
+        result = await self.inner.run_alone(call)
+        self._count_batch(1, call.num_tokens)
+        return result
+
+    async def _enqueue(self, call: RouteCall) -> RouteResult:
+        loop = asyncio.get_running_loop()
+        key = (call.layer, int(call.hidden_states.shape[-1]), call.hidden_states.dtype)
+        pending = _Pending(call, loop.create_future())
+        queue = self._queues.setdefault(key, [])
+        queue.append(pending)
+        if sum(p.call.num_tokens for p in queue) >= self.max_batch_tokens:
+            self._flush(key)
+        elif key not in self._timers:
+            self._timers[key] = loop.call_later(self.max_queue_delay_s, self._flush, key)
+        return await pending.future
+
+    def _flush(self, key: _Key) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        queue = self._queues.pop(key, [])
+        while queue:
+            batch, tokens = [], 0
+            while queue and (not batch or tokens + queue[0].call.num_tokens <= self.max_batch_tokens):
+                item = queue.pop(0)
+                if item.future.cancelled():
+                    continue
+                batch.append(item)
+                tokens += item.call.num_tokens
+            if batch:
+                asyncio.ensure_future(self._run_batch(key[0], batch, tokens))
+
+    async def _run_batch(self, layer: int, batch: list[_Pending], tokens: int) -> None:
+        loop = asyncio.get_running_loop()
+        calls = [p.call for p in batch]
+        try:
+            outcome = await loop.run_in_executor(self.inner.pool, self.inner.run_batch, layer, calls)
+        except BaseException as exc:  # every waiter gets the failure, nothing is lost
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._count_batch(len(batch), tokens)
+        for p, output in zip(batch, outcome.outputs):
+            if not p.future.done():
+                p.future.set_result(
+                    self.inner.result(p.call, output, outcome, p.enqueued, len(batch), tokens)
+                )
+
+    def _count_batch(self, calls: int, tokens: int) -> None:
+        self._batches += 1
+        self._merged_calls += calls
+        if self._on_batch is not None:
+            self._on_batch(calls, tokens)
+
+    def _set_depth(self, depth: int) -> None:
+        self._depth = depth
+        if self._on_queue_depth is not None:
+            self._on_queue_depth(depth)
+
+    def stats(self) -> dict[str, Any]:
+        """Queue depth and how many calls each device pass carried on average."""
+        stats = self.inner.stats()
+        stats.update(
+            queue_depth=self._depth,
+            device_batches=self._batches,
+            avg_calls_per_batch=self._merged_calls / self._batches if self._batches else 0.0,
+        )
+        return stats

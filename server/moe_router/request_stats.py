@@ -1,0 +1,70 @@
+"""RequestStatsBackend: per-router request counts and latency percentiles for the Stats RPC.
+
+Prometheus histograms answer "how many under X seconds"; the Stats RPC answers
+p50/p95/p99 directly, from a bounded window of the most recent latencies.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from moe_router.backend import Backend, RouteCall, RouteResult
+
+__all__ = ["RequestStatsBackend"]
+
+
+class RequestStatsBackend:
+    """Counts requests, tokens and errors, and keeps the last ``window`` latencies."""
+
+    def __init__(self, inner: Backend, *, window: int = 4096) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+        self._latencies_ms: deque[float] = deque(maxlen=window)
+        self.requests = 0
+        self.tokens = 0
+        self.errors = 0
+
+    async def route(self, call: RouteCall) -> RouteResult:
+        """Pass ``call`` on and record its outcome and latency."""
+        started = time.perf_counter()
+        try:
+            result = await self.inner.route(call)
+        except BaseException:
+            with self._lock:
+                self.requests += 1
+                self.errors += 1
+            raise
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        with self._lock:
+            self.requests += 1
+            self.tokens += call.num_tokens
+            self._latencies_ms.append(elapsed_ms)
+        return result
+
+    def latency(self) -> dict[str, float]:
+        """p50/p95/p99/mean in milliseconds over the recent window, and the sample count."""
+        with self._lock:
+            samples = np.fromiter(self._latencies_ms, dtype=np.float64)
+        if samples.size == 0:
+            return {"p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0, "mean_ms": 0.0, "samples": 0}
+        p50, p95, p99 = np.percentile(samples, [50, 95, 99])
+        return {
+            "p50_ms": float(p50),
+            "p95_ms": float(p95),
+            "p99_ms": float(p99),
+            "mean_ms": float(samples.mean()),
+            "samples": int(samples.size),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Request figures merged over the inner stages' statistics."""
+        stats = dict(self.inner.stats())
+        with self._lock:
+            stats.update(requests=self.requests, tokens=self.tokens, errors=self.errors)
+        stats["latency"] = self.latency()
+        return stats
