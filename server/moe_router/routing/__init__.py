@@ -1,6 +1,8 @@
 """Pure PyTorch routing core: no gRPC, no I/O, no globals."""
 
 from moe_router.routing.base import RouterBase
+from moe_router.routing.expert_choice import ExpertChoiceRouter
+from moe_router.routing.grouped import GroupedTopKRouter
 from moe_router.routing.output import RouterOutput, Selection
 from moe_router.routing.router_config import (
     DropPolicy,
@@ -9,16 +11,24 @@ from moe_router.routing.router_config import (
     RoutingMethod,
     ScoringFunction,
 )
+from moe_router.routing.soft_moe import SoftMoERouter
 from moe_router.routing.topk import TopKRouter
+from moe_router.routing.zeta import Mechanism, MLPTopKRouter, MoERouter
 
 __all__ = [
     "DropPolicy",
+    "ExpertChoiceRouter",
     "GroupScore",
+    "GroupedTopKRouter",
+    "Mechanism",
+    "MLPTopKRouter",
+    "MoERouter",
     "RouterBase",
     "RouterConfig",
     "RouterOutput",
     "RoutingMethod",
     "ScoringFunction",
     "Selection",
+    "SoftMoERouter",
     "TopKRouter",
 ]

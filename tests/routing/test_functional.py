@@ -1,0 +1,199 @@
+"""The routing math of functional.py on hand-calculated cases (and transformers where it has one)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe_router.routing import functional as F
+from moe_router.routing.router_config import DropPolicy, ScoringFunction
+
+
+def _t(values, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype)
+
+
+# ----------------------------------------------------------------- scoring and top-k
+def test_score_softmax_and_sigmoid_by_hand():
+    logits = _t([[0.0, math.log(3.0)]])
+    torch.testing.assert_close(F.score(logits, ScoringFunction.SOFTMAX), _t([[0.25, 0.75]]))
+    torch.testing.assert_close(F.score(logits, ScoringFunction.SIGMOID), _t([[0.5, 0.75]]))
+
+
+def test_score_upcasts_half_precision_to_fp32():
+    logits = _t([[1.0, 2.0]], dtype=torch.bfloat16)
+    assert F.score(logits, ScoringFunction.SOFTMAX).dtype == torch.float32
+
+
+def test_topk_lowest_index_breaks_ties_toward_lower_index():
+    values, indices = F.topk_lowest_index(_t([[1.0, 3.0, 3.0, 1.0], [2.0, 2.0, 2.0, 2.0]]), 3)
+    assert indices.tolist() == [[1, 2, 0], [0, 1, 2]]
+    assert values.tolist() == [[3.0, 3.0, 1.0], [2.0, 2.0, 2.0]]
+
+
+def test_renormalize_rows_sum_to_one():
+    torch.testing.assert_close(F.renormalize(_t([[1.0, 3.0], [2.0, 2.0]])), _t([[0.25, 0.75], [0.5, 0.5]]))
+
+
+def test_tokens_per_expert_ignores_padding():
+    counts = F.tokens_per_expert(torch.tensor([[0, 2], [2, -1], [-1, -1]]), num_experts=4)
+    assert counts.tolist() == [1, 0, 2, 0]
+
+
+def test_batch_invariant_linear_rows_do_not_depend_on_the_batch():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 40, generator=gen)
+    x = torch.randn(37, 40, generator=gen)
+    together = F.batch_invariant_linear(x, weight)
+    alone = torch.cat([F.batch_invariant_linear(x[i : i + 1], weight) for i in range(37)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=0)
+    torch.testing.assert_close(together, x @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------- losses
+def test_aux_loss_four_experts_by_hand():
+    probs = _t([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]])
+    # k=1: f = [1/2, 1/2, 0, 0], P = [0.4, 0.4, 0.1, 0.1] -> 4 * (0.2 + 0.2) = 1.6
+    torch.testing.assert_close(F.compute_aux_loss(probs, torch.tensor([[0], [1]]), 1), _t(1.6))
+    # k=2 with a padded slot: counts [1, 1, 1, 0] / 4 -> 4 * (0.1 + 0.1 + 0.025) = 0.9
+    indices = torch.tensor([[0, -1], [1, 2]])
+    torch.testing.assert_close(F.compute_aux_loss(probs, indices, 2), _t(0.9))
+
+
+def test_aux_loss_of_uniform_routing_is_exactly_one():
+    num_tokens, num_experts, k = 8, 4, 2
+    probs = torch.full((num_tokens, num_experts), 1.0 / num_experts)
+    indices = torch.arange(num_tokens * k).reshape(num_tokens, k) % num_experts
+    assert float(F.compute_aux_loss(probs, indices, k)) == 1.0
+
+
+def test_aux_loss_of_no_tokens_is_zero():
+    assert float(F.compute_aux_loss(torch.zeros(0, 4), torch.zeros(0, 2, dtype=torch.long), 2)) == 0.0
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_aux_loss_is_transformers_load_balancing_loss_over_k(top_k: int):
+    """transformers divides counts by T only, so its value is k times ours."""
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    logits = torch.randn(50, 8, generator=torch.Generator().manual_seed(top_k))
+    probs = torch.softmax(logits, dim=-1)
+    _, indices = torch.topk(probs, top_k, dim=-1)
+    reference = mixtral.load_balancing_loss_func((logits,), num_experts=8, top_k=top_k)
+    ours = F.compute_aux_loss(probs, indices, top_k)
+    torch.testing.assert_close(ours * top_k, reference.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_seq_aux_loss_by_hand():
+    probs = _t([[0.9, 0.1], [0.8, 0.2], [0.5, 0.5], [0.5, 0.5]])
+    indices = torch.tensor([[0], [0], [0], [1]])
+    # seq 0: f=[1,0], P=[.85,.15] -> 1.7; seq 1: f=[.5,.5], P=[.5,.5] -> 1.0; mean 1.35
+    torch.testing.assert_close(F.compute_seq_aux_loss(probs, indices, 1, seq_len=2), _t(1.35))
+
+
+def test_seq_aux_loss_of_one_sequence_is_the_aux_loss():
+    probs = torch.softmax(torch.randn(12, 6, generator=torch.Generator().manual_seed(1)), -1)
+    indices = F.topk_lowest_index(probs, 2)[1]
+    torch.testing.assert_close(
+        F.compute_seq_aux_loss(probs, indices, 2, seq_len=12), F.compute_aux_loss(probs, indices, 2)
+    )
+
+
+def test_seq_aux_loss_rejects_a_seq_len_that_does_not_divide():
+    with pytest.raises(ValueError, match="seq_len 5"):
+        F.compute_seq_aux_loss(torch.ones(12, 2) / 2, torch.zeros(12, 1, dtype=torch.long), 1, 5)
+
+
+def test_z_loss_by_hand():
+    # logsumexp([0, 0]) = ln 2; logsumexp([ln 3, 0]) = ln 4 = 2 ln 2 -> mean(1, 4) * ln2^2
+    logits = _t([[0.0, 0.0], [math.log(3.0), 0.0]])
+    torch.testing.assert_close(F.compute_z_loss(logits), _t(2.5 * math.log(2.0) ** 2))
+    assert float(F.compute_z_loss(torch.zeros(0, 3))) == 0.0
+
+
+# ----------------------------------------------------------------- capacity
+@pytest.mark.parametrize(
+    ("tokens", "k", "experts", "factor", "expected"),
+    [(10, 2, 4, 1.0, 5), (10, 2, 4, 1.25, 7), (8, 1, 16, 1.0, 1), (64, 8, 16, 2.0, 64)],
+)
+def test_expert_capacity(tokens: int, k: int, experts: int, factor: float, expected: int):
+    assert F.expert_capacity(tokens, k, experts, factor) == expected
+
+
+def _one_hot_probs(indices: torch.Tensor, values: list[float], num_experts: int) -> torch.Tensor:
+    probs = torch.zeros(indices.shape[0], num_experts)
+    probs.scatter_(1, indices[:, :1].clamp(min=0), _t(values).unsqueeze(1))
+    return probs
+
+
+def test_apply_capacity_probs_policy_keeps_highest_then_earliest():
+    indices = torch.tensor([[0], [0], [0], [1], [0]])
+    weights = _t([[0.5], [0.9], [0.9], [1.0], [0.9]])
+    probs = _one_hot_probs(indices, [0.5, 0.9, 0.9, 1.0, 0.9], num_experts=4)
+    kept, kept_w, dropped = F.apply_capacity(indices, weights, probs, 2, DropPolicy.PROBS)
+    # Expert 0 has tokens 0 (.5), 1, 2, 4 (.9 each): keeps tokens 1 and 2 (tie -> earlier).
+    assert kept.flatten().tolist() == [-1, 0, 0, 1, -1]
+    assert kept_w.flatten().tolist() == pytest.approx([0.0, 0.9, 0.9, 1.0, 0.0])
+    assert dropped == 2
+
+
+def test_apply_capacity_position_policy_keeps_earliest():
+    indices = torch.tensor([[0], [0], [0], [1], [0]])
+    weights = _t([[0.5], [0.9], [0.9], [1.0], [0.9]])
+    probs = _one_hot_probs(indices, [0.5, 0.9, 0.9, 1.0, 0.9], num_experts=4)
+    kept, _, dropped = F.apply_capacity(indices, weights, probs, 2, DropPolicy.POSITION)
+    assert kept.flatten().tolist() == [0, 0, -1, 1, -1]
+    assert dropped == 2
+
+
+def test_apply_capacity_leaves_padding_alone_and_orders_k_slots():
+    indices = torch.tensor([[2, -1], [2, 3], [3, 2]])
+    weights = _t([[1.0, 0.0], [0.6, 0.4], [0.7, 0.3]])
+    probs = torch.zeros(3, 4)
+    kept, _, dropped = F.apply_capacity(indices, weights, probs, 1, DropPolicy.POSITION)
+    # Expert 2 keeps token 0, expert 3 keeps token 1's slot 1; padding is not counted.
+    assert kept.tolist() == [[2, -1], [-1, 3], [-1, -1]]
+    assert dropped == 3
+
+
+@pytest.mark.parametrize("policy", [DropPolicy.PROBS, DropPolicy.POSITION])
+def test_apply_capacity_sixteen_experts(policy: DropPolicy):
+    # Tokens 2e and 2e+1 both go to expert e (e < 8); odd tokens have the higher prob.
+    indices = (torch.arange(16) // 2).unsqueeze(1)
+    values = [0.3 if t % 2 == 0 else 0.6 for t in range(16)]
+    probs = _one_hot_probs(indices, values, num_experts=16)
+    kept, _, dropped = F.apply_capacity(indices, _t(values).unsqueeze(1), probs, 1, policy)
+    survivors = (kept.flatten() >= 0).nonzero().flatten().tolist()
+    assert survivors == (list(range(1, 16, 2)) if policy is DropPolicy.PROBS else list(range(0, 16, 2)))
+    assert dropped == 8
+
+
+def test_apply_capacity_large_enough_drops_nothing():
+    indices = torch.tensor([[0, 1], [1, 0]])
+    weights = _t([[0.6, 0.4], [0.5, 0.5]])
+    kept, kept_w, dropped = F.apply_capacity(indices, weights, torch.ones(2, 4), 2, DropPolicy.PROBS)
+    assert torch.equal(kept, indices) and torch.equal(kept_w, weights) and dropped == 0
+
+
+# ----------------------------------------------------------------- balance score and padding
+def test_load_balance_score():
+    assert F.load_balance_score(torch.tensor([5, 5, 5, 5])) == 1.0
+    assert F.load_balance_score(torch.tensor([0, 8, 0, 0])) == 0.25
+    assert F.load_balance_score(torch.tensor([1, 2, 3, 4])) == pytest.approx(100 / 120)
+    assert F.load_balance_score(torch.tensor([10, 20, 30, 40])) == F.load_balance_score(
+        torch.tensor([1, 2, 3, 4])
+    )
+    assert F.load_balance_score(torch.zeros(4, dtype=torch.long)) == 1.0
+
+
+def test_pad_selection_moves_real_slots_first():
+    indices = torch.tensor([[-1, 2, 0], [1, -1, -1], [-1, -1, -1]])
+    weights = _t([[0.9, 0.6, 0.4], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    out_idx, out_w, counts = F.pad_selection(indices, weights)
+    assert out_idx.dtype == torch.int32 and out_w.dtype == torch.float32
+    assert counts.dtype == torch.int32
+    assert out_idx.tolist() == [[2, 0, -1], [1, -1, -1], [-1, -1, -1]]
+    # The 0.9 sat on a padded slot: it becomes 0.
+    torch.testing.assert_close(out_w, _t([[0.6, 0.4, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert counts.tolist() == [2, 1, 0]
