@@ -23,6 +23,4 @@ COPY config.yaml /etc/moe-router/config.yaml
 USER 10001
 # gRPC, Prometheus metrics, HTTP health (/healthz, /readyz).
 EXPOSE 50051 9090 8080
-# Inside a container the server must listen beyond loopback.
-ENV DYNAMIC_MOE_HOST=0.0.0.0
 ENTRYPOINT ["moe-router", "serve", "--config", "/etc/moe-router/config.yaml", "--host", "0.0.0.0"]
