@@ -523,3 +523,19 @@ def test_adaptive_rejects_bad_performance_score(score) -> None:
     router = AdaptiveRouter(input_dim=4, num_experts=4)
     with pytest.raises(ValidationError, match="performance_score"):
         router.update_thresholds(score)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    torch.manual_seed(16)
+    router = DynamicRouter(
+        32, 8, 1, 4, complexity_estimator="perplexity_proxy", load_balancing=False
+    )
+    x = torch.randn(4, 16, 32)
+    cpu = router.route(x)
+    gpu = router.cuda().route(x.cuda())
+    torch.testing.assert_close(gpu["num_experts_per_token"].cpu(), cpu["num_experts_per_token"])
+    torch.testing.assert_close(
+        gpu["expert_weights"].cpu(), cpu["expert_weights"], atol=1e-5, rtol=0
+    )
