@@ -95,6 +95,12 @@ class DeviceExecutor:
                 f"hidden_states dim {hidden.shape[-1]} does not match router "
                 f"'{self.name}' input_dim {router.hidden_size}"
             )
+        if call.options.extra_inputs and not router.accepts_estimator_inputs:
+            raise ValidationError(
+                f"router '{self.name}' takes no estimator inputs "
+                f"({', '.join(sorted(call.options.extra_inputs))}); only dynamic and "
+                "adaptive routers use attention_weights, logits or gradients"
+            )
         if hidden.numel() and not torch.isfinite(hidden.sum(dtype=torch.float32)):
             bad = int((~torch.isfinite(hidden)).sum())
             if bad:

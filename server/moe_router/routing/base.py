@@ -34,6 +34,8 @@ class RouterBase(nn.Module, ABC):
     """
 
     couples_tokens: bool = False
+    #: Whether forward takes estimator inputs (attention_weights, logits, gradients).
+    accepts_estimator_inputs: bool = False
 
     def __init__(self, config: RouterConfig) -> None:
         super().__init__()
@@ -213,6 +215,7 @@ class RouterBase(nn.Module, ABC):
         self,
         logits: torch.Tensor,
         hidden_states: torch.Tensor,
+        /,
         generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> Selection:

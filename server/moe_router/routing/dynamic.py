@@ -87,6 +87,8 @@ class DynamicRouter(RouterBase):
     routing_method = RoutingMethod.DYNAMIC
     expert_bias: torch.Tensor
 
+    accepts_estimator_inputs = True
+
     def __init__(
         self,
         input_dim: int,
