@@ -1,4 +1,4 @@
-"""The routing math of functional.py on hand-calculated cases (and transformers where it has one)."""
+"""The routing math of functional.py on hand-calculated cases, and transformers where it has one."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-
 from moe_router.routing import functional as F
 from moe_router.routing.router_config import DropPolicy, ScoringFunction
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 
 def _t(values, dtype=torch.float32) -> torch.Tensor:
@@ -34,7 +34,8 @@ def test_topk_lowest_index_breaks_ties_toward_lower_index():
 
 
 def test_renormalize_rows_sum_to_one():
-    torch.testing.assert_close(F.renormalize(_t([[1.0, 3.0], [2.0, 2.0]])), _t([[0.25, 0.75], [0.5, 0.5]]))
+    weights = _t([[1.0, 3.0], [2.0, 2.0]])
+    torch.testing.assert_close(F.renormalize(weights), _t([[0.25, 0.75], [0.5, 0.5]]))
 
 
 def test_tokens_per_expert_ignores_padding():
@@ -70,17 +71,17 @@ def test_aux_loss_of_uniform_routing_is_exactly_one():
 
 
 def test_aux_loss_of_no_tokens_is_zero():
-    assert float(F.compute_aux_loss(torch.zeros(0, 4), torch.zeros(0, 2, dtype=torch.long), 2)) == 0.0
+    no_indices = torch.zeros(0, 2, dtype=torch.long)
+    assert float(F.compute_aux_loss(torch.zeros(0, 4), no_indices, 2)) == 0.0
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 def test_aux_loss_is_transformers_load_balancing_loss_over_k(top_k: int):
     """transformers divides counts by T only, so its value is k times ours."""
-    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
     logits = torch.randn(50, 8, generator=torch.Generator().manual_seed(top_k))
     probs = torch.softmax(logits, dim=-1)
     _, indices = torch.topk(probs, top_k, dim=-1)
-    reference = mixtral.load_balancing_loss_func((logits,), num_experts=8, top_k=top_k)
+    reference = load_balancing_loss_func((logits,), num_experts=8, top_k=top_k)
     ours = F.compute_aux_loss(probs, indices, top_k)
     torch.testing.assert_close(ours * top_k, reference.float(), rtol=1e-6, atol=1e-6)
 
@@ -165,14 +166,16 @@ def test_apply_capacity_sixteen_experts(policy: DropPolicy):
     probs = _one_hot_probs(indices, values, num_experts=16)
     kept, _, dropped = F.apply_capacity(indices, _t(values).unsqueeze(1), probs, 1, policy)
     survivors = (kept.flatten() >= 0).nonzero().flatten().tolist()
-    assert survivors == (list(range(1, 16, 2)) if policy is DropPolicy.PROBS else list(range(0, 16, 2)))
+    first = 1 if policy is DropPolicy.PROBS else 0
+    assert survivors == list(range(first, 16, 2))
     assert dropped == 8
 
 
 def test_apply_capacity_large_enough_drops_nothing():
     indices = torch.tensor([[0, 1], [1, 0]])
     weights = _t([[0.6, 0.4], [0.5, 0.5]])
-    kept, kept_w, dropped = F.apply_capacity(indices, weights, torch.ones(2, 4), 2, DropPolicy.PROBS)
+    probs = torch.ones(2, 4)
+    kept, kept_w, dropped = F.apply_capacity(indices, weights, probs, 2, DropPolicy.PROBS)
     assert torch.equal(kept, indices) and torch.equal(kept_w, weights) and dropped == 0
 
 

@@ -8,27 +8,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
-
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import (  # noqa: E402
-    DeepseekV2TopkRouter,
-)
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
-    DeepseekV3TopkRouter,
-)
-from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter  # noqa: E402
-from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter  # noqa: E402
-from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter  # noqa: E402
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter  # noqa: E402
-
-from moe_router.routing import (  # noqa: E402
+import transformers
+from moe_router.routing import (
     GroupedTopKRouter,
     GroupScore,
     RouterConfig,
     ScoringFunction,
     TopKRouter,
 )
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
+    DeepseekV2TopkRouter,
+)
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3TopkRouter,
+)
+from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 HIDDEN = 32
 TOKENS = 96
@@ -42,7 +39,9 @@ def _by_expert(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tens
 
 def _assert_same_routing(ours, ref_indices: torch.Tensor, ref_weights: torch.Tensor) -> None:
     k = ref_indices.shape[-1]
-    our_idx, our_w = _by_expert(ours.expert_indices.reshape(-1, k), ours.expert_weights.reshape(-1, k))
+    our_idx, our_w = _by_expert(
+        ours.expert_indices.reshape(-1, k), ours.expert_weights.reshape(-1, k)
+    )
     ref_idx, ref_w = _by_expert(ref_indices.reshape(-1, k), ref_weights.reshape(-1, k))
     torch.testing.assert_close(our_idx, ref_idx, rtol=0, atol=0)
     torch.testing.assert_close(our_w, ref_w, rtol=0, atol=1e-6)

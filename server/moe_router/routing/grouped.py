@@ -40,6 +40,8 @@ class GroupedTopKRouter(RouterBase):
     topk_group=3, k=6, softmax, MAX, no renormalize, scale 16.
     """
 
+    e_score_correction_bias: torch.Tensor  # [E] fp32, only when use_correction_bias
+
     def __init__(self, config: RouterConfig, use_correction_bias: bool = False) -> None:
         if not isinstance(use_correction_bias, bool):
             raise RouterConfigurationError(
@@ -69,6 +71,7 @@ class GroupedTopKRouter(RouterBase):
         self,
         logits: torch.Tensor,
         hidden_states: torch.Tensor,
+        /,
         generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> Selection:

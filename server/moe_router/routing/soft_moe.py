@@ -80,6 +80,7 @@ class SoftMoERouter(RouterBase):
         self,
         logits: torch.Tensor,
         hidden_states: torch.Tensor,
+        /,
         generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> Selection:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -80,8 +80,8 @@ class MoERouter(nn.Module):
         )
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Expert logits [..., E] in fp32 for ``x`` [..., dim] (each row computed alone,
-        batch-invariantly, so merged calls give bit-identical rows)."""
+        """Expert logits [..., E] in fp32 for ``x`` [..., dim]; every layer multiplies
+        through :func:`functional.batch_invariant_linear`, as the base router's gate does."""
         if not isinstance(x, torch.Tensor):
             raise ValidationError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in FLOAT_DTYPES:
@@ -94,7 +94,8 @@ class MoERouter(nn.Module):
             )
         lead = x.shape[:-1]
         h = x.reshape(-1, self.dim).float()
-        for i, layer in enumerate(self.layers):
+        for i, module in enumerate(self.layers):
+            layer = cast(nn.Linear, module)
             h = F.batch_invariant_linear(h, layer.weight.float(), layer.bias.float())
             if i < len(self.layers) - 1:
                 h = torch.relu(h)
@@ -127,6 +128,8 @@ class MLPTopKRouter(RouterBase):
     ``self.gate`` is the MoERouter (its Linear layers carry biases; ``config.gate_bias``
     is not used). ``config.scoring`` must be softmax: the mechanism does the scoring.
     """
+
+    gate: MoERouter  # type: ignore[assignment]  # the MLP replaces the base's Linear gate
 
     def __init__(
         self,
@@ -173,6 +176,7 @@ class MLPTopKRouter(RouterBase):
         self,
         logits: torch.Tensor,
         hidden_states: torch.Tensor,
+        /,
         generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> Selection:
