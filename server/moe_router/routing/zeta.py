@@ -55,7 +55,8 @@ class MoERouter(nn.Module):
     with ``hard=False``). Gumbel noise is drawn only in training mode, like dropout; in
     eval mode ``"gumbel"`` gives the deterministic softmax. Pass a ``torch.Generator``
     to make the noise reproducible. Any other mechanism raises ValueError, as does any
-    other invalid argument. Math in fp32 whatever the input dtype; the output is fp32
+    other invalid argument; a bad input (not a float tensor, wrong last dim) raises
+    ValidationError. Math in fp32 whatever the input dtype; the output is fp32
     probabilities with the input's leading shape, e.g. (B, SEQ, NUM_EXPERTS).
     """
 
