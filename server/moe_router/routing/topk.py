@@ -29,6 +29,7 @@ class TopKRouter(RouterBase):
         self,
         logits: torch.Tensor,
         hidden_states: torch.Tensor,
+        /,
         generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> Selection:
