@@ -19,7 +19,6 @@ from typing import NamedTuple
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from moe_router import errors
 
@@ -89,34 +88,30 @@ def reason_for(exc: BaseException) -> str:
     return status_entry_for(exc).reason
 
 
-def to_status(exc: BaseException, request_id: str = "") -> grpc.Status:
-    """A rich ``grpc.Status`` for ``exc``: code, message, ErrorInfo and RetryInfo details.
+def to_status(exc: BaseException, request_id: str = "") -> status_pb2.Status:
+    """A rich ``google.rpc.Status`` for ``exc``: code, message, ErrorInfo and RetryInfo.
 
-    The handler aborts with it: ``await context.abort_with_status(to_status(exc, rid))``.
+    The handler aborts with it:
+    ``await context.abort_with_status(rpc_status.to_status(to_status(exc, rid)))``.
     Errors we raise on purpose send their message; unexpected exceptions send only
     "internal error" and the request id (their text stays in the server log).
     """
     entry = status_entry_for(exc)
-    if isinstance(exc, errors.DynamicMoEError):
-        message = str(exc) or type(exc).__name__
-    else:
-        message = "internal error"
+    ours = isinstance(exc, errors.DynamicMoEError)
+    message = (str(exc) or type(exc).__name__) if ours else "internal error"
+    metadata = {"error": type(exc).__name__} if ours else {}
     if request_id:
         message = f"{message} (request id {request_id})"
-    metadata = {"error": type(exc).__name__} if isinstance(exc, errors.DynamicMoEError) else {}
-    if request_id:
         metadata["request_id"] = request_id
+    status = status_pb2.Status(code=_code_number(entry.code), message=message)
     info = error_details_pb2.ErrorInfo(reason=entry.reason, domain=ERROR_DOMAIN, metadata=metadata)
-    details = [info]
+    status.details.add().Pack(info)
     retry_after_s = getattr(exc, "retry_after_s", None)
     if retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(max(0.0, float(retry_after_s)) * 1e9))
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    status = status_pb2.Status(code=_code_number(entry.code), message=message)
-    for detail in details:
-        status.details.add().Pack(detail)
-    return rpc_status.to_status(status)
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status
 
 
 def _code_number(code: grpc.StatusCode) -> int:

@@ -55,7 +55,7 @@ class TopKBackend:
         )
 
     def stats(self) -> dict[str, Any]:
-        return {"device": {"calls": self.calls}}
+        return {"device_calls": self.calls}
 
 
 class FaultyBackend:
@@ -79,7 +79,7 @@ class FaultyBackend:
         return await self.real.route(call)
 
     def stats(self) -> dict[str, Any]:
-        return {"device": {"calls": self.calls}}
+        return {"device_calls": self.calls}
 
 
 class FakeClock:

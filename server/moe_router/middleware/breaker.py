@@ -161,8 +161,8 @@ class CircuitBreakerBackend:
         return result
 
     def stats(self) -> dict[str, Any]:
-        """The inner stages' figures plus this breaker's under ``"breaker"``."""
-        return {**self._inner.stats(), "breaker": self.breaker_stats()}
+        """The inner stages' figures with this breaker's (:meth:`breaker_stats`) merged on top."""
+        return {**self._inner.stats(), **self.breaker_stats()}
 
     # ------------------------------------------------------------------ breaker
     @property

@@ -213,8 +213,8 @@ class CacheBackend:
         return await asyncio.shield(task)
 
     def stats(self) -> dict[str, Any]:
-        """The inner stages' figures plus this cache's under ``"cache"``."""
-        return {**self._inner.stats(), "cache": self.cache_stats()}
+        """The inner stages' figures with this cache's (:meth:`cache_stats`) merged on top."""
+        return {**self._inner.stats(), **self.cache_stats()}
 
     # ------------------------------------------------------------------ cache
     def cache_stats(self) -> dict[str, Any]:

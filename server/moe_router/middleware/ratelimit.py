@@ -68,7 +68,7 @@ class RateLimitBackend:
         return await self._inner.route(call)
 
     def stats(self) -> dict[str, Any]:
-        """The inner stages' figures plus this limiter's under ``"rate_limit"``."""
+        """The inner stages' figures with this limiter's merged on top."""
         with self._lock:
             own = {
                 "requests_per_hour": self._requests_per_hour,
@@ -77,7 +77,7 @@ class RateLimitBackend:
                 "admitted_calls": self._admitted,
                 "limited_calls": self._limited,
             }
-        return {**self._inner.stats(), "rate_limit": own}
+        return {**self._inner.stats(), **own}
 
     def _take(self, caller: str) -> None:
         now = self._clock()
