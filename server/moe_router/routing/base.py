@@ -117,8 +117,19 @@ class RouterBase(nn.Module, ABC):
             )
         flats, leads = zip(*(self.validate(h) for h in hidden_states))
         sizes = [f.shape[0] for f in flats]
-        merged = torch.cat([f.to(flats[0].dtype) for f in flats]) if len(flats) > 1 else flats[0]
-        logits = self.compute_router_logits(merged, generator=generator)
+        # Each call starts on a gate block boundary, so every block of the merged matmul
+        # holds exactly the rows (and zero padding) it holds when the call runs alone.
+        block = F.GATE_BLOCK_ROWS
+        dtype = flats[0].dtype
+        padded = [
+            torch.cat([f.to(dtype), f.new_zeros((-n) % block, f.shape[1], dtype=dtype)])
+            for f, n in zip(flats, sizes)
+        ]
+        real_rows = torch.cat(
+            [torch.arange(n) + offset for n, offset in zip(sizes, _offsets(padded))]
+        ).to(flats[0].device)
+        logits = self.compute_router_logits(torch.cat(padded), generator=generator)[real_rows]
+        merged = torch.cat([f.to(dtype) for f in flats])
         selection = self.select(logits, merged, generator=generator, lead_shape=(merged.shape[0],))
         outputs = []
         start = 0
@@ -271,3 +282,12 @@ class RouterBase(nn.Module, ABC):
             self._total_tokens = 0
             self._total_assignments = 0
             self._dropped = 0
+
+
+def _offsets(parts: Sequence[torch.Tensor]) -> list[int]:
+    """Start row of each part in their concatenation."""
+    starts, total = [], 0
+    for part in parts:
+        starts.append(total)
+        total += part.shape[0]
+    return starts

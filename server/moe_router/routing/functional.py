@@ -15,6 +15,7 @@ import torch
 from moe_router.routing.router_config import DropPolicy, ScoringFunction
 
 __all__ = [
+    "GATE_BLOCK_ROWS",
     "batch_invariant_linear",
     "score",
     "topk_lowest_index",
@@ -30,8 +31,15 @@ __all__ = [
 ]
 
 
+GATE_BLOCK_ROWS = 16
+"""Rows per block of :func:`batch_invariant_linear`; merged calls start on a block boundary."""
+
+
 def batch_invariant_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_rows: int = 16
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_rows: int = GATE_BLOCK_ROWS,
 ) -> torch.Tensor:
     """Gate matmul x [T, D] @ weight[E, D]^T whose rows do not depend on the other rows.
 
@@ -40,9 +48,10 @@ def batch_invariant_linear(
     tokens (measured on this project's CPUs: a few rows in every mixed batch). Here the
     rows are cut into fixed blocks of ``block_rows`` (the tail zero-padded) and
     multiplied as one batched matmul of identical [block_rows, D] problems, so each
-    row is computed the same way whatever batch it sits in. That is what lets the
-    dynamic batcher merge calls and still answer each bit-identically to routing it
-    alone. Returns [T, E] in the dtype of the inputs.
+    row is computed the same way whatever batch it sits in. For tiny D the kernel can
+    still depend on a row's position inside its block, so merged calls are padded to
+    start on a block boundary (``RouterBase.route_many``): each block then holds
+    exactly what it holds when the call is routed alone. Returns [T, E].
     """
     num_rows, dim = x.shape
     pad = (-num_rows) % block_rows
