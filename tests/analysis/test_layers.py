@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
+
 from moe_router.errors import RouterConfigurationError, ValidationError
 from moe_router.layers import (
     FeedForwardExpert,
@@ -18,7 +20,7 @@ from moe_router.layers import (
     run_experts_grouped,
 )
 from moe_router.routing import RouterConfig, TopKRouter
-from torch import nn
+from moe_router.routing.dynamic import DynamicRouter
 
 SUMMARY_KEYS = {
     "total_forward_calls",
@@ -284,3 +286,45 @@ def test_training_lowers_loss_and_router_gets_gradients(cls):
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_layers_exports_are_the_intended_names():
+    import moe_router.layers as layers
+
+    assert sorted(layers.__all__) == ["FeedForwardExpert", "LayerNormMoE", "MoELayer",
+                                      "SparseMoELayer", "run_experts_grouped"]
+
+
+def dynamic_layer(cls=MoELayer, **kwargs):
+    torch.manual_seed(12)
+    router = DynamicRouter(input_dim=8, num_experts=6, min_experts=1, max_experts=4)
+    return cls(router=router, expert_fn=functools.partial(FeedForwardExpert, 8, 16),
+               num_experts=6, **kwargs)
+
+
+def test_dynamic_router_variable_k_matches_naive_loop():
+    layer = dynamic_layer()
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        out, info = layer(x, return_router_logits=True)
+        flat = x.reshape(-1, 8)
+        expected = naive_moe(flat, info["expert_indices"].reshape(15, -1),
+                             info["expert_weights"].reshape(15, -1), layer.experts)
+    per_token = info["num_experts_per_token"]
+    assert per_token.shape == (3, 5) and info["complexity_scores"].shape == (3, 5)
+    assert int(per_token.min()) >= 1 and int(per_token.max()) <= 4
+    assert per_token.min() < per_token.max()
+    torch.testing.assert_close(out, expected.reshape(3, 5, 8))
+    summary = layer.get_performance_summary()
+    assert summary["computational_efficiency"] == pytest.approx(
+        float(per_token.sum()) / (15 * 4))
+    assert summary["router_stats"]["total_tokens"] == 15
+
+
+def test_dynamic_router_gets_gradients_through_layernorm_moe():
+    layer = dynamic_layer(LayerNormMoE)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(14))
+    layer(x).square().mean().backward()
+    grad = layer.router.gate.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+    assert layer.norm.weight.grad is not None

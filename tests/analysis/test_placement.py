@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moe_router.analysis import contiguous_placement, imbalance, plan_placement
 from moe_router.errors import ValidationError
 

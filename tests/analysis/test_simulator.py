@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moe_router.analysis import RoutingSimulator, load_balance_metrics, plan_placement
 from moe_router.errors import ValidationError
 from moe_router.routing import RouterConfig, TopKRouter
@@ -159,3 +160,16 @@ def test_bad_construction():
         RoutingSimulator(4, 4, 5)
     with pytest.raises(ValidationError, match="num_tokens"):
         RoutingSimulator(4, 0, 1)
+
+
+def test_analysis_exports_are_the_intended_names():
+    import moe_router.analysis as analysis
+
+    assert sorted(analysis.__all__) == sorted([
+        "BenchmarkConfig", "BenchmarkResult", "BenchmarkTarget", "ComparisonProfiler",
+        "DynamicMoEBenchmark", "FLOPProfiler", "PlacementPlan", "RoutingSimulator",
+        "build_router_from_dict", "contiguous_placement", "dynamic_router_factory",
+        "imbalance", "latency_metrics", "load_balance_metrics", "plan_placement",
+        "results_to_markdown", "routing_flops", "static_topk_router_factory",
+    ])
+    assert all(hasattr(analysis, name) for name in analysis.__all__)

@@ -22,7 +22,7 @@ def run_experts_grouped(
     hidden_states: torch.Tensor,
     expert_indices: torch.Tensor,
     expert_weights: torch.Tensor,
-    experts: Sequence[nn.Module],
+    experts: nn.ModuleList | Sequence[nn.Module],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sum of the chosen experts' outputs for every token.
 
