@@ -1,0 +1,456 @@
+"""The typed shape of config.yaml: frozen dataclasses, one documented field per key.
+
+:mod:`moe_router.config` fills these from the file, the environment and overrides and
+runs every check; the metadata on each field (``doc``, ``env``, bounds, the router kinds
+that use it) drives that loader, so a key's type, default, variable and limits are
+declared here once. Import them from :mod:`moe_router.config`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, dataclass, field
+from enum import Enum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from moe_router.routing.dynamic import RoutingStrategy
+from moe_router.routing.estimators import EstimatorName
+from moe_router.routing.router_config import (
+    DropPolicy,
+    GroupScore,
+    RouterConfig,
+    RoutingMethod,
+    ScoringFunction,
+)
+from moe_router.routing.zeta import Mechanism
+
+__all__ = [
+    "ALIASES",
+    "LogLevel",
+    "RouterKind",
+    "WeightsInit",
+    "ServerConfig",
+    "MetricsConfig",
+    "HealthConfig",
+    "BatchingConfig",
+    "CacheConfig",
+    "BreakerConfig",
+    "AlertThresholds",
+    "MonitoringConfig",
+    "TLSConfig",
+    "SecurityConfig",
+    "OptimizationConfig",
+    "BenchmarkingConfig",
+    "TestingConfig",
+    "WeightsSpec",
+    "FaultSpec",
+    "RouterSpec",
+    "ServiceConfig",
+]
+
+MiB = 1024 * 1024
+
+ALIASES: Mapping[str, str] = MappingProxyType(
+    {
+        "monitoring.enable_circuit_breaker": "breaker.enabled",
+        "optimization.enable_caching": "cache.enabled",
+        "optimization.max_workers": "server.max_workers",
+        "optimization.cache_size": "cache.cache_size",
+    }
+)
+"""Seed keys kept as aliases: alias path -> the key it sets."""
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+"""A ``logging`` level name (config accepts any case and stores it upper-case)."""
+
+
+class RouterKind(str, Enum):
+    """Which router class a RouterSpec builds (``kind`` in config.yaml)."""
+
+    TOP_K = "top_k"
+    GROUPED_TOP_K = "grouped_top_k"
+    EXPERT_CHOICE = "expert_choice"
+    SOFT_MOE = "soft_moe"
+    MOE_ROUTER = "moe_router"
+    DYNAMIC = "dynamic"
+    ADAPTIVE = "adaptive"
+    FAULT_INJECTION = "fault_injection"
+
+
+class WeightsInit(str, Enum):
+    """Where gate weights come from when no checkpoint is named."""
+
+    RANDOM = "random"
+
+
+def _field(
+    default: Any = MISSING,
+    doc: str = "",
+    *,
+    factory: Any = None,
+    env: str | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    gt: float | None = None,
+    pattern: str | None = None,
+    pattern_help: str = "",
+    kinds: Iterable[RouterKind] | None = None,
+    alias_of: str | None = None,
+    derived: bool = False,
+    repr: bool = True,
+) -> Any:
+    """A dataclass field whose metadata drives the loader (see module docstring)."""
+    metadata = {
+        "doc": doc,
+        "env": env,
+        "lo": lo,
+        "hi": hi,
+        "gt": gt,
+        "pattern": pattern,
+        "pattern_help": pattern_help,
+        "kinds": None if kinds is None else frozenset(kinds),
+        "alias_of": alias_of,
+        "derived": derived,
+    }
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata, repr=repr)
+    return field(default=default, metadata=metadata, repr=repr)
+
+
+_frozen = dataclass(frozen=True, kw_only=True)
+
+
+@_frozen
+class ServerConfig:
+    """The gRPC server: address, device, limits and shutdown."""
+
+    host: str = _field("127.0.0.1", "Listen address; 0.0.0.0 accepts remote clients.")
+    port: int = _field(50051, "gRPC port; 0 picks a free one.", env="DYNAMIC_MOE_PORT",
+                       lo=0, hi=65535)
+    device: str = _field("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when available).",
+                         env="DYNAMIC_MOE_DEVICE", pattern=r"auto|cpu|cuda(:[0-9]+)?",
+                         pattern_help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    max_message_bytes: int = _field(256 * MiB, "Largest request or response message.", lo=1)
+    max_concurrent_rpcs: int = _field(256, "RPCs in flight before new ones are refused.", lo=1)
+    max_connection_age_s: float = _field(300.0, "Connections are recycled after this age.",
+                                         gt=0)
+    max_connection_age_grace_s: float = _field(30.0, "Grace for calls on a recycled "
+                                               "connection.", lo=0)
+    drain_grace_s: float = _field(20.0, "On SIGTERM, in-flight calls get this long to finish.",
+                                  lo=0)
+    max_workers: int = _field(4, "Device executor threads.", env="DYNAMIC_MOE_MAX_WORKERS",
+                              lo=1)
+    log_level: LogLevel = _field("INFO", "Logging level name.", env="DYNAMIC_MOE_LOG_LEVEL")
+
+
+@_frozen
+class MetricsConfig:
+    """The Prometheus /metrics HTTP endpoint."""
+
+    enabled: bool = _field(True, "Serve Prometheus metrics.", env="DYNAMIC_MOE_ENABLE_MONITORING")
+    host: str = _field("127.0.0.1", "Listen address of the metrics endpoint.")
+    port: int = _field(9090, "Metrics port; 0 picks a free one.", env="DYNAMIC_MOE_METRICS_PORT",
+                       lo=0, hi=65535)
+
+
+@_frozen
+class HealthConfig:
+    """The plain-HTTP /healthz and /readyz endpoint for probes that do not speak gRPC."""
+
+    enabled: bool = _field(True, "Serve /healthz and /readyz.")
+    host: str = _field("127.0.0.1", "Listen address of the health endpoint.")
+    port: int = _field(8080, "Health port; 0 picks a free one.", env="DYNAMIC_MOE_HEALTH_PORT",
+                       lo=0, hi=65535)
+
+
+@_frozen
+class BatchingConfig:
+    """Dynamic batching of concurrent calls into one device call (per router, see RouterSpec)."""
+
+    enabled: bool = _field(True, "Merge concurrent calls of per-token routers.")
+    max_batch_tokens: int = _field(8192, "Most tokens in one merged device call.", lo=1)
+    max_queue_delay_us: int = _field(500, "Longest a call waits for company, microseconds.",
+                                     lo=0)
+    max_queue_size: int = _field(1024, "Calls queued before new ones are refused.", lo=1)
+
+
+@_frozen
+class CacheConfig:
+    """The answer cache in front of each router."""
+
+    enabled: bool = _field(True, "Cache answers (also optimization.enable_caching).",
+                           env="DYNAMIC_MOE_ENABLE_CACHING")
+    cache_size: int = _field(1000, "Most cached answers (also optimization.cache_size).",
+                             env="DYNAMIC_MOE_CACHE_SIZE", lo=1)
+    max_bytes: int = _field(256 * MiB, "Most bytes of cached answers.", lo=1)
+    ttl_seconds: float = _field(300.0, "An answer expires this long after it was cached.", gt=0)
+    adaptive: bool = _field(True, "Stop caching a router whose hit rate stays near zero.")
+
+
+@_frozen
+class BreakerConfig:
+    """The per-router circuit breaker (count-based sliding window, resilience4j-style)."""
+
+    enabled: bool = _field(True, "Fail fast while a router keeps failing "
+                           "(also monitoring.enable_circuit_breaker).")
+    sliding_window_size: int = _field(100, "Outcomes of the last N calls are kept.", lo=1)
+    minimum_number_of_calls: int = _field(10, "Calls needed before the rates are judged.", lo=1)
+    failure_rate_threshold: float = _field(0.5, "Failure fraction that opens the breaker.",
+                                           gt=0, hi=1)
+    slow_call_rate_threshold: float = _field(1.0, "Slow-call fraction that opens the breaker.",
+                                             gt=0, hi=1)
+    slow_call_duration_ms: float = _field(1000.0, "A call slower than this counts as slow.",
+                                          gt=0)
+    wait_duration_s: float = _field(5.0, "First open period before a trial call.", gt=0)
+    max_wait_duration_s: float = _field(60.0, "Longest open period after repeated trips.", gt=0)
+    wait_multiplier: float = _field(2.0, "Open period grows by this factor per failed trial.",
+                                    lo=1)
+    permitted_calls_in_half_open: int = _field(3, "Trial calls allowed while half-open.", lo=1)
+
+
+@_frozen
+class AlertThresholds:
+    """Levels beyond which the monitoring wrapper raises an alert (seed keys)."""
+
+    avg_latency_ms: float = _field(50.0, "Mean routing latency.", gt=0)
+    error_rate: float = _field(0.05, "Fraction of failed calls.", lo=0, hi=1)
+    load_balance_variance: float = _field(0.1, "Variance of per-expert load fractions.", lo=0)
+    memory_usage_mb: float = _field(1000.0, "Process memory.", gt=0)
+
+
+@_frozen
+class MonitoringConfig:
+    """Seed monitoring keys: alert thresholds and webhook."""
+
+    enable_circuit_breaker: bool = _field(True, "Alias of breaker.enabled (mirrors it).",
+                                          alias_of="breaker.enabled")
+    alert_thresholds: AlertThresholds = _field(doc="Alert levels.", factory=AlertThresholds)
+    alert_webhook: str = _field("", "URL alerts are POSTed to; empty for none.",
+                                env="DYNAMIC_MOE_ALERT_WEBHOOK")
+
+
+@_frozen
+class TLSConfig:
+    """Server TLS; mutual TLS when a client CA is given."""
+
+    enabled: bool = _field(False, "Serve over TLS (needs cert_file and key_file).",
+                           env="DYNAMIC_MOE_SSL_ENABLED")
+    cert_file: Path | None = _field(None, "PEM certificate chain of the server.")
+    key_file: Path | None = _field(None, "PEM private key of the server.")
+    client_ca_file: Path | None = _field(None, "PEM CA bundle; when set, clients must "
+                                         "present a certificate it signed.")
+
+
+@_frozen
+class SecurityConfig:
+    """API keys, rate limiting and TLS."""
+
+    api_key_required: bool = _field(False, "Refuse calls without a known API key.",
+                                    env="DYNAMIC_MOE_API_KEY_REQUIRED")
+    api_keys_file: Path | None = _field(None, "File of API keys, one per line, '#' comments.")
+    api_keys_env: str = _field("DYNAMIC_MOE_API_KEYS", "Environment variable holding "
+                               "comma-separated API keys.", pattern=r"[A-Za-z_][A-Za-z0-9_]*",
+                               pattern_help="an environment variable name")
+    api_keys: tuple[str, ...] = _field((), "The resolved keys (file + variable); never "
+                                       "written in config.yaml, never shown.", derived=True,
+                                       repr=False)
+    rate_limit: int = _field(0, "Requests per hour per API key (or peer); 0 is off.",
+                             env="DYNAMIC_MOE_RATE_LIMIT", lo=0)
+    tls: TLSConfig = _field(doc="Transport security.", factory=TLSConfig)
+
+
+@_frozen
+class OptimizationConfig:
+    """Seed optimization keys; three are aliases whose values mirror their targets."""
+
+    enable_autoscaling: bool = _field(True, "Let the optimized wrapper grow its worker pool.",
+                                      env="DYNAMIC_MOE_AUTOSCALE")
+    enable_parallel: bool = _field(True, "Let the optimized wrapper route chunks in parallel.")
+    enable_caching: bool = _field(True, "Alias of cache.enabled (mirrors it).",
+                                  alias_of="cache.enabled")
+    max_workers: int = _field(4, "Alias of server.max_workers (mirrors it).",
+                              alias_of="server.max_workers")
+    cache_size: int = _field(1000, "Alias of cache.cache_size (mirrors it).",
+                             alias_of="cache.cache_size")
+
+
+@_frozen
+class BenchmarkingConfig:
+    """Seed benchmarking keys: defaults for ``moe-router bench``."""
+
+    num_runs: int = _field(100, "Timed repetitions per case.", lo=1)
+    warmup_runs: int = _field(10, "Untimed repetitions before timing.", lo=0)
+    batch_sizes: tuple[int, ...] = _field((1, 8, 16, 32), "Batch sizes to sweep.", lo=1)
+    sequence_lengths: tuple[int, ...] = _field((128, 256, 512), "Sequence lengths to sweep.",
+                                               lo=1)
+
+
+@_frozen
+class TestingConfig:
+    """Switches that exist only for tests."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+    enable_fault_injection: bool = _field(False, "Allow routers of kind fault_injection.")
+
+
+@_frozen
+class WeightsSpec:
+    """Where a router's gate weights come from: random init, or a safetensors checkpoint.
+
+    Either ``init: random`` (+ ``seed``; layer L gets seed + L), or ``path`` + ``gate``
+    (+ ``bias``, ``layer_offset``). ``path`` is a ``.safetensors`` file or a sharded
+    ``model.safetensors.index.json``; relative paths are resolved against the config
+    file's directory. Templates take ``{layer}``: checkpoint layer = layer_offset + L.
+    """
+
+    init: WeightsInit | None = _field(WeightsInit.RANDOM, "random, or null with path.")
+    seed: int = _field(0, "Random init seed; layer L uses seed + L.", lo=0)
+    path: Path | None = _field(None, "Checkpoint: .safetensors or model.safetensors.index.json.")
+    gate: str | None = _field(None, "Gate weight [E, D] name template, e.g. "
+                              "'model.layers.{layer}.block_sparse_moe.gate.weight'.")
+    bias: str | None = _field(None, "Correction bias [E] name template, e.g. "
+                              "'model.layers.{layer}.mlp.gate.e_score_correction_bias'.")
+    layer_offset: int = _field(0, "Checkpoint layer index of our layer 0 (e.g. 3 for "
+                               "DeepSeek-V3, whose first 3 layers are dense).", lo=0)
+
+
+@_frozen
+class FaultSpec:
+    """Test-only failure switches of a fault_injection router (files toggled by the test)."""
+
+    fail_while_file_exists: Path | None = _field(None, "Calls raise while this file exists.")
+    slow_while_file_exists: Path | None = _field(None, "Calls stall while this file exists.")
+    slow_ms: float = _field(0.0, "How long a stalled call sleeps, milliseconds.", lo=0)
+
+
+_K = RouterKind
+_TOPK_FAMILY = frozenset({_K.TOP_K, _K.GROUPED_TOP_K, _K.FAULT_INJECTION})
+_DYNAMIC_FAMILY = frozenset({_K.DYNAMIC, _K.ADAPTIVE})
+
+
+@_frozen
+class RouterSpec:
+    """One hosted router: its algorithm, parameters, weights and serving options.
+
+    Keys other than the common ones are valid only for the kinds listed in their field
+    metadata (``kinds``); a key a kind does not use is an error. Fields a kind does not
+    use keep their defaults and are ignored.
+    """
+
+    name: str = _field(doc="Unique router name used by requests: lowercase [a-z0-9_-].",
+                       pattern=r"[a-z0-9_-]+",
+                       pattern_help="lowercase letters, digits, '_' and '-'")
+    kind: RouterKind = _field(doc="Routing algorithm.")
+    input_dim: int = _field(doc="Hidden size D of the tokens routed.")
+    num_experts: int = _field(doc="Routed experts E.")
+    layers: int = _field(1, "MoE layers served (requests name one, 0-based).", lo=1)
+    top_k: int = _field(2, "Experts per token.",
+                        kinds=_TOPK_FAMILY | {_K.MOE_ROUTER})
+    scoring: ScoringFunction = _field(ScoringFunction.SOFTMAX, "softmax | sigmoid of the "
+                                      "gate logits.", kinds=_TOPK_FAMILY)
+    renormalize: bool = _field(True, "Chosen weights sum to 1 (HF norm_topk_prob).",
+                               kinds=_TOPK_FAMILY | {_K.EXPERT_CHOICE, _K.MOE_ROUTER})
+    routed_scaling_factor: float = _field(1.0, "Final weights are multiplied by this.",
+                                          kinds=_TOPK_FAMILY | {_K.EXPERT_CHOICE})
+    n_group: int = _field(1, "Expert groups (DeepSeek n_group).", kinds={_K.GROUPED_TOP_K})
+    topk_group: int = _field(1, "Groups kept per token.", kinds={_K.GROUPED_TOP_K})
+    group_score: GroupScore = _field(GroupScore.MAX, "max (DeepSeek-V2) | top2_sum (V3).",
+                                     kinds={_K.GROUPED_TOP_K})
+    use_correction_bias: bool = _field(False, "Selection adds e_score_correction_bias [E].",
+                                       kinds={_K.GROUPED_TOP_K})
+    capacity_factor: float | None = _field(None, "Per-expert capacity ceil(T*k/E*factor); "
+                                           "null for none.",
+                                           kinds=_TOPK_FAMILY | {_K.EXPERT_CHOICE})
+    drop_policy: DropPolicy = _field(DropPolicy.PROBS, "Over capacity, keep highest probs "
+                                     "or earliest positions.", kinds=_TOPK_FAMILY)
+    tokens_per_expert: int | None = _field(None, "Fixed expert-choice capacity; null derives "
+                                           "it from capacity_factor.", lo=1,
+                                           kinds={_K.EXPERT_CHOICE})
+    slots_per_expert: int = _field(1, "Soft-MoE slots per expert (gate is [E*slots, D]).",
+                                   lo=1, kinds={_K.SOFT_MOE})
+    temperature: float = _field(1.0, "Soft-MoE softmax temperature.", gt=0,
+                                kinds={_K.SOFT_MOE})
+    hidden_layers: tuple[int, ...] | None = _field(None, "Hidden widths of the MLP router.",
+                                                   lo=1, kinds={_K.MOE_ROUTER})
+    mechanism: Mechanism = _field(Mechanism.SOFTMAX, "softmax | gumbel.",
+                                      kinds={_K.MOE_ROUTER})
+    min_experts: int = _field(1, "Fewest experts a token gets.", lo=1, kinds=_DYNAMIC_FAMILY)
+    max_experts: int | None = _field(None, "Most experts a token gets; null lets the router "
+                                     "choose (num_experts // 2).", lo=1, kinds=_DYNAMIC_FAMILY)
+    complexity_estimator: EstimatorName = _field(EstimatorName.GRADIENT_NORM, "How token "
+                                                 "complexity is scored.", kinds=_DYNAMIC_FAMILY)
+    routing_strategy: RoutingStrategy = _field(RoutingStrategy.TOP_K, "top_k | threshold.",
+                                               kinds=_DYNAMIC_FAMILY)
+    load_balancing: bool = _field(True, "Steer load toward under-used experts.",
+                                  kinds=_DYNAMIC_FAMILY)
+    noise_factor: float = _field(0.0, "Train-time logit noise in [0, 1].", lo=0, hi=1,
+                                 kinds=_DYNAMIC_FAMILY)
+    top_p: float | None = _field(None, "Probability mass kept by the threshold strategy; "
+                                 "null for the router's default.", gt=0, hi=1,
+                                 kinds=_DYNAMIC_FAMILY)
+    adaptation_rate: float = _field(0.01, "Adaptive threshold learning rate.", gt=0,
+                                    kinds={_K.ADAPTIVE})
+    estimator_options: Mapping[str, Any] = _field(doc="Extra keyword arguments of the "
+                                                  "complexity estimator.",
+                                                  factory=lambda: MappingProxyType({}),
+                                                  kinds=_DYNAMIC_FAMILY)
+    fault: FaultSpec | None = _field(None, "Injected failures (fault_injection only).",
+                                     kinds={_K.FAULT_INJECTION})
+    batching: BatchingConfig = _field(doc="Top-level batching with this router's overrides "
+                                      "merged over it.", factory=BatchingConfig)
+    cache_enabled: bool = _field(True, "Cache this router's answers (when cache.enabled).")
+    weights: WeightsSpec = _field(doc="Gate weight source.", factory=WeightsSpec)
+    source: str = _field("", "Where this spec was written, e.g. 'config.yaml: routers[2]' "
+                         "(prefix of error messages).", derived=True)
+
+    def router_config(self) -> RouterConfig:
+        """The RouterConfig a RouterConfig-based kind is constructed with.
+
+        Dynamic kinds build their own; for them this only carries the checks on
+        input_dim and num_experts.
+        """
+        kind = self.kind
+        method = RoutingMethod.TOP_K if kind is _K.FAULT_INJECTION else RoutingMethod(kind.value)
+        uses_top_k = kind in _TOPK_FAMILY or kind is _K.MOE_ROUTER
+        top_k = self.top_k if uses_top_k else 1  # the others have no fixed per-token k
+        return RouterConfig(
+            hidden_size=self.input_dim,
+            num_experts=self.num_experts,
+            top_k=top_k,
+            routing_method=method,
+            scoring=self.scoring,
+            renormalize=self.renormalize,
+            routed_scaling_factor=self.routed_scaling_factor,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            group_score=self.group_score,
+            capacity_factor=self.capacity_factor,
+            drop_policy=self.drop_policy,
+        )
+
+
+@_frozen
+class ServiceConfig:
+    """The whole service configuration, as :func:`moe_router.config.load_config` returns it."""
+
+    server: ServerConfig = _field(doc="gRPC server.", factory=ServerConfig)
+    metrics: MetricsConfig = _field(doc="Prometheus endpoint.", factory=MetricsConfig)
+    health: HealthConfig = _field(doc="HTTP health endpoint.", factory=HealthConfig)
+    batching: BatchingConfig = _field(doc="Batching defaults of every router.",
+                                      factory=BatchingConfig)
+    cache: CacheConfig = _field(doc="Answer cache.", factory=CacheConfig)
+    breaker: BreakerConfig = _field(doc="Circuit breaker.", factory=BreakerConfig)
+    monitoring: MonitoringConfig = _field(doc="Alerts (seed keys).", factory=MonitoringConfig)
+    security: SecurityConfig = _field(doc="Keys, rate limit, TLS.", factory=SecurityConfig)
+    optimization: OptimizationConfig = _field(doc="Seed optimization keys.",
+                                              factory=OptimizationConfig)
+    benchmarking: BenchmarkingConfig = _field(doc="Benchmark defaults (seed keys).",
+                                              factory=BenchmarkingConfig)
+    testing: TestingConfig = _field(doc="Test-only switches.", factory=TestingConfig)
+    routers: tuple[RouterSpec, ...] = _field(doc="The hosted routers (non-empty, unique "
+                                             "names).", factory=tuple)
+    source: str = _field("<embedded default config.yaml>", "The file this config was read "
+                         "from.", derived=True)

@@ -1,0 +1,168 @@
+"""Gate weights from safetensors checkpoints (a single file or a sharded index), never pickle.
+
+Only the tensors a layer needs are read: for ``model.safetensors.index.json`` the
+``weight_map`` names the shard, and ``safe_open`` reads just that tensor from it.
+Every failure is a :class:`RouterConfigurationError` naming the tensor and the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from moe_router.config import WeightsSpec
+from moe_router.errors import RouterConfigurationError
+from moe_router.routing.base import RouterBase
+
+__all__ = [
+    "TensorLocation",
+    "locate_gate_tensors",
+    "read_tensor",
+    "load_gate_tensors",
+    "apply_weights",
+    "load_router_weights",
+]
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """One tensor of a checkpoint: its name and the safetensors file holding it."""
+
+    name: str
+    file: Path
+
+    def __str__(self) -> str:
+        return f"{self.name} in {self.file.name}"
+
+
+def locate_gate_tensors(
+    spec: WeightsSpec, layer: int
+) -> tuple[TensorLocation, TensorLocation | None]:
+    """Where layer ``layer``'s gate weight (and correction bias, if named) live.
+
+    The checkpoint layer is ``spec.layer_offset + layer``; a sharded index is read to
+    find each tensor's shard.
+    """
+    if spec.path is None or spec.gate is None:
+        raise RouterConfigurationError("weights: no checkpoint path and gate name to load from")
+    checkpoint_layer = spec.layer_offset + layer
+    names = [spec.gate.format(layer=checkpoint_layer)]
+    if spec.bias is not None:
+        names.append(spec.bias.format(layer=checkpoint_layer))
+    if not spec.path.is_file():
+        raise RouterConfigurationError(f"weights.path: checkpoint not found: {spec.path}")
+    if spec.path.name.endswith(".json"):
+        weight_map = _read_weight_map(spec.path)
+        locations = []
+        for name in names:
+            if name not in weight_map:
+                raise RouterConfigurationError(
+                    f"{name} is not in the weight_map of {spec.path}{_closest(name, weight_map)}"
+                )
+            locations.append(TensorLocation(name, spec.path.parent / weight_map[name]))
+    else:
+        locations = [TensorLocation(name, spec.path) for name in names]
+    return locations[0], (locations[1] if len(locations) > 1 else None)
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RouterConfigurationError(
+            f"{index}: not a safetensors index (expected JSON with a 'weight_map' object): {exc}"
+        ) from None
+    if not isinstance(weight_map, dict):
+        raise RouterConfigurationError(f"{index}: 'weight_map' must map tensor names to files")
+    return weight_map
+
+
+def _closest(name: str, names: object) -> str:
+    close = difflib.get_close_matches(name, sorted(names), n=1)  # type: ignore[call-overload]
+    return f"; closest: {close[0]}" if close else ""
+
+
+def read_tensor(location: TensorLocation) -> torch.Tensor:
+    """Read exactly one tensor from a safetensors file, on the CPU."""
+    if not location.file.is_file():
+        raise RouterConfigurationError(
+            f"{location.name}: shard {location.file} does not exist"
+        )
+    try:
+        with safe_open(str(location.file), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            if location.name not in keys:
+                raise RouterConfigurationError(
+                    f"{location.name} is not in {location.file}{_closest(location.name, keys)}"
+                )
+            return f.get_tensor(location.name)
+    except SafetensorError as exc:
+        raise RouterConfigurationError(
+            f"{location.file}: not a readable safetensors file ({exc})"
+        ) from None
+
+
+def load_gate_tensors(
+    spec: WeightsSpec, layer: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gate weight ``[E, D]`` and optional correction bias ``[E]`` of layer ``layer``."""
+    gate, bias = locate_gate_tensors(spec, layer)
+    return read_tensor(gate), None if bias is None else read_tensor(bias)
+
+
+def apply_weights(
+    router: RouterBase,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    weight_origin: str = "gate weight",
+    bias_origin: str = "e_score_correction_bias",
+) -> None:
+    """Copy ``weight`` into ``router.gate.weight`` and ``bias`` into its correction bias.
+
+    Shapes must match exactly (``[E, D]``; Soft MoE ``[E * slots, D]``; bias ``[E]``) and
+    values must be finite; the origins name the tensors in error messages.
+    """
+    target = router.gate.weight
+    rows = "num_experts" if target.shape[0] == router.num_experts else "num_experts * slots"
+    _check(weight, tuple(target.shape), f"({rows}, input_dim)", weight_origin)
+    buffer = getattr(router, "e_score_correction_bias", None)
+    if bias is not None:
+        if not isinstance(buffer, torch.Tensor):
+            raise RouterConfigurationError(
+                f"{bias_origin}: {type(router).__name__} has no e_score_correction_bias "
+                "(use kind grouped_top_k with use_correction_bias: true)"
+            )
+        _check(bias, tuple(buffer.shape), "(num_experts,)", bias_origin)
+    with torch.no_grad():
+        target.copy_(weight.to(device=target.device, dtype=target.dtype))
+        if bias is not None and isinstance(buffer, torch.Tensor):
+            buffer.copy_(bias.to(device=buffer.device, dtype=buffer.dtype))
+
+
+def _check(tensor: torch.Tensor, expected: tuple[int, ...], dims: str, origin: str) -> None:
+    if tuple(tensor.shape) != expected:
+        raise RouterConfigurationError(
+            f"{origin} has shape {list(tensor.shape)}, expected {list(expected)} {dims}"
+        )
+    if not tensor.is_floating_point():
+        raise RouterConfigurationError(f"{origin} has dtype {tensor.dtype}, expected floating")
+    if not bool(torch.isfinite(tensor).all()):
+        raise RouterConfigurationError(f"{origin} contains NaN or infinite values")
+
+
+def load_router_weights(router: RouterBase, spec: WeightsSpec, layer: int) -> None:
+    """Load layer ``layer``'s checkpoint tensors into ``router`` (shape-checked)."""
+    gate, bias = locate_gate_tensors(spec, layer)
+    apply_weights(
+        router,
+        read_tensor(gate),
+        None if bias is None else read_tensor(bias),
+        weight_origin=str(gate),
+        bias_origin=str(bias),
+    )
