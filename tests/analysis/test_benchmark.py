@@ -246,3 +246,14 @@ def test_bad_arguments(tmp_path):
         bench.run_latency_benchmark(tiny_config())
     with pytest.raises(ValidationError, match="concurrent_requests"):
         bench.run_throughput_benchmark(tiny_config(), concurrent_requests=[0])
+
+
+def test_progress_bar_when_asked(tmp_path, capsys):
+    bench = DynamicMoEBenchmark(tmp_path, router_factory=static_topk_router_factory,
+                                show_progress=True)
+    bench.run_latency_benchmark(tiny_config())
+    assert "latency" in capsys.readouterr().err
+    quiet = DynamicMoEBenchmark(tmp_path, router_factory=static_topk_router_factory,
+                                show_progress=False)
+    quiet.run_latency_benchmark(tiny_config())
+    assert capsys.readouterr().err == ""

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from moe_router.errors import RouterConfigurationError, ValidationError
+from moe_router.errors import ExpertDispatchError, RouterConfigurationError, ValidationError
 from moe_router.layers import (
     FeedForwardExpert,
     LayerNormMoE,
@@ -328,3 +328,20 @@ def test_dynamic_router_gets_gradients_through_layernorm_moe():
     grad = layer.router.gate.weight.grad
     assert grad is not None and float(grad.abs().sum()) > 0
     assert layer.norm.weight.grad is not None
+
+
+def test_run_experts_grouped_rejects_out_of_range_index():
+    experts = [nn.Linear(3, 3) for _ in range(3)]
+    with pytest.raises(ExpertDispatchError, match="expert index 3 out of range"):
+        run_experts_grouped(torch.randn(2, 3), torch.tensor([[0, 3], [1, -1]]),
+                            torch.ones(2, 2), experts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layer_on_cuda_matches_cpu():
+    layer = make_layer()
+    x = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        expected = layer(x)
+        got = layer.to("cuda")(x.to("cuda")).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -97,3 +97,12 @@ def test_plan_properties(loads, devices, redundant):
 def test_bad_arguments(args, name):
     with pytest.raises(ValidationError, match=name):
         plan_placement(*args)
+
+
+def test_plan_to_dict_is_json_ready():
+    import json
+
+    plan = plan_placement([6, 2, 2, 2], num_devices=2, redundant_slots=1)
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["replicas"] == [[0, 1], [0, 1], [0], [1]]
+    assert data["imbalance_after"] == 1.0 and data["method"] == "greedy"

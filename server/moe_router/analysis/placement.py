@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -55,6 +55,14 @@ class PlacementPlan:
     max_load: float
     mean_load: float
     method: Literal["greedy", "contiguous"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain lists and numbers (JSON-serialisable)."""
+        return {k: _plain(v) for k, v in asdict(self).items()}
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
 
 
 def contiguous_placement(num_experts: int, num_devices: int) -> list[int]:

@@ -47,23 +47,24 @@ def run_experts_grouped(
             f"expert_indices has {num_tokens} rows for {hidden_states.shape[0]} tokens"
         )
     flat_expert = expert_indices.reshape(-1).long()
-    slots = torch.nonzero(flat_expert >= 0).squeeze(1)  # real (token, slot) pairs
-    expert_of_slot = flat_expert[slots]
-    if expert_of_slot.numel() and int(expert_of_slot.max()) >= num_experts:
+    # Padding (-1) becomes group E, sorted last and never run; an out-of-range index
+    # x >= E becomes group x + 1, which makes the bincount longer than E + 1.
+    group = torch.where(flat_expert >= 0, flat_expert, num_experts)
+    group = torch.where(flat_expert >= num_experts, flat_expert + 1, group)
+    order = torch.argsort(group, stable=True)  # group by expert, token order inside
+    sizes = torch.bincount(group, minlength=num_experts + 1).tolist()  # the one host sync
+    if len(sizes) > num_experts + 1:
         raise ExpertDispatchError(
-            f"expert index {int(expert_of_slot.max())} out of range for {num_experts} experts"
+            f"expert index {len(sizes) - 2} out of range for {num_experts} experts"
         )
-    counts = torch.bincount(expert_of_slot, minlength=num_experts)
-    order = torch.argsort(expert_of_slot, stable=True)  # group by expert, token order inside
-    slots = slots[order]
-    token_of_slot = torch.div(slots, k, rounding_mode="floor")
-    weight_of_slot = expert_weights.reshape(-1)[slots]
+    counts = torch.tensor(sizes[:num_experts], dtype=torch.int64, device=flat_expert.device)
+    token_of_slot = torch.div(order, k, rounding_mode="floor")
+    weight_of_slot = expert_weights.reshape(-1)[order]
 
     output = torch.zeros_like(hidden_states)
-    sizes = counts.tolist()  # the one host sync: group sizes
     token_groups = torch.split(token_of_slot, sizes)
     weight_groups = torch.split(weight_of_slot, sizes)
-    for expert_id, size in enumerate(sizes):
+    for expert_id, size in enumerate(sizes[:num_experts]):
         if size == 0:
             continue
         tokens = token_groups[expert_id]
