@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from moe_router.backend import RouteCall, RouteOptions, RouteResult
 from moe_router.routing import RouterConfig, TopKRouter
 

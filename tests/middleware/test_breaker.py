@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 from conftest import FakeClock, FaultyBackend, TopKBackend, make_call
+
 from moe_router.errors import (
     AuthenticationError,
     BackendError,

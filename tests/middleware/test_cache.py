@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 from conftest import HIDDEN, FakeClock, FaultyBackend, TopKBackend, make_call
+
 from moe_router.backend import RouteCall
 from moe_router.errors import BackendError, RouterConfigurationError
 from moe_router.middleware.cache import (

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from conftest import FakeClock, TopKBackend, make_call
+
 from moe_router.errors import OverloadedError, RouterConfigurationError
 from moe_router.middleware.ratelimit import RateLimitBackend
 

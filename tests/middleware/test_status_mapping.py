@@ -6,6 +6,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from moe_router import errors
 from moe_router.status_mapping import (
     ERROR_DOMAIN,

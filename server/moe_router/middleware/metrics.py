@@ -158,7 +158,7 @@ class RouterMetrics:
             self.queue_time.labels(router).observe(result.queue_time_us / 1e6)
             self.compute_time.labels(router).observe(result.compute_time_us / 1e6)
             if output.aux_loss is not None:
-                self.aux_loss.labels(router).set(float(output.aux_loss))
+                self.aux_loss.labels(router).set(float(output.aux_loss.detach()))
         self.load.add(router, call.layer, output.tokens_per_expert, output.num_experts_per_token)
 
 
@@ -247,6 +247,18 @@ class _LoadCollector(Collector):
             k_counts = self._k_counts.setdefault(router, {})
             for k, n in zip(values.tolist(), freq.tolist(), strict=True):
                 k_counts[int(k)] = k_counts.get(int(k), 0) + int(n)
+
+    def expert_load(self, router: str) -> torch.Tensor | None:
+        """Cumulative assignments per expert [E] of ``router``, summed over layers."""
+        with self._lock:
+            parts = [t for (name, _), t in self._per_layer.items() if name == router]
+            if not parts:
+                return None
+            total = parts[0].clone()
+            for part in parts[1:]:
+                if part.shape == total.shape:
+                    total += part
+            return total
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
