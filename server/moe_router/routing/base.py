@@ -85,7 +85,8 @@ class RouterBase(nn.Module, ABC):
         digest.update(repr(self.config).encode())
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            flat = tensor.detach().cpu().contiguous().reshape(-1)  # 0-dim buffers too
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
     # ----------------------------------------------------------------- pipeline
