@@ -183,8 +183,8 @@ def _convert(value: Any, hint: Any, path: str, ctx: Context, meta: Mapping[str, 
         try:
             return hint(value)
         except ValueError:
-            allowed = ", ".join(repr(m.value) for m in hint)
-            ctx.fail(path, f"must be one of {allowed}, got {value!r}")
+            choices = ", ".join(repr(m.value) for m in hint)
+            ctx.fail(path, f"must be one of {choices}, got {value!r}")
     if hint is bool and not isinstance(value, bool):
         ctx.fail(path, f"must be true or false, got {describe(value)}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):

@@ -119,10 +119,9 @@ def _field(
     return field(default=default, metadata=metadata, repr=repr)
 
 
-_frozen = dataclass(frozen=True, kw_only=True)
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """The gRPC server: address, device, limits and shutdown."""
 
@@ -145,7 +144,7 @@ class ServerConfig:
     log_level: LogLevel = _field("INFO", "Logging level name.", env="DYNAMIC_MOE_LOG_LEVEL")
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class MetricsConfig:
     """The Prometheus /metrics HTTP endpoint."""
 
@@ -155,7 +154,7 @@ class MetricsConfig:
                        lo=0, hi=65535)
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class HealthConfig:
     """The plain-HTTP /healthz and /readyz endpoint for probes that do not speak gRPC."""
 
@@ -165,7 +164,7 @@ class HealthConfig:
                        lo=0, hi=65535)
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class BatchingConfig:
     """Dynamic batching of concurrent calls into one device call (per router, see RouterSpec)."""
 
@@ -176,7 +175,7 @@ class BatchingConfig:
     max_queue_size: int = _field(1024, "Calls queued before new ones are refused.", lo=1)
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class CacheConfig:
     """The answer cache in front of each router."""
 
@@ -189,7 +188,7 @@ class CacheConfig:
     adaptive: bool = _field(True, "Stop caching a router whose hit rate stays near zero.")
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class BreakerConfig:
     """The per-router circuit breaker (count-based sliding window, resilience4j-style)."""
 
@@ -210,7 +209,7 @@ class BreakerConfig:
     permitted_calls_in_half_open: int = _field(3, "Trial calls allowed while half-open.", lo=1)
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class AlertThresholds:
     """Levels beyond which the monitoring wrapper raises an alert (seed keys)."""
 
@@ -220,7 +219,7 @@ class AlertThresholds:
     memory_usage_mb: float = _field(1000.0, "Process memory.", gt=0)
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class MonitoringConfig:
     """Seed monitoring keys: alert thresholds and webhook."""
 
@@ -231,7 +230,7 @@ class MonitoringConfig:
                                 env="DYNAMIC_MOE_ALERT_WEBHOOK")
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class TLSConfig:
     """Server TLS; mutual TLS when a client CA is given."""
 
@@ -243,7 +242,7 @@ class TLSConfig:
                                          "present a certificate it signed.")
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class SecurityConfig:
     """API keys, rate limiting and TLS."""
 
@@ -261,7 +260,7 @@ class SecurityConfig:
     tls: TLSConfig = _field(doc="Transport security.", factory=TLSConfig)
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class OptimizationConfig:
     """Seed optimization keys; three are aliases whose values mirror their targets."""
 
@@ -276,7 +275,7 @@ class OptimizationConfig:
                              alias_of="cache.cache_size")
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class BenchmarkingConfig:
     """Seed benchmarking keys: defaults for ``moe-router bench``."""
 
@@ -287,7 +286,7 @@ class BenchmarkingConfig:
                                                lo=1)
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class TestingConfig:
     """Switches that exist only for tests."""
 
@@ -296,7 +295,7 @@ class TestingConfig:
     enable_fault_injection: bool = _field(False, "Allow routers of kind fault_injection.")
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class WeightsSpec:
     """Where a router's gate weights come from: random init, or a safetensors checkpoint.
 
@@ -317,7 +316,7 @@ class WeightsSpec:
                                "DeepSeek-V3, whose first 3 layers are dense).", lo=0)
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class FaultSpec:
     """Test-only failure switches of a fault_injection router (files toggled by the test)."""
 
@@ -331,7 +330,7 @@ _TOPK_FAMILY = frozenset({_K.TOP_K, _K.GROUPED_TOP_K, _K.FAULT_INJECTION})
 _DYNAMIC_FAMILY = frozenset({_K.DYNAMIC, _K.ADAPTIVE})
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class RouterSpec:
     """One hosted router: its algorithm, parameters, weights and serving options.
 
@@ -432,7 +431,7 @@ class RouterSpec:
         )
 
 
-@_frozen
+@dataclass(frozen=True, kw_only=True)
 class ServiceConfig:
     """The whole service configuration, as :func:`moe_router.config.load_config` returns it."""
 

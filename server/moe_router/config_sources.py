@@ -298,7 +298,7 @@ def hint_at(dotted: str) -> Any | None:
     cls: Any = ServiceConfig
     hint = None
     for part in dotted.split("."):
-        if not is_dataclass(cls) or cls is RouterSpec:
+        if not isinstance(cls, type) or not is_dataclass(cls) or cls is RouterSpec:
             return None
         entry = schema(cls).get(part)
         if entry is None:

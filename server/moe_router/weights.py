@@ -49,13 +49,13 @@ def locate_gate_tensors(
     find each tensor's shard.
     """
     if spec.path is None or spec.gate is None:
-        raise RouterConfigurationError("weights: no checkpoint path and gate name to load from")
+        raise RouterConfigurationError("no checkpoint path and gate name to load from")
     checkpoint_layer = spec.layer_offset + layer
     names = [spec.gate.format(layer=checkpoint_layer)]
     if spec.bias is not None:
         names.append(spec.bias.format(layer=checkpoint_layer))
     if not spec.path.is_file():
-        raise RouterConfigurationError(f"weights.path: checkpoint not found: {spec.path}")
+        raise RouterConfigurationError(f"checkpoint not found: {spec.path}")
     if spec.path.name.endswith(".json"):
         weight_map = _read_weight_map(spec.path)
         locations = []
