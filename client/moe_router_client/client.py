@@ -1,0 +1,500 @@
+"""RouterClient (blocking) and AsyncRouterClient (``grpc.aio``) for moe_router.v1.RouterService.
+
+Both take the same arguments and offer the same calls, ``route``, ``route_stream``,
+``stats``, ``health`` and ``list_routers``, returning the frozen dataclasses of
+:mod:`moe_router_client.results`. Transport concerns live here: a default deadline per
+call, retries of UNAVAILABLE through gRPC's own retry policy (service config), optional
+round-robin load balancing, TLS / mutual TLS, and the API key sent as
+``authorization: Bearer <key>`` metadata. Every ``grpc.RpcError`` is raised as the typed
+:class:`~moe_router_client.errors.RouterError` subclass for its status code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal, get_args
+
+import grpc
+
+from moe_router_client.errors import error_from_rpc
+from moe_router_client.results import (
+    HealthReport,
+    RouteResult,
+    RouterInfo,
+    RouterStats,
+    health_from_proto,
+    route_result_from_proto,
+    router_info_from_proto,
+    router_stats_from_proto,
+)
+from moe_router_client.tensors import to_wire
+from moe_router_client.v1 import router_pb2 as pb
+from moe_router_client.v1 import router_pb2_grpc as pb_grpc
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "LoadBalancing",
+    "StreamItem",
+    "build_route_request",
+    "RouterClient",
+    "AsyncRouterClient",
+]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+LoadBalancing = Literal["pick_first", "round_robin"]
+# A route_stream item: keyword arguments of ``route`` (without timeout / as_torch), or a
+# ``(router, hidden_states)`` / ``(router, hidden_states, layer)`` tuple.
+StreamItem = Mapping[str, Any] | tuple[Any, ...]
+
+_SERVICE = "moe_router.v1.RouterService"
+_MAX_RETRIES = 4  # gRPC caps attempts at 5
+_RETRY_BACKOFF = {"initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2}
+_EXTRA_INPUTS = ("attention_weights", "logits", "gradients")
+
+
+def build_route_request(
+    router: str,
+    hidden_states: Any,
+    layer: int = 0,
+    *,
+    return_router_logits: bool = False,
+    skip_cache: bool = False,
+    seed: int | None = None,
+    attention_weights: Any = None,
+    logits: Any = None,
+    gradients: Any = None,
+    request_id: str | None = None,
+) -> pb.RouteRequest:
+    """The RouteRequest ``route`` sends; tensors are encoded straight into their fields.
+
+    ``hidden_states``: ``[T, D]`` or ``[B, S, D]`` numpy array or torch tensor (float32,
+    float16, bfloat16). ``attention_weights`` ``[B, H, S, S]`` / ``[B, S, S]``, ``logits``
+    ``[B, S, V]`` and ``gradients`` (like hidden_states) feed dynamic routers' estimators.
+    """
+    if not isinstance(router, str) or not router:
+        raise ValueError(f"router: a non-empty router name is required, got {router!r}")
+    request = pb.RouteRequest(
+        router=router,
+        layer=layer,
+        return_router_logits=return_router_logits,
+        skip_cache=skip_cache,
+        request_id=request_id or "",
+    )
+    if seed is not None:
+        request.seed = seed
+    to_wire(hidden_states, out=request.hidden_states)
+    for name, value in zip(_EXTRA_INPUTS, (attention_weights, logits, gradients), strict=True):
+        if value is not None:
+            to_wire(value, out=getattr(request, name))
+    return request
+
+
+def _stream_request(item: StreamItem) -> pb.RouteRequest:
+    """A route_stream item (mapping or tuple) as a RouteRequest."""
+    if isinstance(item, Mapping):
+        return build_route_request(**item)
+    if isinstance(item, tuple) and len(item) in (2, 3):
+        return build_route_request(*item)
+    raise TypeError(
+        "route_stream items are dicts of route() arguments or (router, hidden_states[, layer]) "
+        f"tuples, not {type(item).__name__}"
+    )
+
+
+def _service_config(retries: int, load_balancing: LoadBalancing | None) -> str | None:
+    """gRPC service config JSON: retry UNAVAILABLE ``retries`` times; the LB policy."""
+    config: dict[str, Any] = {}
+    if retries > 0:
+        policy = {
+            "maxAttempts": retries + 1, **_RETRY_BACKOFF, "retryableStatusCodes": ["UNAVAILABLE"]
+        }
+        config["methodConfig"] = [{"name": [{"service": _SERVICE}], "retryPolicy": policy}]
+    if load_balancing is not None:
+        config["loadBalancingConfig"] = [{load_balancing: {}}]
+    return json.dumps(config) if config else None
+
+
+def _optional_bytes(name: str, value: bytes | None) -> None:
+    if value is not None and not isinstance(value, bytes):
+        raise TypeError(f"{name}: PEM bytes (open(path, 'rb').read()), not {type(value).__name__}")
+
+
+class _ClientSettings:
+    """The validated constructor arguments shared by both clients."""
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None,
+        tls: bool,
+        root_certificates: bytes | None,
+        private_key: bytes | None,
+        certificate_chain: bytes | None,
+        timeout: float | None,
+        retries: int,
+        load_balancing: LoadBalancing | None,
+        max_message_bytes: int,
+        options: Sequence[tuple[str, Any]] | None,
+    ) -> None:
+        if not isinstance(target, str) or not target:
+            raise ValueError(f"target: a 'host:port' or 'dns:///host:port' string, got {target!r}")
+        if api_key is not None and (not api_key or not api_key.isprintable()):
+            raise ValueError("api_key: a non-empty printable string, or None for no key")
+        for name, value in (("root_certificates", root_certificates), ("private_key", private_key),
+                            ("certificate_chain", certificate_chain)):
+            _optional_bytes(name, value)
+            if value is not None and not tls:
+                raise ValueError(f"{name}: given but tls=False; pass tls=True to use it")
+        if (private_key is None) != (certificate_chain is None):
+            raise ValueError("private_key and certificate_chain: give both (mutual TLS) or neither")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout: seconds > 0, or None for no deadline, got {timeout!r}")
+        if type(retries) is not int or not 0 <= retries <= _MAX_RETRIES:
+            raise ValueError(f"retries: an int in 0..{_MAX_RETRIES} (gRPC caps attempts at 5), "
+                             f"got {retries!r}")
+        if load_balancing is not None and load_balancing not in get_args(LoadBalancing):
+            raise ValueError(f"load_balancing: one of {get_args(LoadBalancing)} or None, "
+                             f"got {load_balancing!r}")
+        if type(max_message_bytes) is not int or max_message_bytes <= 0:
+            raise ValueError(f"max_message_bytes: a positive int, got {max_message_bytes!r}")
+        self.target = target
+        self.timeout = timeout
+        self.credentials = (
+            grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+            if tls else None
+        )
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {api_key}"),) if api_key is not None else ()
+        )
+        channel_options: dict[str, Any] = {
+            "grpc.max_send_message_length": max_message_bytes,
+            "grpc.max_receive_message_length": max_message_bytes,
+            "grpc.enable_retries": int(retries > 0),
+        }
+        service_config = _service_config(retries, load_balancing)
+        if service_config is not None:
+            channel_options["grpc.service_config"] = service_config
+        channel_options.update(dict(options or ()))  # the caller's options win
+        self.options = list(channel_options.items())
+
+    def deadline(self, timeout: float | None) -> float | None:
+        """The call's timeout: its own, else the client's default."""
+        return self.timeout if timeout is None else timeout
+
+
+class RouterClient:
+    """Blocking client of a moe-router server.
+
+    ``target``: ``host:port`` (or ``dns:///host:port`` with ``load_balancing=
+    "round_robin"`` across the addresses it resolves to). ``api_key``: sent as
+    ``authorization: Bearer <key>``. ``tls`` with optional PEM ``root_certificates`` and,
+    for mutual TLS, ``private_key`` + ``certificate_chain``. ``timeout``: default deadline
+    in seconds per call (None: none). ``retries``: how many times gRPC retries a call
+    that fails UNAVAILABLE (0..4, exponential backoff 0.1 s .. 2 s). ``options``: extra
+    gRPC channel arguments, overriding ours. Use as a context manager or call ``close()``.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        timeout: float | None = None,
+        retries: int = 3,
+        load_balancing: LoadBalancing | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] | None = None,
+    ) -> None:
+        self._settings = _ClientSettings(
+            target, api_key, tls, root_certificates, private_key, certificate_chain,
+            timeout, retries, load_balancing, max_message_bytes, options,
+        )
+        s = self._settings
+        self._channel = (
+            grpc.secure_channel(s.target, s.credentials, options=s.options)
+            if s.credentials is not None
+            else grpc.insecure_channel(s.target, options=s.options)
+        )
+        self._stub = pb_grpc.RouterServiceStub(self._channel)
+
+    def route(
+        self,
+        router: str,
+        hidden_states: Any,
+        layer: int = 0,
+        *,
+        return_router_logits: bool = False,
+        skip_cache: bool = False,
+        seed: int | None = None,
+        attention_weights: Any = None,
+        logits: Any = None,
+        gradients: Any = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        as_torch: bool = False,
+    ) -> RouteResult:
+        """Route one batch of tokens ``[T, D]`` or ``[B, S, D]`` for one MoE layer."""
+        request = build_route_request(
+            router, hidden_states, layer, return_router_logits=return_router_logits,
+            skip_cache=skip_cache, seed=seed, attention_weights=attention_weights,
+            logits=logits, gradients=gradients, request_id=request_id,
+        )
+        try:
+            response = self._stub.Route(
+                request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return route_result_from_proto(response, as_torch)
+
+    def route_stream(
+        self,
+        requests: Iterable[StreamItem],
+        *,
+        timeout: float | None = None,
+        as_torch: bool = False,
+    ) -> Iterator[RouteResult]:
+        """Route many calls over one stream (e.g. layer after layer); results in order.
+
+        Lazy: the stream opens at the first ``next()``. ``timeout`` bounds the whole
+        stream. An item that cannot be encoded ends the stream: the results before it
+        are yielded, then its error is raised.
+        """
+        feed = _RequestFeed(requests)
+        call = self._stub.RouteStream(
+            feed, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata
+        )
+        try:
+            for response in call:
+                yield route_result_from_proto(response, as_torch)
+        except grpc.RpcError as exc:
+            raise (feed.error or error_from_rpc(exc)) from exc
+        finally:
+            call.cancel()  # no-op once finished; stops the stream if the caller stops early
+        if feed.error is not None:
+            raise feed.error
+
+    def stats(
+        self, router: str | None = None, *, timeout: float | None = None
+    ) -> list[RouterStats]:
+        """Cumulative statistics of one router, or of every router (``router=None``)."""
+        try:
+            response = self._stub.Stats(
+                pb.StatsRequest(router=router or ""),
+                timeout=self._settings.deadline(timeout), metadata=self._settings.metadata,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return [router_stats_from_proto(s) for s in response.routers]
+
+    def health(self, *, timeout: float | None = None) -> HealthReport:
+        """The server's and each router's serving state."""
+        try:
+            response = self._stub.Health(
+                pb.HealthRequest(), timeout=self._settings.deadline(timeout),
+                metadata=self._settings.metadata,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return health_from_proto(response)
+
+    def list_routers(self, *, timeout: float | None = None) -> list[RouterInfo]:
+        """The routers the server hosts, with their shapes and accepted dtypes."""
+        try:
+            response = self._stub.ListRouters(
+                pb.ListRoutersRequest(), timeout=self._settings.deadline(timeout),
+                metadata=self._settings.metadata,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return [router_info_from_proto(r) for r in response.routers]
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> RouterClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _RequestFeed:
+    """Encodes route_stream items as gRPC pulls them; keeps an encoding error, half-closes.
+
+    gRPC consumes request iterators on its own thread and would only log an exception
+    raised there; this keeps it so route_stream can raise it to the caller.
+    """
+
+    def __init__(self, items: Iterable[StreamItem]) -> None:
+        self._items = iter(items)
+        self.error: Exception | None = None
+
+    def __iter__(self) -> _RequestFeed:
+        return self
+
+    def __next__(self) -> pb.RouteRequest:
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return _stream_request(next(self._items))  # StopIteration ends the stream
+        except StopIteration:
+            raise
+        except Exception as exc:  # the caller's iterable or an item failed
+            self.error = exc
+            raise StopIteration from None
+
+
+class AsyncRouterClient:
+    """``grpc.aio`` client of a moe-router server: :class:`RouterClient`'s arguments and
+    calls, as coroutines; ``route_stream`` is an async iterator. Use ``async with`` or
+    ``await close()``.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        timeout: float | None = None,
+        retries: int = 3,
+        load_balancing: LoadBalancing | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] | None = None,
+    ) -> None:
+        self._settings = _ClientSettings(
+            target, api_key, tls, root_certificates, private_key, certificate_chain,
+            timeout, retries, load_balancing, max_message_bytes, options,
+        )
+        s = self._settings
+        self._channel = (
+            grpc.aio.secure_channel(s.target, s.credentials, options=s.options)
+            if s.credentials is not None
+            else grpc.aio.insecure_channel(s.target, options=s.options)
+        )
+        self._stub = pb_grpc.RouterServiceStub(self._channel)
+
+    async def route(
+        self,
+        router: str,
+        hidden_states: Any,
+        layer: int = 0,
+        *,
+        return_router_logits: bool = False,
+        skip_cache: bool = False,
+        seed: int | None = None,
+        attention_weights: Any = None,
+        logits: Any = None,
+        gradients: Any = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        as_torch: bool = False,
+    ) -> RouteResult:
+        """Route one batch of tokens ``[T, D]`` or ``[B, S, D]`` for one MoE layer."""
+        request = build_route_request(
+            router, hidden_states, layer, return_router_logits=return_router_logits,
+            skip_cache=skip_cache, seed=seed, attention_weights=attention_weights,
+            logits=logits, gradients=gradients, request_id=request_id,
+        )
+        try:
+            response = await self._stub.Route(
+                request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return route_result_from_proto(response, as_torch)
+
+    async def route_stream(
+        self,
+        requests: Iterable[StreamItem] | AsyncIterable[StreamItem],
+        *,
+        timeout: float | None = None,
+        as_torch: bool = False,
+    ) -> AsyncIterator[RouteResult]:
+        """Route many calls over one stream; ``async for`` the results, in order.
+
+        ``timeout`` bounds the whole stream. An item that cannot be encoded ends the
+        stream: the results before it are yielded, then its error is raised.
+        """
+        failure: list[Exception] = []
+
+        async def feed() -> AsyncIterator[pb.RouteRequest]:
+            try:
+                if isinstance(requests, AsyncIterable):
+                    async for item in requests:
+                        yield _stream_request(item)
+                else:
+                    for item in requests:
+                        yield _stream_request(item)
+            except Exception as exc:  # kept for the caller; the stream half-closes
+                failure.append(exc)
+
+        call = self._stub.RouteStream(
+            feed(), timeout=self._settings.deadline(timeout), metadata=self._settings.metadata
+        )
+        try:
+            async for response in call:
+                yield route_result_from_proto(response, as_torch)
+        except grpc.RpcError as exc:
+            raise (failure[0] if failure else error_from_rpc(exc)) from exc
+        finally:
+            call.cancel()
+        if failure:
+            raise failure[0]
+
+    async def stats(
+        self, router: str | None = None, *, timeout: float | None = None
+    ) -> list[RouterStats]:
+        """Cumulative statistics of one router, or of every router (``router=None``)."""
+        try:
+            response = await self._stub.Stats(
+                pb.StatsRequest(router=router or ""),
+                timeout=self._settings.deadline(timeout), metadata=self._settings.metadata,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return [router_stats_from_proto(s) for s in response.routers]
+
+    async def health(self, *, timeout: float | None = None) -> HealthReport:
+        """The server's and each router's serving state."""
+        try:
+            response = await self._stub.Health(
+                pb.HealthRequest(), timeout=self._settings.deadline(timeout),
+                metadata=self._settings.metadata,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return health_from_proto(response)
+
+    async def list_routers(self, *, timeout: float | None = None) -> list[RouterInfo]:
+        """The routers the server hosts, with their shapes and accepted dtypes."""
+        try:
+            response = await self._stub.ListRouters(
+                pb.ListRoutersRequest(), timeout=self._settings.deadline(timeout),
+                metadata=self._settings.metadata,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return [router_info_from_proto(r) for r in response.routers]
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncRouterClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
