@@ -447,7 +447,7 @@ class OptimizedRouter:
             selection = self.router.select(logits, flat_hidden, lead_shape=lead)
             aux_loss = self.router.compute_aux_loss(selection.probs, indices)
             z_loss = self.router.compute_z_loss(logits)
-        scores = [p.complexity_scores for p in parts]
+        scores = [p.complexity_scores for p in parts if p.complexity_scores is not None]
         return dataclasses.replace(
             parts[0],
             expert_indices=indices.reshape(*lead, k_max),
@@ -458,7 +458,7 @@ class OptimizedRouter:
             dropped_tokens=sum(p.dropped_tokens for p in parts),
             aux_loss=aux_loss,
             z_loss=z_loss,
-            complexity_scores=None if scores[0] is None else torch.cat(scores).reshape(lead),
+            complexity_scores=torch.cat(scores).reshape(lead) if scores else None,
         )
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import HIDDEN, FakeClock, FaultyBackend, TopKBackend, make_call
 
 from moe_router.backend import RouteCall
-from moe_router.errors import BackendError, RouterConfigurationError
+from moe_router.errors import BackendError, NotFoundError, RouterConfigurationError
 from moe_router.middleware.cache import (
     ADAPT_WINDOW,
     CacheBackend,
@@ -92,6 +92,14 @@ def test_version_callable_is_asked_per_layer() -> None:
 
     third = asyncio.run(run())
     assert not third.cache_hit and inner.calls == 3
+
+
+def test_unknown_layer_goes_through_uncached_to_the_stage_that_knows_layers() -> None:
+    inner = FaultyBackend(lambda call: NotFoundError(f"no layer {call.layer}"))
+    cache = CacheBackend(inner, router_version=lambda layer: ["v0"][layer], stateful=False)
+    with pytest.raises(NotFoundError, match="no layer 5"):
+        asyncio.run(cache.route(make_call(layer=5)))
+    assert cache.cache_stats()["bypass_count"] == 1 and cache.cache_stats()["size"] == 0
 
 
 def test_stateful_routers_pass_through() -> None:

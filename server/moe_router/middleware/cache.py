@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from moe_router.backend import Backend, RouteCall, RouteResult
 from moe_router.errors import RouterConfigurationError
 from moe_router.routing.output import RouterOutput
@@ -60,7 +61,7 @@ MAX_GROWTH = 4
 def tensor_digest(tensor: torch.Tensor) -> bytes:
     """128-bit hash of a tensor's raw bytes (xxh3-128; blake2b-128 without xxhash)."""
     flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return _digest(memoryview(flat.numpy()))
+    return _digest(flat.numpy().data)
 
 
 def _fingerprint(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
@@ -119,7 +120,9 @@ class CacheBackend:
     """A Backend that answers repeated identical calls from an LRU + TTL cache.
 
     router_version: the version string of the router, or ``layer -> version`` (must be
-        cheap: it is called on every call; compute it when weights load).
+        cheap: it is called on every call; compute it when weights load). A LookupError
+        from it (unknown layer) sends the call through uncached, so the stage that owns
+        the layers raises the NotFoundError.
     stateful: the router's answer moves with traffic; every call passes through.
     stochastic: the router draws random numbers (bool or ``call -> bool``); such calls
         are cached only when they carry ``options.seed``.
@@ -191,7 +194,12 @@ class CacheBackend:
         if not self._cacheable(call):
             self._bypass += 1
             return await self._inner.route(call)
-        version = self._version if isinstance(self._version, str) else self._version(call.layer)
+        try:
+            version = self._version if isinstance(self._version, str) else self._version(call.layer)
+        except LookupError:
+            # An unknown layer: the stage that owns the layers answers it (NOT_FOUND).
+            self._bypass += 1
+            return await self._inner.route(call)
         key = cache_key(call, version)
         entry = self._entries.get(key)
         if entry is not None:

@@ -272,8 +272,10 @@ class _LoadCollector(Collector):
             for index, value in enumerate(counts.tolist()):
                 expert.add_metric([router, str(layer), str(index)], value)
             previous = per_router.get(router)
-            same_shape = previous is not None and previous.shape == counts.shape
-            per_router[router] = previous + counts if same_shape else counts
+            if previous is None or previous.shape != counts.shape:
+                per_router[router] = counts
+            else:
+                per_router[router] = previous + counts
         yield expert
         score = GaugeMetricFamily(
             "moe_router_load_balance_score",
@@ -285,13 +287,13 @@ class _LoadCollector(Collector):
         hist = HistogramMetricFamily(
             "moe_router_experts_per_token", "Experts each answered token was sent to.",
             labels=["router"])
-        for router, counts in sorted(k_counts.items()):
+        for router, per_k in sorted(k_counts.items()):
             buckets = [
-                (_le(bound), float(sum(n for k, n in counts.items() if k <= bound)))
+                (_le(bound), float(sum(n for k, n in per_k.items() if k <= bound)))
                 for bound in EXPERTS_BUCKETS
             ]
-            buckets.append(("+Inf", float(sum(counts.values()))))
-            hist.add_metric([router], buckets, float(sum(k * n for k, n in counts.items())))
+            buckets.append(("+Inf", float(sum(per_k.values()))))
+            hist.add_metric([router], buckets, float(sum(k * n for k, n in per_k.items())))
         yield hist
 
 
