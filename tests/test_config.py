@@ -522,6 +522,8 @@ BAD_CONFIGS = [
      "routers[0].noise_factor: must be <= 1, got 2.0"),
     (R.replace("top_k", "dynamic") + ", estimator_options: [1]}\n",
      "routers[0].estimator_options: must be a mapping with string keys"),
+    (R.replace("top_k", "dynamic") + ", estimator_options: {bogus: 1}}\n",
+     "routers[0]: complexity_estimator 'gradient_norm': unexpected arguments ['bogus']"),
     (R.replace("top_k", "dynamic") + ", adaptation_rate: 0.1}\n",
      "routers[0].adaptation_rate: is not used by kind 'dynamic' (only by adaptive)"),
     (R.replace("top_k", "fault_injection") + "}\n",

@@ -175,12 +175,15 @@ def test_kind_arguments_reach_the_router(tmp_path: Path) -> None:
         - {name: dyn, kind: dynamic, input_dim: 16, num_experts: 8, min_experts: 2,
            max_experts: 5, routing_strategy: threshold, top_p: 0.6, noise_factor: 0.0}
         - {name: ec, kind: expert_choice, input_dim: 16, num_experts: 8, tokens_per_expert: 3}
+        - {name: ent, kind: dynamic, input_dim: 16, num_experts: 8,
+           complexity_estimator: attention_entropy, estimator_options: {head_aggregation: max}}
     """)
     hosted = load_routers(config)
     assert hosted["soft"].router(0).gate.weight.shape == (24, 16)
     dyn = hosted["dyn"].router(0)
     assert dyn.k_range == (2, 5) and dyn.top_p == 0.6
     assert hosted["ec"].router(0).tokens_per_expert == 3
+    assert hosted["ent"].router(0).estimator.head_aggregation.value == "max"
 
 
 # --------------------------------------------------------------------------- fault injection

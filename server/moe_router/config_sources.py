@@ -66,6 +66,8 @@ class Layer:
 
 @dataclass(frozen=True)
 class Origin:
+    """Which source set a key: its label, its base directory, how it wrote key paths."""
+
     label: str
     base_dir: Path
     renames: Mapping[str, str]
@@ -91,6 +93,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def file_layer(path: str | Path | None) -> Layer:
+    """The YAML file (or the embedded default) as a layer: seed shorthand and aliases resolved."""
     if path is None:
         label, base_dir, text = EMBEDDED_LABEL, Path.cwd(), default_config_text()
     else:
@@ -127,6 +130,7 @@ def file_layer(path: str | Path | None) -> Layer:
 
 
 def env_layer(env: Mapping[str, str]) -> Layer:
+    """The ``DYNAMIC_MOE_*`` variables as a layer, each value parsed to its key's type."""
     layer = Layer("environment", {}, Path.cwd())
     for var, (dotted, hint) in env_fields().items():
         text = env.get(var, "").strip()
@@ -139,6 +143,7 @@ def env_layer(env: Mapping[str, str]) -> Layer:
 
 
 def override_layer(overrides: Mapping[str, Any]) -> Layer:
+    """Explicit dotted-key overrides (CLI arguments) as a layer."""
     layer = Layer("overrides", {}, Path.cwd())
     for key, value in overrides.items():
         if not isinstance(key, str) or not key:
@@ -181,6 +186,7 @@ def merge_into(
     dst: dict[str, Any], src: Mapping[str, Any], prefix: str, layer: Layer,
     origins: dict[str, Origin],
 ) -> None:
+    """Fold ``src`` into ``dst`` (mappings merge, other values replace), recording origins."""
     for key, value in src.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, Mapping) and isinstance(dst.get(key), dict):
@@ -220,6 +226,7 @@ class Context:
         self.env = env  # for the API-key variable, whose name is itself configured
 
     def origin(self, path: str) -> Origin:
+        """The source that set ``path`` (or the nearest enclosing key)."""
         for prefix in reversed(_prefixes(path)):
             if prefix in self._origins:
                 return self._origins[prefix]
@@ -236,15 +243,18 @@ class Context:
         return f"{origin.label}: {shown}"
 
     def fail(self, path: str, message: str) -> NoReturn:
+        """Raise RouterConfigurationError as ``source: key.path: message``."""
         raise RouterConfigurationError(f"{self.display(path)}: {message}")
 
     def unknown(self, path: str, key: object, allowed: set[str]) -> NoReturn:
+        """Raise for an unknown key, suggesting the closest valid one."""
         close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
         valid = ", ".join(sorted(allowed))
         hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {valid}"
         self.fail(path, f"unknown key; {hint}")
 
     def resolve(self, path: str, value: str) -> Path:
+        """A path value, relative ones resolved against its source's directory."""
         file = Path(value).expanduser()
         return file if file.is_absolute() else self.origin(path).base_dir / file
 
@@ -258,11 +268,13 @@ def _prefixes(path: str) -> list[str]:
 # --------------------------------------------------------------------------- typing
 @cache
 def schema(cls: type) -> dict[str, tuple[dataclasses.Field[Any], Any]]:
+    """Field name -> (dataclass field, resolved type) of a config dataclass."""
     hints = get_type_hints(cls)
     return {f.name: (f, hints[f.name]) for f in fields(cls)}
 
 
 def settable(cls: type) -> set[str]:
+    """The keys a source may write for ``cls`` (not derived, not alias mirrors)."""
     return {
         name for name, (f, _) in schema(cls).items()
         if not f.metadata.get("derived") and not f.metadata.get("alias_of")
@@ -333,4 +345,5 @@ def parse_text(text: str, hint: Any, label: str) -> Any:
 
 
 def describe(value: object) -> str:
+    """``value (type)`` for error messages."""
     return f"{value!r} ({type(value).__name__})"
