@@ -41,6 +41,8 @@ CALLER_KEY_ID: ContextVar[str] = ContextVar("moe_router_caller_key_id", default=
 DEFAULT_EXEMPT_METHODS = (
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
+    # Our own Health RPC answers load balancers and probes too; it routes nothing.
+    "/moe_router.v1.RouterService/Health",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 )

@@ -1,0 +1,182 @@
+"""Assembles a running moe-router: routers, chains, gRPC server, metrics and health servers.
+
+``create_server()`` starts everything and returns a handle (tests use it with port 0);
+``serve()`` blocks until SIGTERM/SIGINT, then drains: health turns NOT_SERVING first,
+new calls are refused, in-flight calls finish within ``drain_grace_s``, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from moe_router import __version__
+from moe_router.config import ServiceConfig
+from moe_router.health import HealthState, RouterStatus, start_http_health_server
+from moe_router.hosting import HostedRouterChain, build_chain
+from moe_router.middleware.metrics import RouterMetrics, start_metrics_http_server
+from moe_router.registry import load_routers, resolve_device
+from moe_router.security import ApiKeyInterceptor, server_credentials
+from moe_router.service import RouterService
+from moe_router_client.v1 import router_pb2 as pb
+from moe_router_client.v1 import router_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+__all__ = ["RunningServer", "create_server", "serve", "grpc_server_options"]
+
+log = logging.getLogger("moe_router")
+
+
+def grpc_server_options(config: ServiceConfig) -> list[tuple[str, Any]]:
+    """gRPC Python's defaults, corrected for a serving replica (see README "Server")."""
+    s = config.server
+    return [
+        # Off: otherwise a second server on the same port silently shares its traffic.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.max_send_message_length", s.max_message_bytes),
+        # Clients balancing over DNS reconnect periodically and find new replicas.
+        ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
+    ]
+
+
+@dataclass
+class RunningServer:
+    """Handles of a started server; ``stop()`` drains it."""
+
+    config: ServiceConfig
+    server: grpc.aio.Server
+    port: int
+    health: HealthState
+    chains: dict[str, HostedRouterChain]
+    pool: ThreadPoolExecutor
+    registry: CollectorRegistry
+    metrics_port: int | None = None
+    health_port: int | None = None
+    _closers: list[Any] = field(default_factory=list)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING first, refuse new calls, let in-flight ones finish, stop."""
+        await self.health.mark_draining()
+        await self.server.stop(self.config.server.drain_grace_s if grace is None else grace)
+        for close in self._closers:
+            close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def create_server(
+    config: ServiceConfig, *, registry: CollectorRegistry | None = None
+) -> RunningServer:
+    """Start the gRPC server (health NOT_SERVING), load every router, then turn SERVING."""
+    device = resolve_device(config.server.device)
+    names = [spec.name for spec in config.routers]
+    health = HealthState(names)
+    chains: dict[str, HostedRouterChain] = {}
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = RouterMetrics(registry) if config.metrics.enabled else None
+
+    interceptors = []
+    if config.security.api_key_required:
+        interceptors.append(ApiKeyInterceptor(config.security.api_keys))
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=grpc_server_options(config),
+        maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
+    )
+    service = RouterService(chains, health, device=str(device), version=__version__)
+    pb_grpc.add_RouterServiceServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        (
+            pb.DESCRIPTOR.services_by_name["RouterService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    address = f"{config.server.host}:{config.server.port}"
+    tls = config.security.tls
+    if tls.enabled:
+        port = server.add_secure_port(
+            address, server_credentials(tls.cert_file, tls.key_file, tls.client_ca_file)
+        )
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind the gRPC port {address}")
+    await health.publish()  # every name NOT_SERVING until the routers have loaded
+    await server.start()
+
+    pool = ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="device")
+    loop = asyncio.get_running_loop()
+
+    def on_breaker_change(router: str, old: str, new: str) -> None:
+        status = RouterStatus.DEGRADED if new != "CLOSED" else RouterStatus.SERVING
+        detail = f"circuit breaker {new}" if new != "CLOSED" else ""
+        loop.call_soon_threadsafe(
+            lambda: asyncio.ensure_future(health.set_router(router, status, detail))
+        )
+        if metrics is not None:
+            metrics.breaker_transition(router, old, new)
+
+    try:
+        hosted = await asyncio.to_thread(load_routers, config)
+    except BaseException:
+        await server.stop(0)
+        pool.shutdown(wait=False)
+        raise
+    for name, router in hosted.items():
+        chains[name] = build_chain(router, config, pool, metrics, on_breaker_change)
+    running = RunningServer(config, server, port, health, chains, pool, registry)
+    if metrics is not None:
+        metrics.set_build_info(__version__, str(device))
+        http, _, running.metrics_port = start_metrics_http_server(
+            registry, config.metrics.host, config.metrics.port
+        )
+        running._closers.append(http.shutdown)
+    if config.health.enabled:
+        http, _, running.health_port = start_http_health_server(
+            health, config.health.host, config.health.port
+        )
+        running._closers.append(http.shutdown)
+    await health.mark_ready()
+    return running
+
+
+async def _serve(config: ServiceConfig) -> None:
+    running = await create_server(config)
+    if running.metrics_port is not None:
+        print(f"metrics on http://{config.metrics.host}:{running.metrics_port}/metrics", flush=True)
+    if running.health_port is not None:
+        print(f"health on http://{config.health.host}:{running.health_port}/readyz", flush=True)
+    # Last: scripts and tests wait for this line, and the lines above are out by then.
+    print(f"listening on {config.server.host}:{running.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining: finishing in-flight calls within %.1fs", config.server.drain_grace_s)
+    await running.stop()
+    log.info("stopped")
+
+
+def serve(config: ServiceConfig) -> int:
+    """Run the server until SIGTERM or SIGINT; returns the exit status (0 after a drain)."""
+    logging.basicConfig(
+        level=config.server.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    asyncio.run(_serve(config))
+    return 0

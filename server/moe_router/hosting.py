@@ -1,0 +1,179 @@
+"""One hosted router: its loaded layers, its backend chain, and how it describes itself.
+
+Chain, outermost first (DESIGN.md):
+    Metrics -> RequestStats -> RateLimit -> Cache -> CircuitBreaker -> Batcher -> DeviceExecutor
+Stages switched off in config.yaml are simply not in the chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moe_router.backend import Backend
+from moe_router.batching import Batcher
+from moe_router.config import ServiceConfig
+from moe_router.executor import DeviceExecutor
+from moe_router.middleware.breaker import CircuitBreakerBackend
+from moe_router.middleware.cache import CacheBackend
+from moe_router.middleware.metrics import MetricsBackend, RouterMetrics
+from moe_router.middleware.ratelimit import RateLimitBackend
+from moe_router.registry import HostedRouter
+from moe_router.request_stats import RequestStatsBackend
+from moe_router.routing import functional as F
+from moe_router_client.v1 import router_pb2 as pb
+
+__all__ = ["HostedRouterChain", "build_chain"]
+
+_ACCEPTED_DTYPES = [pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16]
+
+
+@dataclass
+class HostedRouterChain:
+    """A router as the service sees it: the outermost Backend plus its named stages."""
+
+    name: str
+    hosted: HostedRouter
+    executor: DeviceExecutor
+    chain: Backend
+    request_stats: RequestStatsBackend
+    batcher: Batcher | None = None
+    cache: CacheBackend | None = None
+    breaker: CircuitBreakerBackend | None = None
+
+    def describe(self) -> pb.RouterDescription:
+        """The ListRouters entry of this router."""
+        first = self.hosted.layers[0]
+        low, high = first.k_range
+        return pb.RouterDescription(
+            name=self.name,
+            kind=self.hosted.spec.kind.value,
+            num_experts=first.num_experts,
+            layers=len(self.hosted.layers),
+            input_dim=first.hidden_size,
+            min_k=low,
+            max_k=high,
+            accepted_dtypes=_ACCEPTED_DTYPES,
+            version=self.hosted.versions[0],
+            batches_across_requests=self.batcher is not None
+            and not (first.couples_tokens_now or first.stateful or first.stochastic),
+        )
+
+    def stats_proto(self) -> pb.RouterStats:
+        """The Stats entry: request figures, per-expert load over all layers, cache, breaker."""
+        layer_stats = [router.get_stats() for router in self.hosted.layers]
+        per_layer = [torch.tensor(s["tokens_per_expert"], dtype=torch.int64) for s in layer_stats]
+        load = torch.stack(per_layer).sum(0)
+        loadf = load.double()
+        tokens = sum(s["total_tokens"] for s in layer_stats)
+        assignments = sum(s["avg_experts_per_token"] * s["total_tokens"] for s in layer_stats)
+        latency = self.request_stats.latency()
+        stats = pb.RouterStats(
+            router=self.name,
+            requests=self.request_stats.requests,
+            tokens=self.request_stats.tokens,
+            errors=self.request_stats.errors,
+            tokens_per_expert=load.tolist(),
+            load_balance_score=F.load_balance_score(load),
+            usage_variance=float(loadf.var(unbiased=False)),
+            most_used_expert=int(torch.argmax(load)),
+            least_used_expert=int(torch.argmin(load)),
+            avg_experts_per_token=assignments / tokens if tokens else 0.0,
+            dropped_tokens=sum(s["dropped_tokens"] for s in layer_stats),
+            latency=pb.LatencySummary(**latency),
+            layers=[
+                pb.LayerLoad(layer=i, tokens_per_expert=c.tolist()) for i, c in enumerate(per_layer)
+            ],
+        )
+        if self.cache is not None:
+            c = self.cache.stats()
+            stats.cache.CopyFrom(
+                pb.CacheStats(**{f: c[f] for f in pb.CacheStats.DESCRIPTOR.fields_by_name if f in c})
+            )
+        if self.breaker is not None:
+            b = self.breaker.stats()
+            stats.breaker.CopyFrom(
+                pb.BreakerStats(**{f: b[f] for f in pb.BreakerStats.DESCRIPTOR.fields_by_name if f in b})
+            )
+        return stats
+
+
+def build_chain(
+    hosted: HostedRouter,
+    config: ServiceConfig,
+    pool: Executor,
+    metrics: RouterMetrics | None,
+    on_breaker_change: Callable[[str, str, str], None] | None = None,
+) -> HostedRouterChain:
+    """Wrap one loaded router in the stages config.yaml switches on."""
+    spec = hosted.spec
+    name = spec.name
+    executor = DeviceExecutor(name, hosted.layers, hosted.versions, hosted.device, pool)
+    chain: Any = executor
+    batcher = None
+    if spec.batching.enabled:
+        batching = spec.batching
+        batcher = Batcher(
+            executor,
+            max_batch_tokens=batching.max_batch_tokens,
+            max_queue_delay_us=batching.max_queue_delay_us,
+            max_queue_size=batching.max_queue_size,
+            on_batch=None if metrics is None else metrics.batch_observer(name),
+            on_queue_depth=None if metrics is None else metrics.queue_depth_observer(name),
+        )
+        chain = batcher
+    breaker = None
+    if config.breaker.enabled:
+        b = config.breaker
+        breaker = CircuitBreakerBackend(
+            chain,
+            name=name,
+            sliding_window_size=b.sliding_window_size,
+            minimum_number_of_calls=b.minimum_number_of_calls,
+            failure_rate_threshold=b.failure_rate_threshold,
+            slow_call_rate_threshold=b.slow_call_rate_threshold,
+            slow_call_duration_ms=b.slow_call_duration_ms,
+            wait_duration_s=b.wait_duration_s,
+            max_wait_duration_s=b.max_wait_duration_s,
+            wait_multiplier=b.wait_multiplier,
+            permitted_calls_in_half_open=b.permitted_calls_in_half_open,
+            on_state_change=on_breaker_change,
+        )
+        chain = breaker
+    cache = None
+    if config.cache.enabled and spec.cache_enabled:
+        c = config.cache
+        first = hosted.layers[0]
+        cache = CacheBackend(
+            chain,
+            router_version=lambda layer: hosted.versions[layer],
+            stateful=first.stateful,
+            stochastic=lambda call: executor.router_for(call.layer).stochastic,
+            cache_size=c.cache_size,
+            max_bytes=c.max_bytes,
+            ttl_seconds=c.ttl_seconds,
+            adaptive=c.adaptive,
+        )
+        chain = cache
+    if config.security.rate_limit > 0:
+        chain = RateLimitBackend(chain, requests_per_hour=config.security.rate_limit)
+    request_stats = RequestStatsBackend(chain)
+    chain = request_stats
+    if metrics is not None:
+        chain = MetricsBackend(chain, router=name, metrics=metrics)
+    return HostedRouterChain(
+        name=name,
+        hosted=hosted,
+        executor=executor,
+        chain=chain,
+        request_stats=request_stats,
+        batcher=batcher,
+        cache=cache,
+        breaker=breaker,
+    )
+
+

@@ -1,0 +1,232 @@
+"""gRPC handlers of moe_router.v1.RouterService: decode -> backend chain -> encode. Thin.
+
+Proto <-> domain conversion lives in named functions (``request_to_call``,
+``result_to_response``, ``stats_to_proto``); errors become status codes in one place
+(``moe_router.status_mapping``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+
+import grpc
+import torch
+
+from moe_router.backend import RouteCall, RouteOptions, RouteResult
+from moe_router.errors import DrainingError, DynamicMoEError, NotFoundError, ValidationError
+from moe_router.health import HealthState, RouterStatus
+from moe_router.hosting import HostedRouterChain
+from moe_router.security import caller_identity
+from moe_router.status_mapping import to_status
+from moe_router_client.tensors import TensorCodecError, from_wire, to_wire
+from moe_router_client.v1 import router_pb2 as pb
+from moe_router_client.v1 import router_pb2_grpc as pb_grpc
+from grpc_status import rpc_status
+
+__all__ = ["RouterService", "request_to_call", "result_to_response"]
+
+log = logging.getLogger("moe_router.service")
+
+_EXTRA_INPUTS = ("attention_weights", "logits", "gradients")
+_STREAM_WINDOW = 8  # RouteStream requests in flight at once; answers still go out in order
+_SERVING = {
+    RouterStatus.SERVING: pb.SERVING,
+    RouterStatus.NOT_SERVING: pb.NOT_SERVING,
+    RouterStatus.DEGRADED: pb.DEGRADED,
+}
+_DTYPES = {
+    torch.float32: pb.FLOAT32,
+    torch.float16: pb.FLOAT16,
+    torch.bfloat16: pb.BFLOAT16,
+}
+
+
+def peer_host(peer: str) -> str:
+    """The caller's address without its port (``ipv4:127.0.0.1:5123`` -> ``ipv4:127.0.0.1``),
+    so a caller without a key keeps one rate-limit bucket across connections."""
+    head, sep, tail = peer.rpartition(":")
+    return head if sep and tail.isdigit() else peer
+
+
+def _decode(tensor: pb.Tensor, field: str) -> torch.Tensor:
+    try:
+        return from_wire(tensor, as_torch=True)
+    except TensorCodecError as exc:
+        raise ValidationError(f"{field}: {exc}") from exc
+
+
+def request_to_call(
+    request: pb.RouteRequest, chains: Mapping[str, HostedRouterChain], context: grpc.aio.ServicerContext
+) -> RouteCall:
+    """Decode a RouteRequest into a RouteCall (no copies beyond what torch needs)."""
+    if not request.router:
+        raise ValidationError(f"router: required; this server hosts {sorted(chains)}")
+    if request.router not in chains:
+        raise NotFoundError(
+            f"unknown router '{request.router}'; this server hosts {sorted(chains)}"
+        )
+    if not request.HasField("hidden_states"):
+        raise ValidationError("hidden_states: required, a [tokens, dim] or [batch, seq, dim] tensor")
+    extra = {
+        name: _decode(getattr(request, name), name)
+        for name in _EXTRA_INPUTS
+        if request.HasField(name)
+    }
+    remaining = context.time_remaining()
+    return RouteCall(
+        router=request.router,
+        layer=request.layer,
+        hidden_states=_decode(request.hidden_states, "hidden_states"),
+        options=RouteOptions(
+            return_router_logits=request.return_router_logits,
+            skip_cache=request.skip_cache,
+            seed=request.seed if request.HasField("seed") else None,
+            extra_inputs=extra,
+        ),
+        deadline=None if remaining is None else time.monotonic() + remaining,
+        request_id=request.request_id or uuid.uuid4().hex[:16],
+        peer=caller_identity() or peer_host(context.peer()),
+    )
+
+
+def result_to_response(result: RouteResult, call: RouteCall) -> pb.RouteResponse:
+    """Encode a RouteResult; optional tensors only when present or asked for."""
+    out = result.output
+    response = pb.RouteResponse(
+        expert_indices=to_wire(out.expert_indices),
+        expert_weights=to_wire(out.expert_weights),
+        num_experts_per_token=to_wire(out.num_experts_per_token),
+        info=pb.RoutingInfo(
+            tokens_per_expert=out.tokens_per_expert.tolist(),
+            dropped_tokens=out.dropped_tokens,
+            router_version=result.router_version,
+            cache_hit=result.cache_hit,
+            batch_requests=result.batch_requests,
+            batch_tokens=result.batch_tokens,
+            queue_time_us=result.queue_time_us,
+            compute_time_us=result.compute_time_us,
+            request_id=call.request_id,
+            layer=call.layer,
+        ),
+    )
+    if out.aux_loss is not None:
+        response.info.aux_loss = float(out.aux_loss)
+    if out.z_loss is not None:
+        response.info.z_loss = float(out.z_loss)
+    if out.complexity_scores is not None:
+        response.complexity_scores.CopyFrom(to_wire(out.complexity_scores.float()))
+    if call.options.return_router_logits:
+        response.router_logits.CopyFrom(to_wire(out.router_logits.float()))
+    if out.dispatch_weights is not None:
+        response.dispatch_weights.CopyFrom(to_wire(out.dispatch_weights.float()))
+    if out.combine_weights is not None:
+        response.combine_weights.CopyFrom(to_wire(out.combine_weights.float()))
+    return response
+
+
+async def abort_with_error(
+    context: grpc.aio.ServicerContext, exc: BaseException, request_id: str = ""
+) -> None:
+    """Answer ``exc`` with its status code, message and rich details; log the unexpected."""
+    if not isinstance(exc, DynamicMoEError):
+        log.exception("internal error (request id %s)", request_id or "-", exc_info=exc)
+    await context.abort_with_status(rpc_status.to_status(to_status(exc, request_id)))
+
+
+class RouterService(pb_grpc.RouterServiceServicer):
+    """The moe_router.v1.RouterService handlers over each router's backend chain."""
+
+    def __init__(
+        self,
+        chains: Mapping[str, HostedRouterChain],
+        health: HealthState,
+        *,
+        device: str,
+        version: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.chains = chains
+        self.health = health
+        self.device = device
+        self.version = version
+        self._clock = clock
+        self._started = clock()
+
+    async def _route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
+        if self.health.draining:
+            raise DrainingError(
+                "server is draining for shutdown; retry on another replica",
+                retry_after_s=1.0,
+                reason="DRAINING",
+            )
+        call = request_to_call(request, self.chains, context)
+        result = await self.chains[call.router].chain.route(call)
+        return result_to_response(result, call)
+
+    async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:  # noqa: N802
+        try:
+            return await self._route(request, context)
+        except Exception as exc:  # mapped to a status, never kills the server
+            await abort_with_error(context, exc, request.request_id)
+            raise  # unreachable: abort raises
+
+    async def RouteStream(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.RouteRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RouteResponse]:
+        pending: asyncio.Queue[asyncio.Task[pb.RouteResponse] | None] = asyncio.Queue(_STREAM_WINDOW)
+
+        async def feed() -> None:
+            try:
+                async for request in request_iterator:
+                    await pending.put(asyncio.ensure_future(self._route(request, context)))
+            finally:
+                await pending.put(None)
+
+        feeder = asyncio.ensure_future(feed())
+        try:
+            while (task := await pending.get()) is not None:
+                try:
+                    yield await task
+                except Exception as exc:
+                    await abort_with_error(context, exc)
+            await feeder
+        finally:
+            feeder.cancel()
+            while not pending.empty():
+                task = pending.get_nowait()
+                if task is not None:
+                    task.cancel()
+
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:  # noqa: N802
+        try:
+            names = [request.router] if request.router else sorted(self.chains)
+            for name in names:
+                if name not in self.chains:
+                    raise NotFoundError(f"unknown router '{name}'; this server hosts {sorted(self.chains)}")
+            return pb.StatsResponse(routers=[self.chains[n].stats_proto() for n in names])
+        except Exception as exc:
+            await abort_with_error(context, exc)
+            raise
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:  # noqa: N802
+        return pb.HealthResponse(
+            status=_SERVING[self.health.overall()],
+            routers=[
+                pb.RouterHealth(router=name, status=_SERVING[status], detail=detail)
+                for name, (status, detail) in sorted(self.health.routers().items())
+            ],
+            device=self.device,
+            version=self.version,
+            uptime_s=self._clock() - self._started,
+        )
+
+    async def ListRouters(  # noqa: N802
+        self, request: pb.ListRoutersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRoutersResponse:
+        return pb.ListRoutersResponse(
+            routers=[self.chains[name].describe() for name in sorted(self.chains)]
+        )
