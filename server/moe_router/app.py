@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
@@ -29,7 +30,6 @@ from moe_router.security import ApiKeyInterceptor, server_credentials
 from moe_router.service import RouterService
 from moe_router_client.v1 import router_pb2 as pb
 from moe_router_client.v1 import router_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 __all__ = ["RunningServer", "create_server", "serve", "grpc_server_options"]
 
@@ -107,6 +107,8 @@ async def create_server(
     address = f"{config.server.host}:{config.server.port}"
     tls = config.security.tls
     if tls.enabled:
+        if tls.cert_file is None or tls.key_file is None:  # config.py refuses this already
+            raise ValueError("security.tls.enabled needs cert_file and key_file")
         port = server.add_secure_port(
             address, server_credentials(tls.cert_file, tls.key_file, tls.client_ca_file)
         )

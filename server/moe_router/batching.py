@@ -101,8 +101,11 @@ class Batcher:
             timer.cancel()
         queue = self._queues.pop(key, [])
         while queue:
-            batch, tokens = [], 0
-            while queue and (not batch or tokens + queue[0].call.num_tokens <= self.max_batch_tokens):
+            batch: list[_Pending] = []
+            tokens = 0
+            while queue and (
+                not batch or tokens + queue[0].call.num_tokens <= self.max_batch_tokens
+            ):
                 item = queue.pop(0)
                 if item.future.cancelled():
                     continue
@@ -115,7 +118,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         calls = [p.call for p in batch]
         try:
-            outcome = await loop.run_in_executor(self.inner.pool, self.inner.run_batch, layer, calls)
+            outcome = await loop.run_in_executor(
+                self.inner.pool, self.inner.run_batch, layer, calls
+            )
         except BaseException as exc:  # every waiter gets the failure, nothing is lost
             for p in batch:
                 if not p.future.done():
@@ -124,7 +129,7 @@ class Batcher:
                 raise
             return
         self._count_batch(len(batch), tokens)
-        for p, output in zip(batch, outcome.outputs):
+        for p, output in zip(batch, outcome.outputs, strict=True):
             if not p.future.done():
                 p.future.set_result(
                     self.inner.result(p.call, output, outcome, p.enqueued, len(batch), tokens)

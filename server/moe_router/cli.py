@@ -64,8 +64,10 @@ def _cmd_route(args: argparse.Namespace) -> int:
     with _client(args) as client:
         described = {r.name: r for r in client.list_routers()}
         if args.router not in described:
-            print(f"unknown router '{args.router}'; the server hosts {sorted(described)}",
-                  file=sys.stderr)
+            print(
+                f"unknown router '{args.router}'; the server hosts {sorted(described)}",
+                file=sys.stderr,
+            )
             return 2
         dim = described[args.router].input_dim
         rng = np.random.default_rng(args.seed)
@@ -74,11 +76,15 @@ def _cmd_route(args: argparse.Namespace) -> int:
             hidden = hidden.astype(np.float16)
         result = client.route(args.router, hidden, layer=args.layer)
     if args.json:
-        print(json.dumps({
-            "expert_indices": result.expert_indices.tolist(),
-            "expert_weights": result.expert_weights.tolist(),
-            "num_experts_per_token": result.num_experts_per_token.tolist(),
-        }))
+        print(
+            json.dumps(
+                {
+                    "expert_indices": result.expert_indices.tolist(),
+                    "expert_weights": result.expert_weights.tolist(),
+                    "num_experts_per_token": result.num_experts_per_token.tolist(),
+                }
+            )
+        )
         return 0
     print(f"router {args.router} layer {args.layer}: {args.tokens} tokens of dim {dim}")
     print(f"{'token':>5}  {'experts':<32} weights")
@@ -88,24 +94,30 @@ def _cmd_route(args: argparse.Namespace) -> int:
         weights = " ".join(f"{w:.4f}" for w in result.expert_weights[t, :n])
         print(f"{t:>5}  {experts:<32} {weights}")
     info = result.info
-    print(f"version {info.router_version}  cache_hit {info.cache_hit}  "
-          f"batch {info.batch_requests} calls/{info.batch_tokens} tokens  "
-          f"queue {info.queue_time_us} us  compute {info.compute_time_us} us")
+    print(
+        f"version {info.router_version}  cache_hit {info.cache_hit}  "
+        f"batch {info.batch_requests} calls/{info.batch_tokens} tokens  "
+        f"queue {info.queue_time_us} us  compute {info.compute_time_us} us"
+    )
     return 0
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     with _client(args) as client:
         stats = client.stats(args.router)
-    header = f"{'router':<14}{'requests':>10}{'tokens':>10}{'errors':>8}{'balance':>9}" \
-             f"{'avg k':>7}{'p50 ms':>9}{'p99 ms':>9}{'cache hit':>10}{'breaker':>11}"
+    header = (
+        f"{'router':<14}{'requests':>10}{'tokens':>10}{'errors':>8}{'balance':>9}"
+        f"{'avg k':>7}{'p50 ms':>9}{'p99 ms':>9}{'cache hit':>10}{'breaker':>11}"
+    )
     print(header)
     for s in stats:
         cache = f"{s.cache.hit_rate:.2%}" if s.cache is not None else "-"
         breaker = s.breaker.state if s.breaker is not None else "-"
-        print(f"{s.router:<14}{s.requests:>10}{s.tokens:>10}{s.errors:>8}"
-              f"{s.load_balance_score:>9.3f}{s.avg_experts_per_token:>7.2f}"
-              f"{s.latency.p50_ms:>9.3f}{s.latency.p99_ms:>9.3f}{cache:>10}{breaker:>11}")
+        print(
+            f"{s.router:<14}{s.requests:>10}{s.tokens:>10}{s.errors:>8}"
+            f"{s.load_balance_score:>9.3f}{s.avg_experts_per_token:>7.2f}"
+            f"{s.latency.p50_ms:>9.3f}{s.latency.p99_ms:>9.3f}{cache:>10}{breaker:>11}"
+        )
     return 0
 
 
@@ -117,10 +129,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     routing = sim.simulate_skewed(args.skew) if args.skew > 0 else sim.simulate_uniform()
     balance = sim.analyze_load_balance(routing)
     cost = sim.estimate_communication_cost(routing, args.devices, hidden_dim=args.hidden_dim)
-    plan = plan_placement(balance["tokens_per_expert"], args.devices, redundant_slots=args.redundant)
-    print(json.dumps({"load_balance": balance, "communication": cost,
-                      "placement": plan.to_dict()},
-                     indent=2, default=str))
+    plan = plan_placement(
+        balance["tokens_per_expert"], args.devices, redundant_slots=args.redundant
+    )
+    print(
+        json.dumps(
+            {"load_balance": balance, "communication": cost, "placement": plan.to_dict()},
+            indent=2,
+            default=str,
+        )
+    )
     return 0
 
 
@@ -136,15 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the gRPC server")
-    p.add_argument("--config", default=None,
-                   help="config.yaml path (default: $DYNAMIC_MOE_CONFIG or the embedded default)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="config.yaml path (default: $DYNAMIC_MOE_CONFIG or the embedded default)",
+    )
     p.add_argument("--port", type=int, default=None, help="gRPC port (0 picks a free one)")
     p.add_argument("--host", default=None)
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_serve, reexec=True)
 
-    for name, func, helptext in (("route", _cmd_route, "route random hidden states"),
-                                 ("stats", _cmd_stats, "print per-router statistics")):
+    for name, func, helptext in (
+        ("route", _cmd_route, "route random hidden states"),
+        ("stats", _cmd_stats, "print per-router statistics"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--target", default="127.0.0.1:50051")
         p.add_argument("--api-key", default=None)

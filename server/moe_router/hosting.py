@@ -84,7 +84,13 @@ class HostedRouterChain:
             least_used_expert=int(torch.argmin(load)),
             avg_experts_per_token=assignments / tokens if tokens else 0.0,
             dropped_tokens=sum(s["dropped_tokens"] for s in layer_stats),
-            latency=pb.LatencySummary(**latency),
+            latency=pb.LatencySummary(
+                p50_ms=latency["p50_ms"],
+                p95_ms=latency["p95_ms"],
+                p99_ms=latency["p99_ms"],
+                mean_ms=latency["mean_ms"],
+                samples=int(latency["samples"]),
+            ),
             layers=[
                 pb.LayerLoad(layer=i, tokens_per_expert=c.tolist()) for i, c in enumerate(per_layer)
             ],
@@ -92,12 +98,16 @@ class HostedRouterChain:
         if self.cache is not None:
             c = self.cache.stats()
             stats.cache.CopyFrom(
-                pb.CacheStats(**{f: c[f] for f in pb.CacheStats.DESCRIPTOR.fields_by_name if f in c})
+                pb.CacheStats(
+                    **{f: c[f] for f in pb.CacheStats.DESCRIPTOR.fields_by_name if f in c}
+                )
             )
         if self.breaker is not None:
             b = self.breaker.stats()
             stats.breaker.CopyFrom(
-                pb.BreakerStats(**{f: b[f] for f in pb.BreakerStats.DESCRIPTOR.fields_by_name if f in b})
+                pb.BreakerStats(
+                    **{f: b[f] for f in pb.BreakerStats.DESCRIPTOR.fields_by_name if f in b}
+                )
             )
         return stats
 
@@ -175,5 +185,3 @@ def build_chain(
         cache=cache,
         breaker=breaker,
     )
-
-

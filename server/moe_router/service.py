@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 import torch
+from grpc_status import rpc_status
 
 from moe_router.backend import RouteCall, RouteOptions, RouteResult
 from moe_router.errors import DrainingError, DynamicMoEError, NotFoundError, ValidationError
@@ -25,7 +26,6 @@ from moe_router.status_mapping import to_status
 from moe_router_client.tensors import TensorCodecError, from_wire, to_wire
 from moe_router_client.v1 import router_pb2 as pb
 from moe_router_client.v1 import router_pb2_grpc as pb_grpc
-from grpc_status import rpc_status
 
 __all__ = ["RouterService", "request_to_call", "result_to_response"]
 
@@ -60,7 +60,9 @@ def _decode(tensor: pb.Tensor, field: str) -> torch.Tensor:
 
 
 def request_to_call(
-    request: pb.RouteRequest, chains: Mapping[str, HostedRouterChain], context: grpc.aio.ServicerContext
+    request: pb.RouteRequest,
+    chains: Mapping[str, HostedRouterChain],
+    context: grpc.aio.ServicerContext,
 ) -> RouteCall:
     """Decode a RouteRequest into a RouteCall (no copies beyond what torch needs)."""
     if not request.router:
@@ -70,7 +72,9 @@ def request_to_call(
             f"unknown router '{request.router}'; this server hosts {sorted(chains)}"
         )
     if not request.HasField("hidden_states"):
-        raise ValidationError("hidden_states: required, a [tokens, dim] or [batch, seq, dim] tensor")
+        raise ValidationError(
+            "hidden_states: required, a [tokens, dim] or [batch, seq, dim] tensor"
+        )
     extra = {
         name: _decode(getattr(request, name), name)
         for name in _EXTRA_INPUTS
@@ -156,7 +160,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self._clock = clock
         self._started = clock()
 
-    async def _route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
+    async def _route(
+        self, request: pb.RouteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RouteResponse:
         if self.health.draining:
             raise DrainingError(
                 "server is draining for shutdown; retry on another replica",
@@ -167,7 +173,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
         result = await self.chains[call.router].chain.route(call)
         return result_to_response(result, call)
 
-    async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:  # noqa: N802
+    async def Route(
+        self, request: pb.RouteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RouteResponse:  # noqa: N802
         try:
             return await self._route(request, context)
         except Exception as exc:  # mapped to a status, never kills the server
@@ -177,7 +185,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
     async def RouteStream(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.RouteRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RouteResponse]:
-        pending: asyncio.Queue[asyncio.Task[pb.RouteResponse] | None] = asyncio.Queue(_STREAM_WINDOW)
+        pending: asyncio.Queue[asyncio.Task[pb.RouteResponse] | None] = asyncio.Queue(
+            _STREAM_WINDOW
+        )
 
         async def feed() -> None:
             try:
@@ -201,18 +211,24 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 if task is not None:
                     task.cancel()
 
-    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:  # noqa: N802
+    async def Stats(
+        self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatsResponse:  # noqa: N802
         try:
             names = [request.router] if request.router else sorted(self.chains)
             for name in names:
                 if name not in self.chains:
-                    raise NotFoundError(f"unknown router '{name}'; this server hosts {sorted(self.chains)}")
+                    raise NotFoundError(
+                        f"unknown router '{name}'; this server hosts {sorted(self.chains)}"
+                    )
             return pb.StatsResponse(routers=[self.chains[n].stats_proto() for n in names])
         except Exception as exc:
             await abort_with_error(context, exc)
             raise
 
-    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:  # noqa: N802
+    async def Health(
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:  # noqa: N802
         return pb.HealthResponse(
             status=_SERVING[self.health.overall()],
             routers=[

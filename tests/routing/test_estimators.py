@@ -8,6 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.distributions import Categorical
+
 from moe_router.errors import ComplexityEstimationError, RouterConfigurationError
 from moe_router.routing.estimators import (
     AttentionEntropyEstimator,
@@ -19,7 +21,6 @@ from moe_router.routing.estimators import (
     ThresholdEstimator,
     get_estimator,
 )
-from torch.distributions import Categorical
 
 
 def rows_with_norms(norms: list[float]) -> torch.Tensor:

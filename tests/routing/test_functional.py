@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
 from moe_router.routing import functional as F
 from moe_router.routing.router_config import DropPolicy, ScoringFunction
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 
 def _t(values, dtype=torch.float32) -> torch.Tensor:

@@ -9,13 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from moe_router.routing import (
-    GroupedTopKRouter,
-    GroupScore,
-    RouterConfig,
-    ScoringFunction,
-    TopKRouter,
-)
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
     DeepseekV2TopkRouter,
 )
@@ -26,6 +19,14 @@ from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+from moe_router.routing import (
+    GroupedTopKRouter,
+    GroupScore,
+    RouterConfig,
+    ScoringFunction,
+    TopKRouter,
+)
 
 HIDDEN = 32
 TOKENS = 96

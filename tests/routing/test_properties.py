@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moe_router.errors import RouterConfigurationError, ValidationError
 from moe_router.routing import (
     ExpertChoiceRouter,

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from moe_router.errors import RouterConfigurationError
 from moe_router.routing import RouterConfig, SoftMoERouter
 

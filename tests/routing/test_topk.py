@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from moe_router.routing import RouterConfig, ScoringFunction, TopKRouter
 from moe_router.routing import functional as F
 

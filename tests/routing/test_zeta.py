@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from moe_router.errors import RouterConfigurationError, ValidationError
 from moe_router.routing import Mechanism, MLPTopKRouter, MoERouter, RouterConfig
 from moe_router.routing import functional as F
-from torch import nn
 
 
 def test_seed_usage_example_shapes():

@@ -22,25 +22,70 @@ _HEALTH = re.compile(r"health on http://([\d.]+):(\d+)/readyz")
 def small_routers(*, fault_dir: Path | None = None) -> list[dict]:
     """Tiny routers of every kind, so the suite runs in seconds on two cores."""
     routers = [
-        {"name": "mixtral", "kind": "top_k", "input_dim": 64, "num_experts": 8, "top_k": 2,
-         "layers": 2, "weights": {"init": "random", "seed": 1}},
-        {"name": "deepseek", "kind": "grouped_top_k", "input_dim": 32, "num_experts": 16,
-         "top_k": 4, "n_group": 4, "topk_group": 2, "scoring": "sigmoid",
-         "group_score": "top2_sum", "use_correction_bias": True, "routed_scaling_factor": 2.5,
-         "weights": {"init": "random", "seed": 2}},
-        {"name": "expert-choice", "kind": "expert_choice", "input_dim": 32, "num_experts": 4,
-         "capacity_factor": 1.0, "weights": {"init": "random", "seed": 3}},
-        {"name": "soft", "kind": "soft_moe", "input_dim": 32, "num_experts": 4,
-         "slots_per_expert": 2, "weights": {"init": "random", "seed": 4}},
-        {"name": "dynamic", "kind": "dynamic", "input_dim": 32, "num_experts": 8,
-         "min_experts": 1, "max_experts": 4, "weights": {"init": "random", "seed": 5}},
+        {
+            "name": "mixtral",
+            "kind": "top_k",
+            "input_dim": 64,
+            "num_experts": 8,
+            "top_k": 2,
+            "layers": 2,
+            "weights": {"init": "random", "seed": 1},
+        },
+        {
+            "name": "deepseek",
+            "kind": "grouped_top_k",
+            "input_dim": 32,
+            "num_experts": 16,
+            "top_k": 4,
+            "n_group": 4,
+            "topk_group": 2,
+            "scoring": "sigmoid",
+            "group_score": "top2_sum",
+            "use_correction_bias": True,
+            "routed_scaling_factor": 2.5,
+            "weights": {"init": "random", "seed": 2},
+        },
+        {
+            "name": "expert-choice",
+            "kind": "expert_choice",
+            "input_dim": 32,
+            "num_experts": 4,
+            "capacity_factor": 1.0,
+            "weights": {"init": "random", "seed": 3},
+        },
+        {
+            "name": "soft",
+            "kind": "soft_moe",
+            "input_dim": 32,
+            "num_experts": 4,
+            "slots_per_expert": 2,
+            "weights": {"init": "random", "seed": 4},
+        },
+        {
+            "name": "dynamic",
+            "kind": "dynamic",
+            "input_dim": 32,
+            "num_experts": 8,
+            "min_experts": 1,
+            "max_experts": 4,
+            "weights": {"init": "random", "seed": 5},
+        },
     ]
     if fault_dir is not None:
         routers.append(
-            {"name": "faulty", "kind": "fault_injection", "input_dim": 16, "num_experts": 4,
-             "top_k": 2, "weights": {"init": "random", "seed": 6},
-             "fault": {"fail_while_file_exists": str(fault_dir / "fail"),
-                       "slow_while_file_exists": str(fault_dir / "slow"), "slow_ms": 300}}
+            {
+                "name": "faulty",
+                "kind": "fault_injection",
+                "input_dim": 16,
+                "num_experts": 4,
+                "top_k": 2,
+                "weights": {"init": "random", "seed": 6},
+                "fault": {
+                    "fail_while_file_exists": str(fault_dir / "fail"),
+                    "slow_while_file_exists": str(fault_dir / "slow"),
+                    "slow_ms": 300,
+                },
+            }
         )
     return routers
 
@@ -48,8 +93,13 @@ def small_routers(*, fault_dir: Path | None = None) -> list[dict]:
 def write_config(path: Path, routers: list[dict], **sections: dict) -> Path:
     """A config.yaml on loopback with every port picked by the OS."""
     config: dict = {
-        "server": {"host": "127.0.0.1", "port": 0, "device": "cpu", "drain_grace_s": 5.0,
-                   "max_workers": 2},
+        "server": {
+            "host": "127.0.0.1",
+            "port": 0,
+            "device": "cpu",
+            "drain_grace_s": 5.0,
+            "max_workers": 2,
+        },
         "metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},
         "health": {"enabled": True, "host": "127.0.0.1", "port": 0},
         "routers": routers,
@@ -96,7 +146,9 @@ class ServerProcess:
         return "".join(self.output)
 
 
-def start_server(config: Path, env: dict[str, str] | None = None, timeout: float = 90.0) -> ServerProcess:
+def start_server(
+    config: Path, env: dict[str, str] | None = None, timeout: float = 90.0
+) -> ServerProcess:
     """Run ``python -m moe_router serve --config CONFIG`` and wait for its listening line."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "moe_router", "serve", "--config", str(config)],

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from server_process import clean_env, small_routers, start_server, write_config
 
 from moe_router.config import load_config
 from moe_router.registry import load_routers
@@ -31,8 +32,6 @@ from moe_router_client.errors import (
     RouterError,
     UnavailableError,
 )
-
-from server_process import clean_env, small_routers, start_server, write_config
 
 STATELESS = {"mixtral": 64, "deepseek": 32, "expert-choice": 32, "soft": 32}
 
@@ -126,7 +125,7 @@ def test_concurrent_calls_are_batched_bit_identically(served):
             return await asyncio.gather(*(c.route("mixtral", x) for x in inputs))
 
     results = asyncio.run(fire())
-    for x, result in zip(inputs, results):
+    for x, result in zip(inputs, results, strict=True):
         assert_same(result, in_process(hosted, "mixtral", torch.from_numpy(x)))
     assert max(r.info.batch_requests for r in results) > 1, "no calls were merged"
     merged = [r for r in results if r.info.batch_requests > 1]
@@ -138,12 +137,14 @@ def test_route_stream_answers_in_request_order(client):
     requests = []
     for i in range(20):
         router, dim = ("mixtral", 64) if i % 2 else ("deepseek", 32)
-        requests.append({
-            "router": router,
-            "hidden_states": rng.standard_normal((1 + i, dim), dtype=np.float32),
-            "layer": i % 2,
-            "request_id": f"req-{i}",
-        })
+        requests.append(
+            {
+                "router": router,
+                "hidden_states": rng.standard_normal((1 + i, dim), dtype=np.float32),
+                "layer": i % 2,
+                "request_id": f"req-{i}",
+            }
+        )
     results = list(client.route_stream(requests))
     assert [r.info.request_id for r in results] == [f"req-{i}" for i in range(20)]
     assert [r.expert_indices.shape[0] for r in results] == [1 + i for i in range(20)]
@@ -152,15 +153,24 @@ def test_route_stream_answers_in_request_order(client):
 
 BAD_INPUTS = [
     (dict(router="nope"), NotFoundError, "unknown router 'nope'"),
-    (dict(hidden=np.zeros((3, 63), np.float32)), InvalidArgumentError,
-     "hidden_states dim 63 does not match router 'mixtral' input_dim 64"),
+    (
+        dict(hidden=np.zeros((3, 63), np.float32)),
+        InvalidArgumentError,
+        "hidden_states dim 63 does not match router 'mixtral' input_dim 64",
+    ),
     (dict(layer=9), NotFoundError, "has no layer 9; expected 0..1"),
     (dict(hidden=np.full((2, 64), np.inf, np.float32)), InvalidArgumentError, "non-finite"),
     (dict(hidden=np.zeros((2, 64), np.int64)), InvalidArgumentError, "expected FLOAT32"),
-    (dict(hidden=np.zeros((2, 2, 2, 64), np.float32)), InvalidArgumentError,
-     "[tokens, dim] or [batch, seq, dim]"),
-    (dict(extra={"gradients": np.zeros((3, 64), np.float32)}), InvalidArgumentError,
-     "takes no estimator inputs"),
+    (
+        dict(hidden=np.zeros((2, 2, 2, 64), np.float32)),
+        InvalidArgumentError,
+        "[tokens, dim] or [batch, seq, dim]",
+    ),
+    (
+        dict(extra={"gradients": np.zeros((3, 64), np.float32)}),
+        InvalidArgumentError,
+        "takes no estimator inputs",
+    ),
 ]
 
 
@@ -168,8 +178,9 @@ BAD_INPUTS = [
 def test_bad_input_gets_its_status_and_the_server_keeps_serving(client, bad, error, message):
     hidden = bad.get("hidden", np.zeros((3, 64), np.float32))
     with pytest.raises(error) as raised:
-        client.route(bad.get("router", "mixtral"), hidden, layer=bad.get("layer", 0),
-                     **bad.get("extra", {}))
+        client.route(
+            bad.get("router", "mixtral"), hidden, layer=bad.get("layer", 0), **bad.get("extra", {})
+        )
     assert message in raised.value.details
     assert client.route("mixtral", np.ones((2, 64), np.float32)).expert_indices.shape == (2, 2)
 
@@ -214,7 +225,13 @@ def test_stats_list_and_health(client):
     assert stats.latency.samples >= 1 and stats.latency.p99_ms >= stats.latency.p50_ms > 0
     assert len(stats.layers) == 2
     assert {s.router for s in client.stats()} == {
-        "mixtral", "deepseek", "expert-choice", "soft", "dynamic", "faulty"}
+        "mixtral",
+        "deepseek",
+        "expert-choice",
+        "soft",
+        "dynamic",
+        "faulty",
+    }
     with pytest.raises(NotFoundError):
         client.stats("nope")
     described = {r.name: r for r in client.list_routers()}
@@ -254,22 +271,46 @@ def test_cli_route_and_stats_print_the_assignment(served):
     server, _, _ = served
     run = [sys.executable, "-m", "moe_router"]
     out = subprocess.run(
-        [*run, "route", "--target", server.target, "--router", "mixtral", "--tokens", "4",
-         "--json"], capture_output=True, text=True, timeout=60, env=clean_env(), check=True,
+        [
+            *run,
+            "route",
+            "--target",
+            server.target,
+            "--router",
+            "mixtral",
+            "--tokens",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        check=True,
     )
     answer = json.loads(out.stdout)
     assert np.array(answer["expert_indices"]).shape == (4, 2)
-    out = subprocess.run([*run, "stats", "--target", server.target], capture_output=True,
-                         text=True, timeout=60, env=clean_env(), check=True)
+    out = subprocess.run(
+        [*run, "stats", "--target", server.target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        check=True,
+    )
     assert "mixtral" in out.stdout and "deepseek" in out.stdout
 
 
 def test_sigterm_drains_in_flight_calls_and_exits_zero(tmp_path: Path):
     routers = [r for r in small_routers(fault_dir=tmp_path) if r["name"] == "faulty"]
     routers[0]["fault"]["slow_ms"] = 1500
-    config = write_config(tmp_path / "config.yaml", routers,
-                          testing={"enable_fault_injection": True}, cache={"enabled": False},
-                          server={"max_message_bytes": 1 << 20})
+    config = write_config(
+        tmp_path / "config.yaml",
+        routers,
+        testing={"enable_fault_injection": True},
+        cache={"enabled": False},
+        server={"max_message_bytes": 1 << 20},
+    )
     server = start_server(config)
     try:
         with RouterClient(server.target, timeout=30, retries=0) as c:
@@ -292,7 +333,8 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(tmp_path: Path):
             for _ in range(20):
                 try:
                     urllib.request.urlopen(
-                        f"http://127.0.0.1:{server.health_port}/readyz", timeout=2)
+                        f"http://127.0.0.1:{server.health_port}/readyz", timeout=2
+                    )
                 except urllib.error.HTTPError as exc:
                     readiness = exc.code
                     break

@@ -34,6 +34,7 @@ class RouterBase(nn.Module, ABC):
     """
 
     couples_tokens: bool = False
+    expert_load: torch.Tensor
     #: Whether forward takes estimator inputs (attention_weights, logits, gradients).
     accepts_estimator_inputs: bool = False
 
@@ -116,7 +117,7 @@ class RouterBase(nn.Module, ABC):
             raise ValidationError(
                 f"{type(self).__name__} couples the tokens of a call; route calls one by one"
             )
-        flats, leads = zip(*(self.validate(h) for h in hidden_states))
+        flats, leads = zip(*(self.validate(h) for h in hidden_states), strict=True)
         sizes = [f.shape[0] for f in flats]
         # Each call starts on a gate block boundary, so every block of the merged matmul
         # holds exactly the rows (and zero padding) it holds when the call runs alone.
@@ -124,17 +125,17 @@ class RouterBase(nn.Module, ABC):
         dtype = flats[0].dtype
         padded = [
             torch.cat([f.to(dtype), f.new_zeros((-n) % block, f.shape[1], dtype=dtype)])
-            for f, n in zip(flats, sizes)
+            for f, n in zip(flats, sizes, strict=True)
         ]
         real_rows = torch.cat(
-            [torch.arange(n) + offset for n, offset in zip(sizes, _offsets(padded))]
+            [torch.arange(n) + offset for n, offset in zip(sizes, _offsets(padded), strict=True)]
         ).to(flats[0].device)
         logits = self.compute_router_logits(torch.cat(padded), generator=generator)[real_rows]
         merged = torch.cat([f.to(dtype) for f in flats])
         selection = self.select(logits, merged, generator=generator, lead_shape=(merged.shape[0],))
         outputs = []
         start = 0
-        for size, lead in zip(sizes, leads):
+        for size, lead in zip(sizes, leads, strict=True):
             part = slice(start, start + size)
             start += size
             extras = {
@@ -233,7 +234,9 @@ class RouterBase(nn.Module, ABC):
     ) -> Selection:
         """Choose experts for flat logits [T, E]; return indices/weights [T, k] and probs."""
 
-    def compute_aux_loss(self, router_logits_or_probs: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:
+    def compute_aux_loss(
+        self, router_logits_or_probs: torch.Tensor, expert_indices: torch.Tensor
+    ) -> torch.Tensor:
         """Switch load-balancing loss of this call (see :func:`functional.compute_aux_loss`)."""
         return F.compute_aux_loss(router_logits_or_probs, expert_indices, self.k_range[1])
 
