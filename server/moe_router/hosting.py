@@ -167,6 +167,8 @@ def build_chain(
             max_bytes=c.max_bytes,
             ttl_seconds=c.ttl_seconds,
             adaptive=c.adaptive,
+            # Memory pressure: the process memory budget the alerts already use.
+            rss_limit_bytes=int(config.monitoring.alert_thresholds.memory_usage_mb * 2**20),
         )
         chain = cache
     if config.security.rate_limit > 0:

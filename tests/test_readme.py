@@ -1,0 +1,40 @@
+"""The README's Python examples run as written (in-process ones here, the client one
+against a real server on the default config)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "service"))
+from server_process import clean_env, start_server  # noqa: E402
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+IN_PROCESS = [b for b in BLOCKS if "RouterClient" not in b]
+CLIENT = [b for b in BLOCKS if "RouterClient" in b]
+
+
+def test_readme_has_the_promised_examples():
+    assert len(IN_PROCESS) == 3 and len(CLIENT) == 1
+    assert all(len(block.strip().splitlines()) <= 12 for block in BLOCKS)
+
+
+@pytest.mark.parametrize("block", IN_PROCESS, ids=["MoERouter", "TopKRouter", "DynamicRouter"])
+def test_in_process_example_runs(block: str):
+    exec(compile(block, "README.md", "exec"), {})
+
+
+def test_serving_stack_example_runs_against_the_default_config(tmp_path: Path):
+    env = clean_env(DYNAMIC_MOE_PORT="0", DYNAMIC_MOE_METRICS_PORT="0",
+                    DYNAMIC_MOE_HEALTH_PORT="0")
+    config = Path(__file__).resolve().parents[1] / "config.yaml"
+    server = start_server(config, env)
+    try:
+        code = CLIENT[0].replace("127.0.0.1:50051", server.target)
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        assert server.terminate() == 0, server.log()
