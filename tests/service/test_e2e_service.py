@@ -301,6 +301,18 @@ def test_cli_route_and_stats_print_the_assignment(served):
     assert "mixtral" in out.stdout and "deepseek" in out.stdout
 
 
+def wait_until_in_flight(metrics_port: int | None, router: str, timeout: float = 20.0) -> None:
+    """Block until the server's in-flight gauge shows a call to ``router``."""
+    needle = f'moe_router_in_flight_requests{{router="{router}"}} 1.0'
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            if needle in r.read().decode():
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"no call to {router} became in flight within {timeout}s")
+
+
 def test_sigterm_drains_in_flight_calls_and_exits_zero(tmp_path: Path):
     routers = [r for r in small_routers(fault_dir=tmp_path) if r["name"] == "faulty"]
     routers[0]["fault"]["slow_ms"] = 1500
@@ -327,7 +339,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(tmp_path: Path):
 
             caller = threading.Thread(target=slow_call)
             caller.start()
-            time.sleep(0.5)  # the call is in flight on the device
+            wait_until_in_flight(server.metrics_port, "faulty")
             server.proc.send_signal(15)
             readiness = None
             for _ in range(20):
