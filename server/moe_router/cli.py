@@ -196,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("default", "quick"), default="default")
     p.add_argument("--target", default=None, help="benchmark a running server instead")
     p.add_argument("--output-dir", default="benchmark_results")
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="token counts per call (default: the preset's)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=None,
+                   help="concurrent calls (default: the preset's)")
+    p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--duration", type=float, default=None, help="timed seconds per cell")
     p.set_defaults(func=_cmd_bench, reexec=True)
     return parser
 

@@ -1,0 +1,607 @@
+"""``moe-router bench``: the running gRPC service measured against its peers in one run.
+
+For each router (Mixtral-like top-2 of 8 at D=4096, DeepSeek-V3-like grouped top-8 of
+256 at D=7168), input dtype and token count it times:
+
+- **service**: Route over loopback from separate client processes (grpc.aio, closed
+  loop, 1..N concurrent calls), cache off so every call computes, batching on;
+- **echo**: the transport floor, a bare grpc.aio server carrying the same bytes each way;
+- **eager**: the routing a user writes in-process (``x.float() @ W.T``, softmax or the
+  DeepSeek grouped selection, top-k, renormalise);
+- **matmul**: the gate matmul alone, the compute floor;
+
+and reports p50/p95/p99, requests/s, tokens/s, MB/s and the ratios service/echo,
+service/eager, eager/matmul; then the glibc malloc tuning (``cli.MALLOC_TUNING``) on
+16 MiB echo messages. Output: a Markdown report printed and saved with a JSON twin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+import yaml
+
+from moe_router.analysis import echo_server
+from moe_router.analysis.benchmark import BenchmarkResult, latency_metrics
+from moe_router.analysis.load_client import (
+    ListeningProcess,
+    LoadClientPool,
+    LoadResult,
+    LoadSpec,
+    python_file_command,
+    route_response_bytes,
+)
+from moe_router.errors import ValidationError
+
+__all__ = ["BenchPlan", "BenchReport", "PRESETS", "RouterKind", "RouterSpec", "WireDtype",
+           "eager_route", "report_to_markdown", "run_bench", "run_from_cli", "write_report"]
+
+
+class RouterKind(str, Enum):
+    """The two routing algorithms the bench hosts (config.yaml ``kind``)."""
+
+    TOP_K = "top_k"
+    GROUPED_TOP_K = "grouped_top_k"
+
+
+class WireDtype(str, Enum):
+    """Dtype of the hidden states sent."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """One benchmarked router: gate [E, D] with random weights, one layer."""
+
+    name: str
+    kind: RouterKind
+    input_dim: int
+    num_experts: int
+    top_k: int
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+
+    def config_entry(self) -> dict[str, Any]:
+        """Its ``routers:`` entry in the bench server's config.yaml."""
+        entry: dict[str, Any] = {"name": self.name, "kind": self.kind.value,
+                                 "input_dim": self.input_dim, "num_experts": self.num_experts,
+                                 "top_k": self.top_k, "renormalize": True, "layers": 1,
+                                 "weights": {"init": "random", "seed": 0}}
+        if self.kind is RouterKind.TOP_K:
+            entry["scoring"] = "softmax"
+        else:
+            entry.update(scoring="sigmoid", n_group=self.n_group, topk_group=self.topk_group,
+                         group_score="top2_sum", use_correction_bias=True,
+                         routed_scaling_factor=self.routed_scaling_factor)
+        return entry
+
+
+MIXTRAL = RouterSpec("mixtral", RouterKind.TOP_K, 4096, 8, 2)
+DEEPSEEK_V3 = RouterSpec("deepseek-v3", RouterKind.GROUPED_TOP_K, 7168, 256, 8, n_group=8,
+                         topk_group=4, routed_scaling_factor=2.5)
+
+
+def _positive_ints(value: Sequence[int], name: str) -> tuple[int, ...]:
+    values = tuple(value)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValidationError(f"{name}: must be a non-empty list of positive integers, "
+                              f"got {list(value)!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """The sweep and its time budget.
+
+    Every (router, dtype, tokens) gets the in-process peers and the service + echo at each
+    ``concurrency`` level; levels above 1 only up to ``max_concurrent_tokens`` tokens (at
+    4096 x 7168 floats a request is 117 MB). Each load cell warms up ``warmup_s`` then
+    times ``duration_s``; in-process peers time at least ``inprocess_s``. The malloc test
+    sends ``malloc_message_bytes`` each way for ``malloc_duration_s`` per variant and round.
+    """
+
+    routers: tuple[RouterSpec, ...] = (MIXTRAL, DEEPSEEK_V3)
+    tokens: tuple[int, ...] = (1, 16, 256, 4096)
+    dtypes: tuple[WireDtype, ...] = (WireDtype.FLOAT32, WireDtype.BFLOAT16)
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    max_concurrent_tokens: int = 256
+    warmup_s: float = 0.3
+    duration_s: float = 1.2
+    inprocess_s: float = 0.5
+    malloc_message_bytes: int = 16 * 1024 * 1024
+    malloc_duration_s: float = 1.5
+    malloc_rounds: int = 2
+    client_procs: int = 2
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "tokens", _positive_ints(self.tokens, "tokens"))
+        set_(self, "concurrency", _positive_ints(self.concurrency, "concurrency"))
+        try:
+            set_(self, "dtypes", tuple(WireDtype(d) for d in self.dtypes))
+        except ValueError:
+            allowed = ", ".join(d.value for d in WireDtype)
+            raise ValidationError(f"dtypes: each must be one of {allowed}, "
+                                  f"got {list(self.dtypes)!r}") from None
+        if not self.dtypes or not self.routers:
+            raise ValidationError("dtypes, routers: must not be empty")
+        for name in ("warmup_s", "duration_s", "inprocess_s", "malloc_duration_s"):
+            if not getattr(self, name) > 0:
+                raise ValidationError(f"{name}: must be > 0 seconds, got {getattr(self, name)}")
+        for name in ("max_concurrent_tokens", "malloc_message_bytes", "malloc_rounds",
+                     "client_procs"):
+            _positive_ints((getattr(self, name),), name)
+
+    def levels(self, tokens: int) -> list[int]:
+        """The concurrency levels run at ``tokens`` tokens per call."""
+        return [c for c in self.concurrency if c == 1 or tokens <= self.max_concurrent_tokens]
+
+
+PRESETS: dict[str, BenchPlan] = {
+    "default": BenchPlan(),
+    "quick": BenchPlan(tokens=(16, 256), concurrency=(1, 4), warmup_s=0.1, duration_s=0.4,
+                       inprocess_s=0.2, malloc_duration_s=0.5, malloc_rounds=1),
+}
+
+
+# --------------------------------------------------------------------- in-process peers
+def eager_route(x: torch.Tensor, weight: torch.Tensor, spec: RouterSpec,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing a user writes in plain eager PyTorch: x [T, D] -> (weights, indices) [T, k].
+
+    Top-k: softmax of ``x.float() @ W.T``, top-k, renormalised. Grouped (DeepSeek-V3):
+    sigmoid scores, selection on scores + bias [E] among the ``topk_group`` groups with the
+    best top-2 sums, weights from the unbiased scores, renormalised, times the scale.
+    """
+    logits = x.float() @ weight.T  # [T, E]
+    if spec.kind is RouterKind.TOP_K:
+        weights, indices = logits.softmax(dim=-1).topk(spec.top_k, dim=-1)
+        return weights / weights.sum(dim=-1, keepdim=True), indices
+    scores = logits.sigmoid()
+    choice = scores if bias is None else scores + bias
+    grouped = choice.view(x.shape[0], spec.n_group, -1)  # [T, G, E/G]
+    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+    kept = group_scores.topk(spec.topk_group, dim=-1).indices
+    group_mask = torch.zeros_like(group_scores).scatter_(1, kept, 1.0)
+    expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(x.shape[0], -1)
+    indices = choice.masked_fill(expert_mask == 0, float("-inf")).topk(spec.top_k, dim=-1).indices
+    weights = scores.gather(1, indices)
+    return weights / weights.sum(dim=-1, keepdim=True) * spec.routed_scaling_factor, indices
+
+
+def _time_calls(fn: Callable[[], object], min_time_s: float, device: torch.device,
+                min_calls: int = 3) -> list[float]:
+    """Latencies (ms) of ``fn`` after one warmup call, for ``min_time_s`` and >= ``min_calls``."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.inference_mode():
+        fn()
+        sync()
+        latencies: list[float] = []
+        stop = time.perf_counter() + min_time_s
+        while len(latencies) < min_calls or time.perf_counter() < stop:
+            start = time.perf_counter()
+            fn()
+            sync()
+            latencies.append((time.perf_counter() - start) * 1e3)
+    return latencies
+
+
+def _inprocess_peers(spec: RouterSpec, dtype: WireDtype, tokens: int, plan: BenchPlan,
+                     device: torch.device) -> dict[str, list[float]]:
+    """Latencies (ms) of the eager routing and of the bare gate matmul."""
+    gen = torch.Generator().manual_seed(tokens)
+    weight = (torch.randn(spec.num_experts, spec.input_dim, generator=gen)
+              / spec.input_dim ** 0.5).to(device)
+    bias = (0.01 * torch.randn(spec.num_experts, generator=gen)).to(device)
+    x = torch.randn(tokens, spec.input_dim, generator=gen).to(device)
+    x = x.to(torch.bfloat16) if dtype is WireDtype.BFLOAT16 else x
+    x32 = x.float()
+    eager = _time_calls(lambda: eager_route(x, weight, spec, bias), plan.inprocess_s, device)
+    matmul = _time_calls(lambda: x32 @ weight.T, plan.inprocess_s, device)
+    return {"eager": eager, "matmul": matmul}
+
+
+# --------------------------------------------------------------------- child processes
+def service_config(plan: BenchPlan) -> dict[str, Any]:
+    """The bench server's config: loopback, free ports, cache off, batching on, the plan's
+    routers; the breaker's slow-call limit raised so long 4096-token calls never trip it."""
+    loopback = {"host": "127.0.0.1", "port": 0}
+    return {"server": {**loopback, "device": "auto", "drain_grace_s": 1.0},
+            "metrics": {"enabled": True, **loopback},
+            "health": {"enabled": True, **loopback},
+            "cache": {"enabled": False},
+            "batching": {"enabled": True},
+            "breaker": {"slow_call_duration_ms": 600_000.0},
+            "routers": [r.config_entry() for r in plan.routers]}
+
+
+def _environment(malloc_tuning: bool | None) -> dict[str, str]:
+    """This process's environment without DYNAMIC_MOE_* (the bench config rules); with
+    ``malloc_tuning`` True/False the MALLOC_* variables set to cli.MALLOC_TUNING / removed."""
+    from moe_router.cli import MALLOC_TUNING
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYNAMIC_MOE_")}
+    if malloc_tuning is not None:
+        env = {k: v for k, v in env.items() if k not in MALLOC_TUNING}
+        env["MOE_ROUTER_MALLOC_TUNED"] = "1"  # never re-exec with the tuning
+        if malloc_tuning:
+            env.update(MALLOC_TUNING)
+    return env
+
+
+# --------------------------------------------------------------------- the run
+@dataclass
+class BenchReport:
+    """Everything one run measured: header facts, results, notes, whether Ctrl-C cut it."""
+
+    command: str
+    date: str
+    machine: dict[str, Any]
+    plan: BenchPlan
+    results: list[BenchmarkResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+    def add(self, parameters: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Append a result (figures only: every metric positive and finite)."""
+        self.results.append(BenchmarkResult("service-bench", parameters, metrics, time.time()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        plan = asdict(self.plan)
+        plan["dtypes"] = [d.value for d in self.plan.dtypes]
+        plan["routers"] = [{**asdict(r), "kind": r.kind.value} for r in self.plan.routers]
+        return {"title": "moe-router service benchmark", "command": self.command,
+                "date": self.date, "machine": self.machine, "plan": plan,
+                "interrupted": self.interrupted, "notes": self.notes,
+                "results": [r.to_dict() for r in self.results]}
+
+
+def machine_facts(device: torch.device) -> dict[str, Any]:
+    """Cores, CPU, OS, library versions and the in-process device, for the report header."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu, "os": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "grpcio": grpc.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+
+
+def _load_metrics(run: LoadResult, tokens: int) -> dict[str, float]:
+    lat = latency_metrics(run.latencies_ms, tokens)
+    per_s = run.calls / run.span_s
+    return {"p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "p99_ms": lat["p99_ms"],
+            "mean_ms": lat["mean_ms"], "requests_per_s": per_s, "tokens_per_s": per_s * tokens,
+            "mb_per_s": per_s * (run.request_bytes + run.response_bytes) / 1e6,
+            "calls": float(run.calls), "request_bytes": float(run.request_bytes),
+            "response_bytes": float(run.response_bytes)}
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _Run:
+    """One bench run's state: the children, the client pool, the report being filled."""
+
+    def __init__(self, plan: BenchPlan, report: BenchReport, device: torch.device) -> None:
+        self.plan, self.report, self.device = plan, report, device
+        self.children: list[ListeningProcess] = []
+        self.pool: LoadClientPool | None = None
+        self.service_target: str | None = None
+        self.echo_target = ""
+        self.response_bytes: dict[tuple[str, int], int] = {}
+        self.unhosted: set[str] = set()
+
+    def start(self, target: str | None, workdir: Path) -> None:
+        """Start the service (unless ``target``), the echo servers and the client pool
+        together, so their start-ups overlap."""
+        echo = python_file_command(echo_server.__file__)
+        service = None
+        if target is None:
+            config = workdir / "service_bench.yaml"
+            config.write_text(yaml.safe_dump(service_config(self.plan), sort_keys=False))
+            service = self._spawn([sys.executable, "-m", "moe_router", "serve", "--config",
+                                   str(config)], _environment(None), "the moe-router server")
+        self.malloc = {tuned: self._spawn(echo, _environment(tuned), f"echo (tuned={tuned})")
+                       for tuned in (False, True)}
+        main_echo = self._spawn(echo, _environment(None), "the echo server")
+        self.pool = LoadClientPool(self.plan.client_procs, env=_environment(None))
+        self.echo_target = main_echo.wait_ready()
+        try:
+            self.service_target = target or service.wait_ready()  # type: ignore[union-attr]
+            self._check_routers()
+        except (RuntimeError, grpc.RpcError) as exc:
+            self.service_target = None
+            self.report.notes.append(f"service not measured: {exc}")
+            _progress(f"service not measured: {exc}")
+
+    def _spawn(self, command: list[str], env: dict[str, str], label: str) -> ListeningProcess:
+        child = ListeningProcess(command, env, label)
+        self.children.append(child)
+        return child
+
+    def _check_routers(self) -> None:
+        from moe_router_client import RouterClient
+
+        with RouterClient(self.service_target or "", timeout=30.0, retries=0) as client:
+            hosted = {r.name: r for r in client.list_routers()}
+            self.report.machine["service_device"] = client.health().device
+        for spec in self.plan.routers:
+            info = hosted.get(spec.name)
+            if info is None or info.input_dim != spec.input_dim:
+                self.unhosted.add(spec.name)
+                self.report.notes.append(f"service has no router '{spec.name}' of dim "
+                                         f"{spec.input_dim}: its service rows are missing")
+
+    def stop(self) -> None:
+        """Stop the clients and every child server."""
+        for child in self.children:  # signal them all first: they wind down together
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        if self.pool is not None:
+            self.pool.close()
+        for child in self.children:
+            child.stop()
+
+    def sweep(self) -> None:
+        """In-process peers, then service and echo at each concurrency, per cell."""
+        plan = self.plan
+        for spec in plan.routers:
+            for dtype in plan.dtypes:
+                for tokens in plan.tokens:
+                    self._cell(spec, dtype, tokens)
+
+    def _cell(self, spec: RouterSpec, dtype: WireDtype, tokens: int) -> None:
+        plan, report = self.plan, self.report
+        base = {"router": spec.name, "dtype": dtype.value, "tokens": tokens,
+                "dim": spec.input_dim}
+        peers = _inprocess_peers(spec, dtype, tokens, plan, self.device)
+        p50 = {}
+        for kind, latencies in peers.items():
+            metrics = latency_metrics(latencies, tokens)
+            p50[kind] = metrics["p50_ms"]
+            report.add({"benchmark": kind, **base, "device": str(self.device)},
+                       {k: metrics[k] for k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms",
+                                                "tokens_per_s")} | {"calls": len(latencies)})
+        report.add({"benchmark": "compute_ratio", **base},
+                   {"eager_over_matmul": p50["eager"] / p50["matmul"]})
+        _progress(f"{spec.name} {dtype.value} T={tokens}: eager p50 {p50['eager']:.3f} ms, "
+                  f"matmul p50 {p50['matmul']:.3f} ms")
+        for level in plan.levels(tokens):
+            service = None
+            if self.service_target is not None and spec.name not in self.unhosted:
+                service = self._load(spec, dtype, tokens, level, "route")
+            echo = self._load(spec, dtype, tokens, level, "echo")
+            if service is not None and echo is not None:
+                ratios = {"service_over_echo_p50": service["p50_ms"] / echo["p50_ms"],
+                          "echo_over_service_throughput":
+                              echo["requests_per_s"] / service["requests_per_s"]}
+                if level == 1:
+                    ratios["service_over_eager_p50"] = service["p50_ms"] / p50["eager"]
+                report.add({"benchmark": "service_ratio", **base, "concurrency": level}, ratios)
+
+    def _load(self, spec: RouterSpec, dtype: WireDtype, tokens: int, level: int,
+              method: str) -> dict[str, float] | None:
+        assert self.pool is not None
+        route = method == "route"
+        response = self.response_bytes.get((spec.name, tokens)) or \
+            route_response_bytes(tokens, spec.top_k, spec.num_experts)
+        load = LoadSpec(target=(self.service_target or "") if route else self.echo_target,
+                        method="route" if route else "echo", router=spec.name, tokens=tokens,
+                        dim=spec.input_dim, dtype=dtype.value, response_bytes=response)
+        run = self.pool.run(load, level, self.plan.warmup_s, self.plan.duration_s)
+        kind = "service" if route else "echo"
+        params = {"benchmark": kind, "router": spec.name, "dtype": dtype.value, "tokens": tokens,
+                  "dim": spec.input_dim, "concurrency": level}
+        if run.errors:
+            self.report.notes.append(f"{kind} {spec.name} {dtype.value} T={tokens} c={level}: "
+                                     f"{run.errors} failed calls, first: {run.first_error}")
+        if not run.calls or run.span_s <= 0:
+            _progress(f"  {kind} c={level}: no successful call ({run.first_error})")
+            return None
+        if route:
+            self.response_bytes[(spec.name, tokens)] = run.response_bytes
+        metrics = _load_metrics(run, tokens)
+        self.report.add(params, metrics)
+        _progress(f"  {kind:<7} c={level:<3} p50 {metrics['p50_ms']:8.3f} ms  "
+                  f"{metrics['requests_per_s']:9.1f} req/s  {metrics['mb_per_s']:8.1f} MB/s")
+        return metrics
+
+    def malloc_test(self) -> None:
+        """Echo throughput of ``malloc_message_bytes`` each way, server with and without the
+        malloc tuning, alternating rounds; reports MB/s of each and their ratio."""
+        assert self.pool is not None
+        plan = self.plan
+        runs: dict[bool, list[LoadResult]] = {False: [], True: []}
+        for _ in range(plan.malloc_rounds):
+            for tuned in (False, True):
+                spec = LoadSpec(target=self.malloc[tuned].wait_ready(), method="echo",
+                                payload_bytes=plan.malloc_message_bytes,
+                                response_bytes=plan.malloc_message_bytes)
+                runs[tuned].append(self.pool.run(spec, 1, plan.warmup_s, plan.malloc_duration_s))
+        mb_per_s = {}
+        for tuned, parts in runs.items():
+            calls = sum(p.calls for p in parts)
+            seconds = sum(p.span_s for p in parts)
+            if not calls or seconds <= 0:
+                self.report.notes.append(f"malloc test: no successful call (tuned={tuned})")
+                return
+            mb_per_s[tuned] = calls * 2 * plan.malloc_message_bytes / seconds / 1e6
+            latencies = [ms for p in parts for ms in p.latencies_ms]
+            self.report.add({"benchmark": "malloc", "malloc_tuning": "on" if tuned else "off",
+                             "message_bytes": plan.malloc_message_bytes, "concurrency": 1},
+                            {"mb_per_s": mb_per_s[tuned], "requests_per_s": calls / seconds,
+                             "p50_ms": latency_metrics(latencies, 1)["p50_ms"],
+                             "calls": float(calls)})
+        self.report.add({"benchmark": "malloc_ratio",
+                         "message_bytes": plan.malloc_message_bytes},
+                        {"tuned_over_untuned_throughput": mb_per_s[True] / mb_per_s[False]})
+        _progress(f"malloc tuning, {plan.malloc_message_bytes >> 20} MiB echo: "
+                  f"{mb_per_s[False]:.0f} -> {mb_per_s[True]:.0f} MB/s")
+
+
+def run_bench(plan: BenchPlan, target: str | None = None, command: str = "moe-router bench"
+              ) -> BenchReport:
+    """Run the whole bench: start the servers (the service unless ``target`` names a running
+    one) and clients, measure, stop every child. Ctrl-C ends it early with ``interrupted``
+    set and the measurements so far kept."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = BenchReport(command=command,
+                         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                         machine=machine_facts(device), plan=plan)
+    run = _Run(plan, report, device)
+    try:
+        with tempfile.TemporaryDirectory(prefix="moe-router-bench-") as workdir:
+            run.start(target, Path(workdir))
+            run.sweep()
+            run.malloc_test()
+    except KeyboardInterrupt:
+        report.interrupted = True
+    finally:
+        run.stop()
+    return report
+
+
+# --------------------------------------------------------------------- the report
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def _header(report: BenchReport) -> list[str]:
+    m, plan = report.machine, report.plan
+    malloc = " ".join(f"{k}={v}" for k, v in m["malloc_env"].items()) or "none"
+    lines = ["# moe-router service benchmark", "",
+             f"- Date: {report.date}", f"- Command: `{report.command}`",
+             f"- Machine: {m['cores']} cores ({m['cpu']}), {m['os']}; Python {m['python']}, "
+             f"torch {m['torch']}, grpcio {m['grpcio']}; in-process device {m['device']}, "
+             f"service device {m.get('service_device', '-')}; malloc variables: {malloc}",
+             f"- Method: Route over loopback, cache off (every call computes), batching on, "
+             f"1 layer, random weights; clients in {plan.client_procs} separate processes "
+             f"(grpc.aio, closed loop); per cell {plan.warmup_s} s warmup + {plan.duration_s} s "
+             f"timed. echo = bare grpc.aio server carrying the same bytes each way; eager = "
+             f"plain PyTorch routing in-process; matmul = `x.float() @ W.T` alone. "
+             f"MB/s counts request + response payload.", ""]
+    if report.interrupted:
+        lines += ["> Interrupted: the tables hold the measurements completed before Ctrl-C.", ""]
+    return lines
+
+
+def report_to_markdown(report: BenchReport) -> str:
+    """The report: header (date, command, machine, method), the service-vs-echo table, the
+    in-process comparison, the malloc figure and any notes."""
+    found: dict[tuple[Any, ...], dict[str, float]] = {}
+    for r in report.results:
+        p = r.parameters
+        found[(p["benchmark"], p.get("router"), p.get("dtype"), p.get("tokens"),
+               p.get("concurrency"), p.get("malloc_tuning"))] = r.metrics
+
+    def cells(kind: str, key: tuple[Any, ...], *metrics: str) -> list[str]:
+        return [_fmt(found.get((kind, *key), {}).get(metric)) for metric in metrics]
+
+    lines = _header(report) + ["## Service over loopback vs the transport floor (echo)", ""]
+    rows = []
+    for kind, router, dtype, tokens, level, _ in found:
+        if kind == "echo":
+            key = (router, dtype, tokens, level, None)
+            rows.append([router, dtype, str(tokens), str(level),
+                         *cells("service", key, "p50_ms", "p95_ms", "p99_ms", "requests_per_s",
+                                "tokens_per_s", "mb_per_s"),
+                         *cells("echo", key, "p50_ms", "mb_per_s"),
+                         *cells("service_ratio", key, "service_over_echo_p50")])
+    lines += _table(["router", "dtype", "tokens", "concurrency", "p50 ms", "p95 ms", "p99 ms",
+                     "req/s", "tokens/s", "MB/s", "echo p50 ms", "echo MB/s",
+                     "service/echo p50"], rows)
+    lines += ["## Service vs in-process PyTorch (one call at a time)", ""]
+    rows = []
+    for kind, router, dtype, tokens, _, _ in found:
+        if kind == "compute_ratio":
+            one, alone = (router, dtype, tokens, 1, None), (router, dtype, tokens, None, None)
+            rows.append([router, dtype, str(tokens), *cells("service", one, "p50_ms"),
+                         *cells("eager", alone, "p50_ms"), *cells("matmul", alone, "p50_ms"),
+                         *cells("service_ratio", one, "service_over_eager_p50"),
+                         *cells("compute_ratio", alone, "eager_over_matmul")])
+    lines += _table(["router", "dtype", "tokens", "service p50 ms", "eager p50 ms",
+                     "matmul p50 ms", "service/eager", "eager/matmul"], rows)
+    ratio = found.get(("malloc_ratio", None, None, None, None, None))
+    if ratio is not None:
+        lines += ["## Large messages: glibc malloc tuning", "",
+                  f"Echo server started without and with `cli.MALLOC_TUNING`, "
+                  f"{report.plan.malloc_message_bytes / 2**20:g} MiB each way, one call at a "
+                  f"time:", ""]
+        lines += _table(["malloc tuning", "MB/s", "req/s", "p50 ms"], [
+            [t, *cells("malloc", (None, None, None, 1, t), "mb_per_s", "requests_per_s",
+                       "p50_ms")] for t in ("off", "on")])
+        lines += [f"Tuned / untuned throughput: **{ratio['tuned_over_untuned_throughput']:.2f}x**",
+                  ""]
+    if report.notes:
+        lines += ["## Notes", "", *(f"- {n}" for n in report.notes), ""]
+    return "\n".join(lines)
+
+
+def write_report(report: BenchReport, output_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``service_bench.md`` and ``service_bench.json`` under ``output_dir``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / "service_bench.md", out / "service_bench.json"
+    md.write_text(report_to_markdown(report), encoding="utf-8")
+    js.write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False), encoding="utf-8")
+    return md, js
+
+
+def run_from_cli(args: Any) -> int:
+    """``moe-router bench``: the preset, with ``--tokens/--concurrency/--dtypes/--duration``
+    overrides; prints the Markdown, writes both files; exit 130 after Ctrl-C, 2 on bad flags."""
+    overrides: dict[str, Any] = {}
+    for name in ("tokens", "concurrency", "dtypes"):
+        if getattr(args, name, None):
+            overrides[name] = tuple(getattr(args, name))
+    if getattr(args, "duration", None) is not None:
+        overrides["duration_s"] = args.duration
+    try:
+        plan = replace(PRESETS[args.preset], **overrides)
+    except ValidationError as exc:
+        print(f"moe-router bench: {exc}", file=sys.stderr)
+        return 2
+    argv = sys.argv[1:]
+    command = "moe-router " + " ".join(argv) if argv[:1] == ["bench"] else \
+        f"moe-router bench --preset {args.preset}"
+    report = run_bench(plan, target=args.target, command=command)
+    md, js = write_report(report, args.output_dir)
+    print(report_to_markdown(report))
+    _progress(f"wrote {md} and {js}")
+    return 130 if report.interrupted else 0
