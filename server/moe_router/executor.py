@@ -24,7 +24,7 @@ from moe_router.errors import (
     RouterMemoryError,
     ValidationError,
 )
-from moe_router.routing.base import FLOAT_DTYPES, RouterBase
+from moe_router.routing.base import RouterBase
 from moe_router.routing.output import RouterOutput
 
 __all__ = ["DeviceExecutor", "BatchOutcome"]
@@ -80,21 +80,7 @@ class DeviceExecutor:
         """
         router = self.router_for(call.layer)
         hidden = call.hidden_states
-        if hidden.dtype not in FLOAT_DTYPES:
-            raise ValidationError(
-                f"hidden_states dtype {str(hidden.dtype).removeprefix('torch.')} is not "
-                "accepted; expected FLOAT32, FLOAT16 or BFLOAT16"
-            )
-        if hidden.dim() not in (2, 3):
-            raise ValidationError(
-                f"hidden_states must be [tokens, dim] or [batch, seq, dim], "
-                f"got shape {list(hidden.shape)}"
-            )
-        if hidden.shape[-1] != router.hidden_size:
-            raise ValidationError(
-                f"hidden_states dim {hidden.shape[-1]} does not match router "
-                f"'{self.name}' input_dim {router.hidden_size}"
-            )
+        router.validate(hidden, name=self.name)
         if call.options.extra_inputs and not router.accepts_estimator_inputs:
             raise ValidationError(
                 f"router '{self.name}' takes no estimator inputs "

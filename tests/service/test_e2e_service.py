@@ -160,7 +160,8 @@ BAD_INPUTS = [
     ),
     (dict(layer=9), NotFoundError, "has no layer 9; expected 0..1"),
     (dict(hidden=np.full((2, 64), np.inf, np.float32)), InvalidArgumentError, "non-finite"),
-    (dict(hidden=np.zeros((2, 64), np.int64)), InvalidArgumentError, "expected FLOAT32"),
+    (dict(hidden=np.zeros((2, 64), np.int64)), InvalidArgumentError,
+     "dtype int64 is not accepted; expected float32, float16 or bfloat16"),
     (
         dict(hidden=np.zeros((2, 2, 2, 64), np.float32)),
         InvalidArgumentError,

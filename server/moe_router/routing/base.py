@@ -182,16 +182,22 @@ class RouterBase(nn.Module, ABC):
             **extras,
         )
 
-    def validate(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """Check shape and dtype; return the flat [T, D] view and the leading dims."""
+    def validate(
+        self, hidden_states: torch.Tensor, name: str | None = None
+    ) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Check shape and dtype; return the flat [T, D] view and the leading dims.
+
+        ``name`` (the hosted router's name) makes the messages say which router.
+        """
+        who = "the router's" if name is None else f"router '{name}'"
         if not isinstance(hidden_states, torch.Tensor):
             raise ValidationError(
                 f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}"
             )
         if hidden_states.dtype not in FLOAT_DTYPES:
             raise ValidationError(
-                f"hidden_states dtype {hidden_states.dtype} is not accepted; "
-                "expected float32, float16 or bfloat16"
+                f"hidden_states dtype {str(hidden_states.dtype).removeprefix('torch.')} is not "
+                "accepted; expected float32, float16 or bfloat16"
             )
         if hidden_states.dim() not in (2, 3):
             raise ValidationError(
@@ -201,7 +207,7 @@ class RouterBase(nn.Module, ABC):
         if hidden_states.shape[-1] != self.hidden_size:
             raise ValidationError(
                 f"hidden_states dim {hidden_states.shape[-1]} does not match "
-                f"the router's input_dim {self.hidden_size}"
+                f"{who} input_dim {self.hidden_size}"
             )
         lead = tuple(hidden_states.shape[:-1])
         return hidden_states.reshape(-1, self.hidden_size), lead
