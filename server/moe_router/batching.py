@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from moe_router.backend import RouteCall, RouteResult
-from moe_router.errors import OverloadedError
+from moe_router.errors import BackendError, OverloadedError
 from moe_router.executor import DeviceExecutor
+from moe_router.routing.output import RouterOutput
 
 __all__ = ["Batcher"]
 
@@ -84,35 +85,45 @@ class Batcher:
         return result
 
     async def _enqueue(self, call: RouteCall) -> RouteResult:
-        loop = asyncio.get_running_loop()
         key = (call.layer, int(call.hidden_states.shape[-1]), call.hidden_states.dtype)
-        pending = _Pending(call, loop.create_future())
-        queue = self._queues.setdefault(key, [])
-        queue.append(pending)
-        if sum(p.call.num_tokens for p in queue) >= self.max_batch_tokens:
-            self._flush(key)
-        elif key not in self._timers:
-            self._timers[key] = loop.call_later(self.max_queue_delay_s, self._flush, key)
+        pending = _Pending(call, asyncio.get_running_loop().create_future())
+        self._queues.setdefault(key, []).append(pending)
+        self._dispatch(key, full_only=True)
         return await pending.future
 
-    def _flush(self, key: _Key) -> None:
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-        queue = self._queues.pop(key, [])
+    def _dispatch(self, key: _Key, *, full_only: bool) -> None:
+        """Send the queue's calls to the device in batches of at most max_batch_tokens.
+
+        On arrival (``full_only``) only full batches go: the remainder keeps waiting
+        for company, at most ``max_queue_delay_us`` after the timer started. When the
+        timer fires everything goes.
+        """
+        queue = [p for p in self._queues.get(key, []) if not p.future.cancelled()]
         while queue:
-            batch: list[_Pending] = []
-            tokens = 0
-            while queue and (
-                not batch or tokens + queue[0].call.num_tokens <= self.max_batch_tokens
+            count, tokens = 0, 0
+            while count < len(queue) and (
+                count == 0 or tokens + queue[count].call.num_tokens <= self.max_batch_tokens
             ):
-                item = queue.pop(0)
-                if item.future.cancelled():
-                    continue
-                batch.append(item)
-                tokens += item.call.num_tokens
-            if batch:
-                asyncio.ensure_future(self._run_batch(key[0], batch, tokens))
+                tokens += queue[count].call.num_tokens
+                count += 1
+            if full_only and count == len(queue) and tokens < self.max_batch_tokens:
+                break  # not full yet: wait for company or the timer
+            batch, queue = queue[:count], queue[count:]
+            asyncio.ensure_future(self._run_batch(key[0], batch, tokens))
+        timer = self._timers.pop(key, None)
+        if queue:
+            self._queues[key] = queue
+            self._timers[key] = timer or asyncio.get_running_loop().call_later(
+                self.max_queue_delay_s, self._on_timer, key
+            )
+        else:
+            self._queues.pop(key, None)
+            if timer is not None:
+                timer.cancel()
+
+    def _on_timer(self, key: _Key) -> None:
+        self._timers.pop(key, None)
+        self._dispatch(key, full_only=False)
 
     async def _run_batch(self, layer: int, batch: list[_Pending], tokens: int) -> None:
         loop = asyncio.get_running_loop()
@@ -130,10 +141,14 @@ class Batcher:
             return
         self._count_batch(len(batch), tokens)
         for p, output in zip(batch, outcome.outputs, strict=True):
-            if not p.future.done():
+            if p.future.done():
+                continue
+            if isinstance(output, RouterOutput):
                 p.future.set_result(
                     self.inner.result(p.call, output, outcome, p.enqueued, len(batch), tokens)
                 )
+            else:  # refused on its own (deadline, non-finite input): only this call fails
+                p.future.set_exception(output or BackendError("no answer"))
 
     def _count_batch(self, calls: int, tokens: int) -> None:
         self._batches += 1

@@ -31,11 +31,17 @@ __all__ = ["DeviceExecutor", "BatchOutcome"]
 
 
 class BatchOutcome:
-    """Answers of one device pass plus its timing (seconds on the perf_counter clock)."""
+    """Answers of one device pass (an error in the slot of a call refused on its own)
+    plus its timing (seconds on the perf_counter clock)."""
 
     __slots__ = ("outputs", "started", "finished")
 
-    def __init__(self, outputs: list[RouterOutput], started: float, finished: float) -> None:
+    def __init__(
+        self,
+        outputs: Sequence[RouterOutput | DynamicMoEError | None],
+        started: float,
+        finished: float,
+    ) -> None:
         self.outputs = outputs
         self.started = started
         self.finished = finished
@@ -72,11 +78,10 @@ class DeviceExecutor:
         return self.layers[layer]
 
     def check(self, call: RouteCall) -> RouterBase:
-        """Validate ``call`` against its router before it queues; return the router.
+        """Check ``call``'s layer, dtype, rank, dim and inputs before it queues.
 
-        Names what was wrong and what was expected. Non-finite values are found through
-        one fp32 sum (any NaN or Inf makes it non-finite; measured ~25x cheaper than
-        ``isfinite(x).all()`` on [8192, 4096]); they are counted only on that error path.
+        Structure only, so it is cheap on the event loop; the values are checked in the
+        worker thread (:meth:`refusal`). Returns the layer's router.
         """
         router = self.router_for(call.layer)
         hidden = call.hidden_states
@@ -87,13 +92,6 @@ class DeviceExecutor:
                 f"({', '.join(sorted(call.options.extra_inputs))}); only dynamic and "
                 "adaptive routers use attention_weights, logits or gradients"
             )
-        if hidden.numel() and not torch.isfinite(hidden.sum(dtype=torch.float32)):
-            bad = int((~torch.isfinite(hidden)).sum())
-            if bad:
-                raise ValidationError(
-                    f"hidden_states contains {bad} non-finite values (NaN or Inf); "
-                    "expected finite numbers"
-                )
         return router
 
     def batchable(self, call: RouteCall) -> bool:
@@ -107,16 +105,49 @@ class DeviceExecutor:
         )
 
     # ------------------------------------------------------------------ device work
+    def refusal(self, call: RouteCall, now: float) -> DynamicMoEError | None:
+        """Why ``call`` must not run (deadline passed, non-finite input), or None.
+
+        Non-finite values are found through one fp32 sum (any NaN or Inf makes it
+        non-finite; measured ~25x cheaper than ``isfinite(x).all()`` on [8192, 4096]),
+        and counted only on that error path.
+        """
+        if call.deadline is not None and now >= call.deadline:
+            return DeadlineExceededError(
+                f"deadline passed before router '{self.name}' could start the call"
+            )
+        hidden = call.hidden_states
+        if hidden.numel() and not torch.isfinite(hidden.sum(dtype=torch.float32)):
+            bad = int((~torch.isfinite(hidden)).sum())
+            if bad:
+                return ValidationError(
+                    f"hidden_states contains {bad} non-finite values (NaN or Inf); "
+                    "expected finite numbers"
+                )
+        return None
+
     def run_batch(self, layer: int, calls: Sequence[RouteCall]) -> BatchOutcome:
-        """Route ``calls`` (same layer) in one device pass; blocking, for worker threads."""
+        """Route ``calls`` (same layer) in one device pass; blocking, for worker threads.
+
+        A call refused on its own (see :meth:`refusal`) gets its error in its slot of
+        ``outputs`` and the others still run; a device failure fails them all.
+        """
         router = self.router_for(layer)
         now = time.monotonic()
-        for call in calls:
-            if call.deadline is not None and now >= call.deadline:
-                raise DeadlineExceededError(
-                    f"deadline passed before router '{self.name}' could start the call"
-                )
+        answers: list[RouterOutput | DynamicMoEError | None] = [
+            self.refusal(call, now) for call in calls
+        ]
+        todo = [i for i, answer in enumerate(answers) if answer is None]
         started = time.perf_counter()
+        if todo:
+            outputs = self._forward(router, layer, [calls[i] for i in todo])
+            for i, output in zip(todo, outputs, strict=True):
+                answers[i] = output
+        return BatchOutcome(answers, started, time.perf_counter())
+
+    def _forward(
+        self, router: RouterBase, layer: int, calls: Sequence[RouteCall]
+    ) -> list[RouterOutput]:
         try:
             with torch.inference_mode():
                 if len(calls) == 1:
@@ -124,7 +155,7 @@ class DeviceExecutor:
                 else:
                     hidden = [c.hidden_states.to(self.device, non_blocking=True) for c in calls]
                     outputs = router.route_many(hidden)
-                outputs = [o.to("cpu") if self.device.type != "cpu" else o for o in outputs]
+                return [o.to("cpu") if self.device.type != "cpu" else o for o in outputs]
         except DynamicMoEError:
             raise
         except torch.cuda.OutOfMemoryError as exc:
@@ -140,7 +171,6 @@ class DeviceExecutor:
             raise BackendError(f"router '{self.name}' layer {layer} failed: {exc}") from exc
         except (ValueError, TypeError) as exc:
             raise ValidationError(f"router '{self.name}' rejected the input: {exc}") from exc
-        return BatchOutcome(outputs, started, time.perf_counter())
 
     def _forward_one(self, router: RouterBase, call: RouteCall) -> RouterOutput:
         generator = None
@@ -164,7 +194,10 @@ class DeviceExecutor:
         outcome = await asyncio.get_running_loop().run_in_executor(
             self.pool, self.run_batch, call.layer, [call]
         )
-        return self.result(call, outcome.outputs[0], outcome, enqueued, 1, call.num_tokens)
+        answer = outcome.outputs[0]
+        if not isinstance(answer, RouterOutput):
+            raise answer if answer is not None else BackendError("no answer")
+        return self.result(call, answer, outcome, enqueued, 1, call.num_tokens)
 
     def result(
         self,
