@@ -114,6 +114,7 @@ class BenchPlan:
     4096 x 7168 floats a request is 117 MB). Each load cell warms up ``warmup_s`` then
     times ``duration_s``; in-process peers time at least ``inprocess_s``. The malloc test
     sends ``malloc_message_bytes`` each way for ``malloc_duration_s`` per variant and round.
+    ``inprocess_s`` is shared by the eager and matmul peers, timed in turns.
     """
 
     routers: tuple[RouterSpec, ...] = (MIXTRAL, DEEPSEEK_V3)
@@ -123,7 +124,7 @@ class BenchPlan:
     max_concurrent_tokens: int = 256
     warmup_s: float = 0.3
     duration_s: float = 1.2
-    inprocess_s: float = 0.5
+    inprocess_s: float = 0.8
     malloc_message_bytes: int = 16 * 1024 * 1024
     malloc_duration_s: float = 1.5
     malloc_rounds: int = 2
@@ -185,23 +186,25 @@ def eager_route(x: torch.Tensor, weight: torch.Tensor, spec: RouterSpec,
     return weights / weights.sum(dim=-1, keepdim=True) * spec.routed_scaling_factor, indices
 
 
-def _time_calls(fn: Callable[[], object], min_time_s: float, device: torch.device,
-                min_calls: int = 3) -> list[float]:
-    """Latencies (ms) of ``fn`` after one warmup call, for ``min_time_s`` and >= ``min_calls``."""
-    def sync() -> None:
+def _time_interleaved(calls: dict[str, Callable[[], object]], min_time_s: float,
+                      device: torch.device, min_calls: int = 3) -> dict[str, list[float]]:
+    """Latencies (ms) of each call, taken in turns (so a noisy neighbour hits all alike)
+    after one warmup each, for ``min_time_s`` in all and at least ``min_calls`` each."""
+    def timed(fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1e3
 
+    latencies: dict[str, list[float]] = {name: [] for name in calls}
     with torch.inference_mode():
-        fn()
-        sync()
-        latencies: list[float] = []
+        for fn in calls.values():
+            timed(fn)
         stop = time.perf_counter() + min_time_s
-        while len(latencies) < min_calls or time.perf_counter() < stop:
-            start = time.perf_counter()
-            fn()
-            sync()
-            latencies.append((time.perf_counter() - start) * 1e3)
+        while len(latencies[next(iter(calls))]) < min_calls or time.perf_counter() < stop:
+            for name, fn in calls.items():
+                latencies[name].append(timed(fn))
     return latencies
 
 
@@ -215,9 +218,8 @@ def _inprocess_peers(spec: RouterSpec, dtype: WireDtype, tokens: int, plan: Benc
     x = torch.randn(tokens, spec.input_dim, generator=gen).to(device)
     x = x.to(torch.bfloat16) if dtype is WireDtype.BFLOAT16 else x
     x32 = x.float()
-    eager = _time_calls(lambda: eager_route(x, weight, spec, bias), plan.inprocess_s, device)
-    matmul = _time_calls(lambda: x32 @ weight.T, plan.inprocess_s, device)
-    return {"eager": eager, "matmul": matmul}
+    return _time_interleaved({"eager": lambda: eager_route(x, weight, spec, bias),
+                              "matmul": lambda: x32 @ weight.T}, plan.inprocess_s, device)
 
 
 # --------------------------------------------------------------------- child processes
@@ -286,6 +288,7 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
     except OSError:
         pass
     return {"cores": os.cpu_count(), "cpu": cpu, "os": platform.platform(),
+            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
             "python": platform.python_version(), "torch": torch.__version__,
             "grpcio": grpc.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -509,7 +512,9 @@ def _header(report: BenchReport) -> list[str]:
              f"- Date: {report.date}", f"- Command: `{report.command}`",
              f"- Machine: {m['cores']} cores ({m['cpu']}), {m['os']}; Python {m['python']}, "
              f"torch {m['torch']}, grpcio {m['grpcio']}; in-process device {m['device']}, "
-             f"service device {m.get('service_device', '-')}; malloc variables: {malloc}",
+             f"service device {m.get('service_device', '-')}; malloc variables: {malloc}; "
+             f"load average at start {m['load_average_1m']:.2f} (other work on the machine "
+             f"shows up in every figure)",
              f"- Method: Route over loopback, cache off (every call computes), batching on, "
              f"1 layer, random weights; clients in {plan.client_procs} separate processes "
              f"(grpc.aio, closed loop); per cell {plan.warmup_s} s warmup + {plan.duration_s} s "
