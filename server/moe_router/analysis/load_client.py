@@ -35,6 +35,7 @@ __all__ = ["ListeningProcess", "LoadClientPool", "LoadResult", "LoadSpec", "chil
 ROUTE_METHOD = "/moe_router.v1.RouterService/Route"
 _CALL_TIMEOUT_S = 300.0
 _MAX_CONSECUTIVE_ERRORS = 20
+_MIN_TIMED_CALLS = 3  # per caller, past the end instant if need be (100 MB requests)
 _MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 _LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
 
@@ -189,7 +190,7 @@ class _Worker:
                 if time.monotonic() >= warmup_until:
                     break
             timed = 0
-            while failures < _MAX_CONSECUTIVE_ERRORS and (timed == 0
+            while failures < _MAX_CONSECUTIVE_ERRORS and (timed < _MIN_TIMED_CALLS
                                                           or time.monotonic() < measure_until):
                 start = await one_call()
                 if start is None:
@@ -363,7 +364,7 @@ class LoadClientPool:
     def run(self, spec: LoadSpec, concurrency: int, warmup_s: float, duration_s: float
             ) -> LoadResult:
         """``concurrency`` closed-loop callers of ``spec`` for ``warmup_s`` + ``duration_s``
-        (every caller makes at least one warmup and one timed call)."""
+        (every caller makes at least one warmup call and three timed calls)."""
         if concurrency < 1:
             raise ValueError(f"concurrency: must be >= 1, got {concurrency}")
         used = self._workers[:min(concurrency, len(self._workers))]

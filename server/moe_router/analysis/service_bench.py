@@ -259,6 +259,7 @@ class BenchReport:
     date: str
     machine: dict[str, Any]
     plan: BenchPlan
+    target: str | None = None
     results: list[BenchmarkResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
@@ -273,7 +274,7 @@ class BenchReport:
         plan["dtypes"] = [d.value for d in self.plan.dtypes]
         plan["routers"] = [{**asdict(r), "kind": r.kind.value} for r in self.plan.routers]
         return {"title": "moe-router service benchmark", "command": self.command,
-                "date": self.date, "machine": self.machine, "plan": plan,
+                "date": self.date, "machine": self.machine, "plan": plan, "target": self.target,
                 "interrupted": self.interrupted, "notes": self.notes,
                 "results": [r.to_dict() for r in self.results]}
 
@@ -477,7 +478,7 @@ def run_bench(plan: BenchPlan, target: str | None = None, command: str = "moe-ro
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = BenchReport(command=command,
                          date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                         machine=machine_facts(device), plan=plan)
+                         machine=machine_facts(device), plan=plan, target=target)
     run = _Run(plan, report, device)
     try:
         with tempfile.TemporaryDirectory(prefix="moe-router-bench-") as workdir:
@@ -508,6 +509,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _header(report: BenchReport) -> list[str]:
     m, plan = report.machine, report.plan
     malloc = " ".join(f"{k}={v}" for k, v in m["malloc_env"].items()) or "none"
+    served = ("to a server started for the bench: cache off (every call computes), batching "
+              "on, 1 layer, random weights" if report.target is None else
+              f"to the running server at {report.target} (its own config; every call sets "
+              f"skip_cache)")
     lines = ["# moe-router service benchmark", "",
              f"- Date: {report.date}", f"- Command: `{report.command}`",
              f"- Machine: {m['cores']} cores ({m['cpu']}), {m['os']}; Python {m['python']}, "
@@ -515,12 +520,11 @@ def _header(report: BenchReport) -> list[str]:
              f"service device {m.get('service_device', '-')}; malloc variables: {malloc}; "
              f"load average at start {m['load_average_1m']:.2f} (other work on the machine "
              f"shows up in every figure)",
-             f"- Method: Route over loopback, cache off (every call computes), batching on, "
-             f"1 layer, random weights; clients in {plan.client_procs} separate processes "
-             f"(grpc.aio, closed loop); per cell {plan.warmup_s} s warmup + {plan.duration_s} s "
-             f"timed. echo = bare grpc.aio server carrying the same bytes each way; eager = "
-             f"plain PyTorch routing in-process; matmul = `x.float() @ W.T` alone. "
-             f"MB/s counts request + response payload.", ""]
+             f"- Method: Route over loopback {served}; clients in {plan.client_procs} "
+             f"separate processes (grpc.aio, closed loop); per cell {plan.warmup_s} s warmup "
+             f"+ {plan.duration_s} s timed. echo = bare grpc.aio server carrying the same "
+             f"bytes each way; eager = plain PyTorch routing in-process; matmul = "
+             f"`x.float() @ W.T` alone. MB/s counts request + response payload.", ""]
     if report.interrupted:
         lines += ["> Interrupted: the tables hold the measurements completed before Ctrl-C.", ""]
     return lines
@@ -540,14 +544,14 @@ def report_to_markdown(report: BenchReport) -> str:
 
     lines = _header(report) + ["## Service over loopback vs the transport floor (echo)", ""]
     rows = []
-    for kind, router, dtype, tokens, level, _ in found:
-        if kind == "echo":
-            key = (router, dtype, tokens, level, None)
-            rows.append([router, dtype, str(tokens), str(level),
-                         *cells("service", key, "p50_ms", "p95_ms", "p99_ms", "requests_per_s",
-                                "tokens_per_s", "mb_per_s"),
-                         *cells("echo", key, "p50_ms", "mb_per_s"),
-                         *cells("service_ratio", key, "service_over_echo_p50")])
+    load_cells = (k[1:] for k in found if k[0] in ("service", "echo"))
+    for router, dtype, tokens, level, _ in dict.fromkeys(load_cells):
+        key = (router, dtype, tokens, level, None)
+        rows.append([router, dtype, str(tokens), str(level),
+                     *cells("service", key, "p50_ms", "p95_ms", "p99_ms", "requests_per_s",
+                            "tokens_per_s", "mb_per_s"),
+                     *cells("echo", key, "p50_ms", "mb_per_s"),
+                     *cells("service_ratio", key, "service_over_echo_p50")])
     lines += _table(["router", "dtype", "tokens", "concurrency", "p50 ms", "p95 ms", "p99 ms",
                      "req/s", "tokens/s", "MB/s", "echo p50 ms", "echo MB/s",
                      "service/echo p50"], rows)
