@@ -42,8 +42,9 @@ def test_merged_calls_answer_bit_identically_to_alone():
     batcher = Batcher(executor_for(router), max_queue_delay_us=50_000)
     calls = calls_of([1, 3, 16, 17, 2, 40, 5, 1])
     results = asyncio.run(route_all(batcher, calls))
-    assert {r.batch_requests for r in results} == {len(calls)}
-    assert {r.batch_tokens for r in results} == {sum(c.num_tokens for c in calls)}
+    # The first call finds the device idle and goes alone; the rest gather behind it.
+    assert [r.batch_requests for r in results] == [1] + [len(calls) - 1] * (len(calls) - 1)
+    assert results[-1].batch_tokens == sum(c.num_tokens for c in calls[1:])
     with torch.inference_mode():
         for call, result in zip(calls, results, strict=True):
             alone = router(call.hidden_states)
@@ -55,15 +56,17 @@ def test_merged_calls_answer_bit_identically_to_alone():
 
 def test_a_bad_call_fails_alone_and_its_batch_mates_are_answered():
     batcher = Batcher(executor_for(topk()), max_queue_delay_us=50_000)
-    calls = calls_of([2, 3, 4])
-    poisoned = calls[1].hidden_states.clone()
+    calls = calls_of([1, 2, 3, 4])
+    poisoned = calls[2].hidden_states.clone()
     poisoned[1, 5] = float("nan")
-    expired = RouteCall("r", 0, calls[2].hidden_states, deadline=time.monotonic() - 1)
-    mixed = [calls[0], RouteCall("r", 0, poisoned), expired]
+    expired = RouteCall("r", 0, calls[3].hidden_states, deadline=time.monotonic() - 1)
+    # calls[0] occupies the device, so the next three gather into one pass.
+    mixed = [calls[0], calls[1], RouteCall("r", 0, poisoned), expired]
     results = asyncio.run(route_all(batcher, mixed))
-    assert results[0].output.expert_indices.shape == (2, 2)
-    assert isinstance(results[1], ValidationError) and "1 non-finite" in str(results[1])
-    assert isinstance(results[2], DeadlineExceededError)
+    assert results[1].output.expert_indices.shape == (2, 2)
+    assert results[1].batch_requests == 3
+    assert isinstance(results[2], ValidationError) and "1 non-finite" in str(results[2])
+    assert isinstance(results[3], DeadlineExceededError)
 
 
 def test_token_coupled_router_is_never_merged():
@@ -75,9 +78,15 @@ def test_token_coupled_router_is_never_merged():
 
 def test_max_batch_tokens_splits_device_passes():
     batcher = Batcher(executor_for(topk()), max_batch_tokens=10, max_queue_delay_us=50_000)
-    results = asyncio.run(route_all(batcher, calls_of([4, 4, 4, 4])))
+    results = asyncio.run(route_all(batcher, calls_of([4, 4, 4, 4, 4])))
     assert all(r.batch_tokens <= 10 for r in results)
-    assert sorted(r.batch_requests for r in results) == [2, 2, 2, 2]
+    assert [r.batch_requests for r in results] == [1, 2, 2, 2, 2]
+
+
+def test_a_lone_call_on_an_idle_device_does_not_wait_for_the_timer():
+    batcher = Batcher(executor_for(topk()), max_queue_delay_us=60_000_000)  # one minute
+    result = asyncio.run(asyncio.wait_for(batcher.route(calls_of([3])[0]), timeout=30))
+    assert result.batch_requests == 1
 
 
 def test_full_queue_answers_overloaded_and_drains():

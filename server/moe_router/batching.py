@@ -58,6 +58,7 @@ class Batcher:
         self._queues: dict[_Key, list[_Pending]] = {}
         self._timers: dict[_Key, asyncio.TimerHandle] = {}
         self._depth = 0
+        self._passes_in_flight = 0
         self._batches = 0
         self._merged_calls = 0
 
@@ -88,15 +89,17 @@ class Batcher:
         key = (call.layer, int(call.hidden_states.shape[-1]), call.hidden_states.dtype)
         pending = _Pending(call, asyncio.get_running_loop().create_future())
         self._queues.setdefault(key, []).append(pending)
-        self._dispatch(key, full_only=True)
+        # An idle device takes the call at once; a busy one lets calls gather.
+        self._dispatch(key, full_only=self._passes_in_flight > 0)
         return await pending.future
 
     def _dispatch(self, key: _Key, *, full_only: bool) -> None:
         """Send the queue's calls to the device in batches of at most max_batch_tokens.
 
-        On arrival (``full_only``) only full batches go: the remainder keeps waiting
-        for company, at most ``max_queue_delay_us`` after the timer started. When the
-        timer fires everything goes.
+        With ``full_only`` (a pass is already running) only full batches go: the
+        remainder waits for company until the running pass ends or, at most,
+        ``max_queue_delay_us`` after its timer started. Otherwise everything goes, so a
+        lone call on an idle device never waits for a timer.
         """
         queue = [p for p in self._queues.get(key, []) if not p.future.cancelled()]
         while queue:
@@ -109,6 +112,7 @@ class Batcher:
             if full_only and count == len(queue) and tokens < self.max_batch_tokens:
                 break  # not full yet: wait for company or the timer
             batch, queue = queue[:count], queue[count:]
+            self._passes_in_flight += 1  # counted now: the task starts on a later tick
             asyncio.ensure_future(self._run_batch(key[0], batch, tokens))
         timer = self._timers.pop(key, None)
         if queue:
@@ -139,6 +143,10 @@ class Batcher:
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            self._passes_in_flight -= 1
+            for waiting in list(self._queues):
+                self._dispatch(waiting, full_only=self._passes_in_flight > 0)
         self._count_batch(len(batch), tokens)
         for p, output in zip(batch, outcome.outputs, strict=True):
             if p.future.done():
