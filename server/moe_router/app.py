@@ -157,8 +157,12 @@ async def create_server(
         await server.stop(0)
         pool.shutdown(wait=False)
         raise
+    shared_limit = None  # one rate-limit bucket per caller across every router
     for name, router in hosted.items():
-        chains[name] = build_chain(router, config, pool, metrics, on_breaker_change)
+        chains[name] = build_chain(
+            router, config, pool, metrics, on_breaker_change, rate_limit_shared_with=shared_limit
+        )
+        shared_limit = shared_limit or chains[name].rate_limit
     running = RunningServer(config, server, port, health, chains, pool, registry)
     if metrics is not None:
         metrics.set_build_info(__version__, str(device))

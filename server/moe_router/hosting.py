@@ -44,6 +44,7 @@ class HostedRouterChain:
     batcher: Batcher | None = None
     cache: CacheBackend | None = None
     breaker: CircuitBreakerBackend | None = None
+    rate_limit: RateLimitBackend | None = None
 
     def describe(self) -> pb.RouterDescription:
         """The ListRouters entry of this router."""
@@ -118,8 +119,13 @@ def build_chain(
     pool: Executor,
     metrics: RouterMetrics | None,
     on_breaker_change: Callable[[str, str, str], None] | None = None,
+    rate_limit_shared_with: RateLimitBackend | None = None,
 ) -> HostedRouterChain:
-    """Wrap one loaded router in the stages config.yaml switches on."""
+    """Wrap one loaded router in the stages config.yaml switches on.
+
+    ``rate_limit_shared_with``: another chain's limiter whose per-caller buckets this one
+    shares (``security.rate_limit`` is per caller across all routers).
+    """
     spec = hosted.spec
     name = spec.name
     executor = DeviceExecutor(name, hosted.layers, hosted.versions, hosted.device, pool)
@@ -171,8 +177,12 @@ def build_chain(
             rss_limit_bytes=int(config.monitoring.alert_thresholds.memory_usage_mb * 2**20),
         )
         chain = cache
+    rate_limit = None
     if config.security.rate_limit > 0:
-        chain = RateLimitBackend(chain, requests_per_hour=config.security.rate_limit)
+        rate_limit = RateLimitBackend(
+            chain, requests_per_hour=config.security.rate_limit, shared_with=rate_limit_shared_with
+        )
+        chain = rate_limit
     request_stats = RequestStatsBackend(chain)
     chain = request_stats
     if metrics is not None:
@@ -186,4 +196,5 @@ def build_chain(
         batcher=batcher,
         cache=cache,
         breaker=breaker,
+        rate_limit=rate_limit,
     )

@@ -11,6 +11,9 @@ but never more than the hourly rate over time.
 Memory stays bounded: a bucket idle for ``burst / rate`` seconds is full again, the same
 as a new one, so it is dropped without changing any answer; past ``max_callers`` the
 least recently seen bucket is dropped too (that caller starts over with a full bucket).
+
+The limit is per caller, not per router: the limiters of a server's routers share one
+bucket table (``shared_with``), so a caller cannot multiply its quota by the router count.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ class RateLimitBackend:
         burst: int | None = None,
         max_callers: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        shared_with: RateLimitBackend | None = None,
     ) -> None:
+        """``shared_with``: another limiter (same rate and burst) whose buckets this one uses,
+        so one caller has one bucket across every router of the server."""
         for value, name in ((requests_per_hour, "requests_per_hour"), (max_callers, "max_callers")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RouterConfigurationError(f"{name}: must be a positive integer, got {value!r}")
@@ -59,6 +65,14 @@ class RateLimitBackend:
         self._lock = threading.Lock()
         # caller -> (tokens, last refill time); ordered by last use, oldest first
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        if shared_with is not None:
+            if (shared_with._requests_per_hour, shared_with._burst) != (requests_per_hour, burst):
+                raise RouterConfigurationError(
+                    "shared_with: must have the same requests_per_hour and burst "
+                    f"({shared_with._requests_per_hour}, {shared_with._burst}), got "
+                    f"({requests_per_hour}, {burst})"
+                )
+            self._lock, self._buckets = shared_with._lock, shared_with._buckets
         self._limited = 0
         self._admitted = 0
 
