@@ -35,6 +35,8 @@ class RouterBase(nn.Module, ABC):
 
     couples_tokens: bool = False
     expert_load: torch.Tensor
+    #: Whether select() always fills every one of its k slots (no -1 padding).
+    fixed_k: bool = False
     #: Whether forward takes estimator inputs (attention_weights, logits, gradients).
     accepts_estimator_inputs: bool = False
 
@@ -162,8 +164,15 @@ class RouterBase(nn.Module, ABC):
             )
         aux_loss = self.compute_aux_loss(selection.probs, indices)
         z_loss = self.compute_z_loss(logits)
-        indices_i32, weights_f32, num_per_token = F.pad_selection(indices, weights)
-        counts = F.tokens_per_expert(indices_i32, self.num_experts)
+        if self.fixed_k and cf is None:  # every slot is real: no padding to sort out
+            indices_i32, weights_f32 = indices.to(torch.int32), weights.to(torch.float32)
+            num_per_token = torch.full(
+                indices.shape[:1], indices.shape[1], dtype=torch.int32, device=indices.device
+            )
+            counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts)
+        else:
+            indices_i32, weights_f32, num_per_token = F.pad_selection(indices, weights)
+            counts = F.tokens_per_expert(indices_i32, self.num_experts)
         self.update_stats(counts, num_per_token, dropped)
         extras = dict(selection.extras)
         complexity = extras.pop("complexity_scores", None)

@@ -56,7 +56,7 @@ def batch_invariant_linear(
     num_rows, dim = x.shape
     pad = (-num_rows) % block_rows
     if pad:
-        x = torch.cat([x, x.new_zeros(pad, dim)])
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
     blocks = x.reshape(-1, block_rows, dim)
     w_t = weight.t().unsqueeze(0).expand(blocks.shape[0], dim, weight.shape[0])
     out = torch.bmm(blocks, w_t).reshape(-1, weight.shape[0])[:num_rows]

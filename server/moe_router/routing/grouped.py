@@ -40,6 +40,8 @@ class GroupedTopKRouter(RouterBase):
     topk_group=3, k=6, softmax, MAX, no renormalize, scale 16.
     """
 
+    fixed_k = True
+
     e_score_correction_bias: torch.Tensor  # [E] fp32, only when use_correction_bias
 
     def __init__(self, config: RouterConfig, use_correction_bias: bool = False) -> None:

@@ -42,6 +42,8 @@ class SoftMoERouter(RouterBase):
     ``config.top_k``, ``renormalize`` and ``capacity_factor`` are not used.
     """
 
+    fixed_k = True
+
     couples_tokens = True
 
     def __init__(

@@ -25,6 +25,8 @@ class TopKRouter(RouterBase):
     norm_topk_prob as configured.
     """
 
+    fixed_k = True
+
     def select(
         self,
         logits: torch.Tensor,

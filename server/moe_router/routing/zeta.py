@@ -130,6 +130,8 @@ class MLPTopKRouter(RouterBase):
     is not used). ``config.scoring`` must be softmax: the mechanism does the scoring.
     """
 
+    fixed_k = True
+
     gate: MoERouter  # type: ignore[assignment]  # the MLP replaces the base's Linear gate
 
     def __init__(
