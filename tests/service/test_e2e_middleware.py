@@ -56,7 +56,7 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory):
     """One server for the module: every router kind plus `faulty`, the default cache, a
     breaker that opens after 4 calls, and `mixtral-wait`, a copy of `mixtral` whose batcher
-    waits 50 ms for company so concurrent identical calls really meet in flight."""
+    may hold calls up to 50 ms, so concurrent identical calls can meet in flight."""
     tmp = tmp_path_factory.mktemp("middleware")
     routers = small_routers(fault_dir=tmp)
     mixtral = next(r for r in routers if r["name"] == "mixtral")
@@ -237,6 +237,8 @@ def test_same_bytes_with_another_shape_or_dtype_never_share_an_entry(client):
 
 
 def test_concurrent_identical_calls_compute_once(served: Served, client):
+    # Whether a call joins the one in flight or finds its stored answer, the cache must
+    # compute once: one miss, 31 hits (joining is counted as a hit).
     x = tokens((7, 64), 5)
     before = cache_stats(client, "mixtral-wait")
 
