@@ -279,6 +279,10 @@ class BenchReport:
                 "results": [r.to_dict() for r in self.results]}
 
 
+def _load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
 def machine_facts(device: torch.device) -> dict[str, Any]:
     """Cores, CPU, OS, library versions and the in-process device, for the report header."""
     cpu = platform.processor() or platform.machine()
@@ -289,7 +293,7 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
     except OSError:
         pass
     return {"cores": os.cpu_count(), "cpu": cpu, "os": platform.platform(),
-            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
+            "load_average_1m": _load_average(),
             "python": platform.python_version(), "torch": torch.__version__,
             "grpcio": grpc.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -489,6 +493,7 @@ def run_bench(plan: BenchPlan, target: str | None = None, command: str = "moe-ro
         report.interrupted = True
     finally:
         run.stop()
+        report.machine["load_average_1m_end"] = _load_average()
     return report
 
 
@@ -518,8 +523,9 @@ def _header(report: BenchReport) -> list[str]:
              f"- Machine: {m['cores']} cores ({m['cpu']}), {m['os']}; Python {m['python']}, "
              f"torch {m['torch']}, grpcio {m['grpcio']}; in-process device {m['device']}, "
              f"service device {m.get('service_device', '-')}; malloc variables: {malloc}; "
-             f"load average at start {m['load_average_1m']:.2f} (other work on the machine "
-             f"shows up in every figure)",
+             f"1-min load average {m['load_average_1m']:.2f} at start, "
+             f"{m.get('load_average_1m_end', m['load_average_1m']):.2f} at end (other work on "
+             f"the machine shows up in every figure)",
              f"- Method: Route over loopback {served}; clients in {plan.client_procs} "
              f"separate processes (grpc.aio, closed loop); per cell {plan.warmup_s} s warmup "
              f"+ {plan.duration_s} s timed. echo = bare grpc.aio server carrying the same "
