@@ -80,8 +80,8 @@ def warm_up(hosted: dict[str, HostedRouter]) -> None:
 
     The first pass through a kernel pays for its set-up (measured in-process here: 7.8 ms
     for the default mixtral's first 4-token call, 0.4 ms for the next); the warm-up
-    keeps that off the first real callers. Stateful routers are skipped (a warm-up call would move their
-    balancing state) and statistics are reset afterwards.
+    keeps that off the first real callers. Stateful routers are skipped (a warm-up call
+    would move their balancing state) and statistics are reset afterwards.
     """
     with torch.inference_mode():
         for router in hosted.values():

@@ -84,3 +84,16 @@ def test_idle_buckets_are_forgotten_and_memory_is_bounded(clock: FakeClock) -> N
 def test_bad_arguments_fail_at_construction(kwargs, name) -> None:
     with pytest.raises(RouterConfigurationError, match=name):
         RateLimitBackend(TopKBackend(), **kwargs)
+
+
+def test_limiters_sharing_buckets_hold_one_quota_across_routers(clock: FakeClock) -> None:
+    first = RateLimitBackend(TopKBackend(), requests_per_hour=3600, burst=2, clock=clock)
+    second = RateLimitBackend(
+        TopKBackend(), requests_per_hour=3600, burst=2, clock=clock, shared_with=first
+    )
+    assert not any(isinstance(o, OverloadedError) for o in asyncio.run(_try(first, "bob", 2)))
+    (refused,) = asyncio.run(_try(second, "bob"))
+    assert isinstance(refused, OverloadedError) and refused.reason == "RATE_LIMITED"
+    assert not isinstance(asyncio.run(_try(second, "carol"))[0], OverloadedError)
+    with pytest.raises(RouterConfigurationError, match="shared_with"):
+        RateLimitBackend(TopKBackend(), requests_per_hour=60, clock=clock, shared_with=first)
