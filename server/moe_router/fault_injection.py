@@ -53,7 +53,10 @@ class FaultInjectingRouter(TopKRouter):
         return True
 
     def compute_router_logits(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        block_rows: int | None = None,
     ) -> torch.Tensor:
         """Inject the configured fault, then compute the gate logits ``[T, E]`` as usual."""
         if self.fail_while_file_exists is not None and self.fail_while_file_exists.exists():
@@ -62,7 +65,7 @@ class FaultInjectingRouter(TopKRouter):
             )
         if self.slow_while_file_exists is not None and self.slow_while_file_exists.exists():
             time.sleep(self.slow_ms / 1000.0)
-        return super().compute_router_logits(x, generator)
+        return super().compute_router_logits(x, generator, block_rows)
 
 
 def _path(value: str | Path | None) -> Path | None:

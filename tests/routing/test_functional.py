@@ -44,14 +44,22 @@ def test_tokens_per_expert_ignores_padding():
     assert counts.tolist() == [1, 0, 2, 0]
 
 
-def test_batch_invariant_linear_rows_do_not_depend_on_the_batch():
+def test_gate_block_rows_is_the_next_power_of_two_up_to_256():
+    assert [F.gate_block_rows(n) for n in (0, 1, 2, 3, 5, 8, 9, 200, 256, 257, 4096)] == [
+        1, 1, 2, 4, 8, 8, 16, 256, 256, 256, 256]
+
+
+@pytest.mark.parametrize("block", [1, 8, 64, 256])
+def test_batch_invariant_linear_rows_do_not_depend_on_their_block_mates(block):
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(24, 40, generator=gen)
     x = torch.randn(37, 40, generator=gen)
-    together = F.batch_invariant_linear(x, weight)
-    alone = torch.cat([F.batch_invariant_linear(x[i : i + 1], weight) for i in range(37)])
-    torch.testing.assert_close(together, alone, rtol=0, atol=0)
-    torch.testing.assert_close(together, x @ weight.t(), rtol=1e-5, atol=1e-5)
+    others = torch.randn(3 * block, 40, generator=gen)
+    alone = F.batch_invariant_linear(x, weight, block_rows=block)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, (-37) % block))
+    merged = F.batch_invariant_linear(torch.cat([others, padded]), weight, block_rows=block)
+    torch.testing.assert_close(merged[3 * block : 3 * block + 37], alone, rtol=0, atol=0)
+    torch.testing.assert_close(alone, x @ weight.t(), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------- losses

@@ -121,18 +121,26 @@ class RouterBase(nn.Module, ABC):
             )
         flats, leads = zip(*(self.validate(h) for h in hidden_states), strict=True)
         sizes = [f.shape[0] for f in flats]
-        # Each call starts on a gate block boundary, so every block of the merged matmul
-        # holds exactly the rows (and zero padding) it holds when the call runs alone.
-        block = F.GATE_BLOCK_ROWS
         dtype = flats[0].dtype
-        padded = [
-            torch.cat([f.to(dtype), f.new_zeros((-n) % block, f.shape[1], dtype=dtype)])
-            for f, n in zip(flats, sizes, strict=True)
-        ]
-        real_rows = torch.cat(
-            [torch.arange(n) + offset for n, offset in zip(sizes, _offsets(padded), strict=True)]
-        ).to(flats[0].device)
-        logits = self.compute_router_logits(torch.cat(padded), generator=generator)[real_rows]
+        # Each call is multiplied in blocks of its own size class, starting on a block
+        # boundary: every block holds exactly what it holds when the call runs alone.
+        by_block: dict[int, list[int]] = {}
+        for i, n in enumerate(sizes):
+            by_block.setdefault(F.gate_block_rows(n), []).append(i)
+        parts: list[torch.Tensor] = [flats[0]] * len(flats)
+        for block, members in by_block.items():
+            padded = [
+                torch.nn.functional.pad(flats[i].to(dtype), (0, 0, 0, (-sizes[i]) % block))
+                for i in members
+            ]
+            out = self.compute_router_logits(
+                torch.cat(padded), generator=generator, block_rows=block
+            )
+            start = 0
+            for i, rows in zip(members, padded, strict=True):
+                parts[i] = out[start : start + sizes[i]]
+                start += rows.shape[0]
+        logits = torch.cat(parts)
         merged = torch.cat([f.to(dtype) for f in flats])
         selection = self.select(logits, merged, generator=generator, lead_shape=(merged.shape[0],))
         outputs = []
@@ -162,18 +170,23 @@ class RouterBase(nn.Module, ABC):
             indices, weights, dropped = F.apply_capacity(
                 indices, weights, selection.probs, capacity, self.config.drop_policy
             )
-        aux_loss = self.compute_aux_loss(selection.probs, indices)
-        z_loss = self.compute_z_loss(logits)
+        assignments = None
         if self.fixed_k and cf is None:  # every slot is real: no padding to sort out
             indices_i32, weights_f32 = indices.to(torch.int32), weights.to(torch.float32)
             num_per_token = torch.full(
                 indices.shape[:1], indices.shape[1], dtype=torch.int32, device=indices.device
             )
             counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts)
+            assignments = indices.numel()
         else:
             indices_i32, weights_f32, num_per_token = F.pad_selection(indices, weights)
             counts = F.tokens_per_expert(indices_i32, self.num_experts)
-        self.update_stats(counts, num_per_token, dropped)
+        if type(self).compute_aux_loss is RouterBase.compute_aux_loss:
+            aux_loss = F.aux_loss_from_counts(selection.probs, counts, self.k_range[1])
+        else:
+            aux_loss = self.compute_aux_loss(selection.probs, indices)
+        z_loss = self.compute_z_loss(logits)
+        self.update_stats(counts, num_per_token, dropped, assignments)
         extras = dict(selection.extras)
         complexity = extras.pop("complexity_scores", None)
         info = extras.pop("info", {})
@@ -222,12 +235,15 @@ class RouterBase(nn.Module, ABC):
         return hidden_states.reshape(-1, self.hidden_size), lead
 
     def compute_router_logits(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        block_rows: int | None = None,
     ) -> torch.Tensor:
         """Gate logits [T, E] in fp32 (input upcast first; train-time jitter if configured).
 
-        The matmul is batch-invariant (:func:`functional.batch_invariant_linear`) so a
-        token's answer never depends on which other tokens share its call.
+        The matmul is batch-invariant (:func:`functional.batch_invariant_linear`);
+        ``block_rows`` is set by :meth:`route_many` to the merged call's own block size.
         """
         x = x.float()
         eps = self.config.jitter_noise
@@ -236,7 +252,7 @@ class RouterBase(nn.Module, ABC):
             x = x * (1.0 - eps + 2.0 * eps * noise)
         weight = self.gate.weight.float()
         bias = None if self.gate.bias is None else self.gate.bias.float()
-        return F.batch_invariant_linear(x, weight, bias)
+        return F.batch_invariant_linear(x, weight, bias, block_rows)
 
     @abstractmethod
     def select(
@@ -261,27 +277,39 @@ class RouterBase(nn.Module, ABC):
 
     # ----------------------------------------------------------------- statistics
     def update_stats(
-        self, counts: torch.Tensor, num_per_token: torch.Tensor, dropped: int = 0
+        self,
+        counts: torch.Tensor,
+        num_per_token: torch.Tensor,
+        dropped: int = 0,
+        assignments: int | None = None,
     ) -> None:
-        """Add one call's per-expert assignments to the running statistics."""
+        """Add one call's per-expert assignments to the running statistics.
+
+        ``assignments`` (sum of ``num_per_token``) may be passed when already known.
+        """
+        tokens = int(num_per_token.numel())
+        if assignments is None:
+            assignments = int(num_per_token.sum())
         with torch.no_grad(), self._stats_lock:
-            self.expert_load += counts.to(self.expert_load.device)
-            self._total_batches += 1
-            self._total_tokens += int(num_per_token.numel())
-            self._total_assignments += int(num_per_token.sum())
-            self._dropped += dropped
+            self.expert_load.add_(counts.to(self.expert_load.device))
+            totals = self._totals
+            totals.batches += 1
+            totals.tokens += tokens
+            totals.assignments += assignments
+            totals.dropped += dropped
 
     def get_stats(self) -> dict[str, Any]:
         """Running statistics since the last reset (counts are cumulative)."""
         with self._stats_lock:
             load = self.expert_load.detach().cpu()
-            tokens = self._total_tokens
+            totals = self._totals
+            tokens = totals.tokens
             stats = {
-                "total_batches": self._total_batches,
+                "total_batches": totals.batches,
                 "total_tokens": tokens,
                 "tokens_per_expert": load.tolist(),
-                "dropped_tokens": self._dropped,
-                "avg_experts_per_token": self._total_assignments / tokens if tokens else 0.0,
+                "dropped_tokens": totals.dropped,
+                "avg_experts_per_token": totals.assignments / tokens if tokens else 0.0,
             }
         loadf = load.double()
         stats.update(
@@ -297,16 +325,16 @@ class RouterBase(nn.Module, ABC):
         """Forget every running statistic."""
         with self._stats_lock:
             self.expert_load.zero_()
-            self._total_batches = 0
-            self._total_tokens = 0
-            self._total_assignments = 0
-            self._dropped = 0
+            self._totals = _RunningTotals()
 
 
-def _offsets(parts: Sequence[torch.Tensor]) -> list[int]:
-    """Start row of each part in their concatenation."""
-    starts, total = [], 0
-    for part in parts:
-        starts.append(total)
-        total += part.shape[0]
-    return starts
+class _RunningTotals:
+    """Counters of RouterBase statistics, kept off nn.Module (whose __setattr__ is slow)."""
+
+    __slots__ = ("batches", "tokens", "assignments", "dropped")
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.tokens = 0
+        self.assignments = 0
+        self.dropped = 0

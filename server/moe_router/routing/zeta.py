@@ -80,7 +80,7 @@ class MoERouter(nn.Module):
             nn.Linear(n_in, n_out) for n_in, n_out in zip(widths[:-1], widths[1:], strict=True)
         )
 
-    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, x: torch.Tensor, block_rows: int | None = None) -> torch.Tensor:
         """Expert logits [..., E] in fp32 for ``x`` [..., dim]; every layer multiplies
         through :func:`functional.batch_invariant_linear`, as the base router's gate does."""
         if not isinstance(x, torch.Tensor):
@@ -97,7 +97,9 @@ class MoERouter(nn.Module):
         h = x.reshape(-1, self.dim).float()
         for i, module in enumerate(self.layers):
             layer = cast(nn.Linear, module)
-            h = F.batch_invariant_linear(h, layer.weight.float(), layer.bias.float())
+            h = F.batch_invariant_linear(
+                h, layer.weight.float(), layer.bias.float(), block_rows
+            )
             if i < len(self.layers) - 1:
                 h = torch.relu(h)
         return h.reshape(*lead, self.num_experts)
@@ -165,7 +167,10 @@ class MLPTopKRouter(RouterBase):
         )
 
     def compute_router_logits(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        block_rows: int | None = None,
     ) -> torch.Tensor:
         """The MLP's expert logits [T, E] in fp32 (train-time jitter if configured)."""
         x = x.float()
@@ -173,7 +178,7 @@ class MLPTopKRouter(RouterBase):
         if self.training and eps > 0:
             noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x * (1.0 - eps + 2.0 * eps * noise)
-        return self.gate.compute_logits(x)
+        return self.gate.compute_logits(x, block_rows)
 
     def select(
         self,
