@@ -1,12 +1,13 @@
 # One place for every set-up command. Override TORCH_SPEC on a GPU host, e.g.
-#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+#   make test TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= config.yaml
 PY := $(VENV)/bin/python
-# glibc malloc tuned for large gRPC messages (see README "Large messages").
-MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483648 MALLOC_TOP_PAD_=268435456
+# glibc malloc tuned for large gRPC messages (README "Large messages"); the same values
+# as moe_router.cli.MALLOC_TUNING. glibc ignores an mmap threshold above 32 MiB.
+MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=67108864
 
 .PHONY: install serve test bench proto lint clean
 
