@@ -11,7 +11,6 @@ import asyncio
 import logging
 import signal
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from moe_router import __version__
 from moe_router.config import ServiceConfig
+from moe_router.executor_pool import AutoscalingThreadPool
 from moe_router.health import HealthState, RouterStatus, start_http_health_server
 from moe_router.hosting import HostedRouterChain, build_chain
 from moe_router.middleware.metrics import RouterMetrics, start_metrics_http_server
@@ -60,7 +60,7 @@ class RunningServer:
     port: int
     health: HealthState
     chains: dict[str, HostedRouterChain]
-    pool: ThreadPoolExecutor
+    pool: AutoscalingThreadPool
     registry: CollectorRegistry
     metrics_port: int | None = None
     health_port: int | None = None
@@ -138,7 +138,13 @@ async def create_server(
     await health.publish()  # every name NOT_SERVING until the routers have loaded
     await server.start()
 
-    pool = ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="device")
+    # The same pool as the in-process optimized router: workers follow the queue within
+    # [1, server.max_workers] when optimization.enable_autoscaling is on.
+    pool = AutoscalingThreadPool(
+        max_workers=config.server.max_workers,
+        autoscale=config.optimization.enable_autoscaling,
+        name="device",
+    )
     loop = asyncio.get_running_loop()
 
     def on_breaker_change(router: str, old: str, new: str) -> None:

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
 from moe_router.errors import RouterConfigurationError
@@ -22,8 +22,12 @@ __all__ = ["AutoscalingThreadPool"]
 T = TypeVar("T")
 
 
-class AutoscalingThreadPool:
-    """Run callables on worker threads, growing and shrinking the pool with its queue."""
+class AutoscalingThreadPool(Executor):
+    """Run callables on worker threads, growing and shrinking the pool with its queue.
+
+    A ``concurrent.futures.Executor``, so the server's DeviceExecutor hands it to
+    ``loop.run_in_executor`` exactly like the in-process optimized router uses it.
+    """
 
     def __init__(
         self,
@@ -59,7 +63,7 @@ class AutoscalingThreadPool:
             for _ in range(self._min):
                 self._spawn()
 
-    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Queue ``fn(*args, **kwargs)``; its Future holds the result or the exception."""
         future: Future[T] = Future()
         with self._cond:
@@ -88,10 +92,14 @@ class AutoscalingThreadPool:
                 "completed": self._completed,
             }
 
-    def shutdown(self, wait: bool = True) -> None:
-        """Finish queued calls, then stop every worker (join them when ``wait``)."""
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop every worker (join them when ``wait``) after the queued calls, or after
+        cancelling them when ``cancel_futures``."""
         with self._cond:
             self._closed = True
+            if cancel_futures:
+                while self._queue:
+                    self._queue.popleft()[0].cancel()
             self._cond.notify_all()
             threads = list(self._threads)
         if wait:
