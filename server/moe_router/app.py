@@ -28,9 +28,8 @@ from moe_router.hosting import HostedRouterChain, build_chain
 from moe_router.middleware.metrics import RouterMetrics, start_metrics_http_server
 from moe_router.registry import HostedRouter, load_routers, resolve_device
 from moe_router.security import ApiKeyInterceptor, server_credentials
-from moe_router.service import RouterService
+from moe_router.service import RouterService, add_router_service
 from moe_router_client.v1 import router_pb2 as pb
-from moe_router_client.v1 import router_pb2_grpc as pb_grpc
 
 __all__ = ["RunningServer", "create_server", "serve", "grpc_server_options", "warm_up"]
 
@@ -113,7 +112,7 @@ async def create_server(
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
     )
     service = RouterService(chains, health, device=str(device), version=__version__)
-    pb_grpc.add_RouterServiceServicer_to_server(service, server)
+    add_router_service(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         (

@@ -21,13 +21,14 @@ from moe_router.backend import RouteCall, RouteOptions, RouteResult
 from moe_router.errors import DrainingError, DynamicMoEError, NotFoundError, ValidationError
 from moe_router.health import HealthState, RouterStatus
 from moe_router.hosting import HostedRouterChain
+from moe_router.request_wire import RouteRequestView, TensorView, parse_route_request
 from moe_router.security import caller_identity
 from moe_router.status_mapping import to_status
-from moe_router_client.tensors import TensorCodecError, from_wire, to_wire
+from moe_router_client.tensors import TensorCodecError, from_parts, to_wire
 from moe_router_client.v1 import router_pb2 as pb
 from moe_router_client.v1 import router_pb2_grpc as pb_grpc
 
-__all__ = ["RouterService", "request_to_call", "result_to_response"]
+__all__ = ["RouterService", "add_router_service", "request_to_call", "result_to_response"]
 
 log = logging.getLogger("moe_router.service")
 
@@ -52,47 +53,50 @@ def peer_host(peer: str) -> str:
     return head if sep and tail.isdigit() else peer
 
 
-def _decode(tensor: pb.Tensor, field: str) -> torch.Tensor:
+def _decode(tensor: TensorView, field: str) -> torch.Tensor:
     try:
-        return from_wire(tensor, as_torch=True)
+        return from_parts(tensor.dtype, tensor.shape, tensor.data, as_torch=True)
     except TensorCodecError as exc:
         raise ValidationError(f"{field}: {exc}") from exc
 
 
 def request_to_call(
-    request: pb.RouteRequest,
+    request: RouteRequestView,
     chains: Mapping[str, HostedRouterChain],
     context: grpc.aio.ServicerContext,
 ) -> RouteCall:
-    """Decode a RouteRequest into a RouteCall (no copies beyond what torch needs)."""
-    if not request.router:
+    """Decode a RouteRequest into a RouteCall; tensors stay views of the received bytes."""
+    if request.error:
+        raise ValidationError(request.error)
+    message = request.message
+    if not message.router:
         raise ValidationError(f"router: required; this server hosts {sorted(chains)}")
-    if request.router not in chains:
+    if message.router not in chains:
         raise NotFoundError(
-            f"unknown router '{request.router}'; this server hosts {sorted(chains)}"
+            f"unknown router '{message.router}'; this server hosts {sorted(chains)}"
         )
-    if not request.HasField("hidden_states"):
+    if "hidden_states" not in request.tensors:
         raise ValidationError(
             "hidden_states: required, a [tokens, dim] or [batch, seq, dim] tensor"
         )
     extra = {
-        name: _decode(getattr(request, name), name)
+        name: _decode(request.tensors[name], name)
         for name in _EXTRA_INPUTS
-        if request.HasField(name)
+        if name in request.tensors
     }
     remaining = context.time_remaining()
     return RouteCall(
-        router=request.router,
-        layer=request.layer,
-        hidden_states=_decode(request.hidden_states, "hidden_states"),
+        router=message.router,
+        layer=message.layer,
+        hidden_states=_decode(request.tensors["hidden_states"], "hidden_states"),
         options=RouteOptions(
-            return_router_logits=request.return_router_logits,
-            skip_cache=request.skip_cache,
-            seed=request.seed if request.HasField("seed") else None,
+            return_router_logits=message.return_router_logits,
+            skip_cache=message.skip_cache,
+            seed=message.seed if message.HasField("seed") else None,
             extra_inputs=extra,
         ),
         deadline=None if remaining is None else time.monotonic() + remaining,
-        request_id=request.request_id or uuid.uuid4().hex[:16],
+        request_id=message.request_id or uuid.uuid4().hex[:16],
         peer=caller_identity() or peer_host(context.peer()),
     )
 
@@ -161,7 +165,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self._started = clock()
 
     async def _route(
-        self, request: pb.RouteRequest, context: grpc.aio.ServicerContext
+        self, request: RouteRequestView, context: grpc.aio.ServicerContext
     ) -> pb.RouteResponse:
         if self.health.draining:
             raise DrainingError(
@@ -174,16 +178,16 @@ class RouterService(pb_grpc.RouterServiceServicer):
         return result_to_response(result, call)
 
     async def Route(
-        self, request: pb.RouteRequest, context: grpc.aio.ServicerContext
+        self, request: RouteRequestView, context: grpc.aio.ServicerContext
     ) -> pb.RouteResponse:  # noqa: N802
         try:
             return await self._route(request, context)
         except Exception as exc:  # mapped to a status, never kills the server
-            await abort_with_error(context, exc, request.request_id)
+            await abort_with_error(context, exc, request.message.request_id)
             raise  # unreachable: abort raises
 
     async def RouteStream(  # noqa: N802
-        self, request_iterator: AsyncIterator[pb.RouteRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[RouteRequestView], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RouteResponse]:
         pending: asyncio.Queue[asyncio.Task[pb.RouteResponse] | None] = asyncio.Queue(
             _STREAM_WINDOW
@@ -246,3 +250,35 @@ class RouterService(pb_grpc.RouterServiceServicer):
         return pb.ListRoutersResponse(
             routers=[self.chains[name].describe() for name in sorted(self.chains)]
         )
+
+
+def add_router_service(service: RouterService, server: grpc.aio.Server) -> None:
+    """Register ``service`` like the generated adder does, except that Route and
+    RouteStream receive raw requests decoded by :func:`parse_route_request` (zero-copy
+    tensors)."""
+    serialize = pb.RouteResponse.SerializeToString
+    handlers = {
+        "Route": grpc.unary_unary_rpc_method_handler(
+            service.Route,
+            request_deserializer=parse_route_request,
+            response_serializer=serialize,
+        ),
+        "RouteStream": grpc.stream_stream_rpc_method_handler(
+            service.RouteStream,
+            request_deserializer=parse_route_request,
+            response_serializer=serialize,
+        ),
+    }
+    for name, request_type, response_type in (
+        ("Stats", pb.StatsRequest, pb.StatsResponse),
+        ("Health", pb.HealthRequest, pb.HealthResponse),
+        ("ListRouters", pb.ListRoutersRequest, pb.ListRoutersResponse),
+    ):
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            getattr(service, name),
+            request_deserializer=request_type.FromString,
+            response_serializer=response_type.SerializeToString,
+        )
+    service_name = pb.DESCRIPTOR.services_by_name["RouterService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+    server.add_registered_method_handlers(service_name, handlers)

@@ -62,6 +62,18 @@ def test_batch_invariant_linear_rows_do_not_depend_on_their_block_mates(block):
     torch.testing.assert_close(alone, x @ weight.t(), rtol=1e-5, atol=1e-5)
 
 
+def test_batch_invariant_linear_ignores_where_its_input_starts_in_memory():
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(8, 64, generator=gen)
+    x = torch.randn(4, 64, generator=gen)
+    expected = F.batch_invariant_linear(x, weight)
+    for offset in (4, 20, 36):  # float32 views that start off the 64-byte grid
+        buffer = bytearray(offset) + bytearray(x.numpy().tobytes())
+        view = torch.frombuffer(buffer, dtype=torch.float32, offset=offset).reshape(4, 64)
+        assert view.data_ptr() % 64
+        torch.testing.assert_close(F.batch_invariant_linear(view, weight), expected, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------- losses
 def test_aux_loss_four_experts_by_hand():
     probs = _t([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]])

@@ -202,6 +202,11 @@ def test_malformed_tensor_bytes_are_invalid_argument(served):
             stub.Route(pb.RouteRequest(router="mixtral"), timeout=10)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "hidden_states: required" in raised.value.details()
+        raw_route = channel.unary_unary("/moe_router.v1.RouterService/Route")
+        with pytest.raises(grpc.RpcError) as raised:
+            raw_route(b"\x0a\x07mixtral\x1a\xff\x01", timeout=10)  # truncated tensor
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed RouteRequest" in raised.value.details()
 
 
 def test_backend_failure_is_internal_and_not_the_callers_fault(served, client):

@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 
+_ALIGNMENT = 64  # bytes; torch's CPU allocator aligns every tensor this way
+
 GATE_MAX_BLOCK_ROWS = 256
 """Largest gate block: calls of more rows are cut into blocks of this many."""
 
@@ -69,6 +71,11 @@ def batch_invariant_linear(
     pad = (-num_rows) % block_rows
     if pad:
         x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    elif not x.is_contiguous() or x.data_ptr() % _ALIGNMENT:
+        # BLAS kernels treat a misaligned start differently (a tensor viewing a received
+        # message can start anywhere), so multiply a fresh, aligned copy as every other
+        # call does.
+        x = x.clone(memory_format=torch.contiguous_format)
     blocks = x.reshape(-1, block_rows, dim)
     w_t = weight.t().unsqueeze(0).expand(blocks.shape[0], dim, weight.shape[0])
     out = torch.bmm(blocks, w_t).reshape(-1, weight.shape[0])[:num_rows]
