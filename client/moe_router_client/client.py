@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 import grpc
 
 from moe_router_client.errors import error_from_rpc
+from moe_router_client.request_encoding import encode_route_request
 from moe_router_client.results import (
     HealthReport,
     RouteResult,
@@ -50,6 +51,8 @@ LoadBalancing = Literal["pick_first", "round_robin"]
 StreamItem = Mapping[str, Any] | tuple[Any, ...]
 
 _SERVICE = "moe_router.v1.RouterService"
+_ROUTE = f"/{_SERVICE}/Route"
+_ROUTE_STREAM = f"/{_SERVICE}/RouteStream"
 _MAX_RETRIES = 4  # gRPC caps attempts at 5
 _RETRY_BACKOFF = {"initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2}
 _EXTRA_INPUTS = ("attention_weights", "logits", "gradients")
@@ -92,12 +95,12 @@ def build_route_request(
     return request
 
 
-def _stream_request(item: StreamItem) -> pb.RouteRequest:
-    """A route_stream item (mapping or tuple) as a RouteRequest."""
+def _stream_request(item: StreamItem) -> bytes:
+    """A route_stream item (mapping or tuple) as a serialized RouteRequest."""
     if isinstance(item, Mapping):
-        return build_route_request(**item)
+        return encode_route_request(**item)
     if isinstance(item, tuple) and len(item) in (2, 3):
-        return build_route_request(*item)
+        return encode_route_request(*item)
     raise TypeError(
         "route_stream items are dicts of route() arguments or (router, hidden_states[, layer]) "
         f"tuples, not {type(item).__name__}"
@@ -223,6 +226,15 @@ class RouterClient:
             else grpc.insecure_channel(s.target, options=s.options)
         )
         self._stub = pb_grpc.RouterServiceStub(self._channel)
+        # Route requests go out pre-serialized (one copy of the payload, see
+        # request_encoding); answers are parsed by protobuf as usual.
+        self._route = self._channel.unary_unary(
+            _ROUTE, request_serializer=None, response_deserializer=pb.RouteResponse.FromString
+        )
+        self._route_stream = self._channel.stream_stream(
+            _ROUTE_STREAM, request_serializer=None,
+            response_deserializer=pb.RouteResponse.FromString,
+        )
 
     def route(
         self,
@@ -241,13 +253,13 @@ class RouterClient:
         as_torch: bool = False,
     ) -> RouteResult:
         """Route one batch of tokens ``[T, D]`` or ``[B, S, D]`` for one MoE layer."""
-        request = build_route_request(
+        request = encode_route_request(
             router, hidden_states, layer, return_router_logits=return_router_logits,
             skip_cache=skip_cache, seed=seed, attention_weights=attention_weights,
             logits=logits, gradients=gradients, request_id=request_id,
         )
         try:
-            response = self._stub.Route(
+            response = self._route(
                 request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata
             )
         except grpc.RpcError as exc:
@@ -268,7 +280,7 @@ class RouterClient:
         are yielded, then its error is raised.
         """
         feed = _RequestFeed(requests)
-        call = self._stub.RouteStream(
+        call = self._route_stream(
             feed, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata
         )
         try:
@@ -341,7 +353,7 @@ class _RequestFeed:
     def __iter__(self) -> _RequestFeed:
         return self
 
-    def __next__(self) -> pb.RouteRequest:
+    def __next__(self) -> bytes:
         if self.error is not None:
             raise StopIteration
         try:
@@ -385,6 +397,15 @@ class AsyncRouterClient:
             else grpc.aio.insecure_channel(s.target, options=s.options)
         )
         self._stub = pb_grpc.RouterServiceStub(self._channel)
+        # Route requests go out pre-serialized (one copy of the payload, see
+        # request_encoding); answers are parsed by protobuf as usual.
+        self._route = self._channel.unary_unary(
+            _ROUTE, request_serializer=None, response_deserializer=pb.RouteResponse.FromString
+        )
+        self._route_stream = self._channel.stream_stream(
+            _ROUTE_STREAM, request_serializer=None,
+            response_deserializer=pb.RouteResponse.FromString,
+        )
 
     async def route(
         self,
@@ -403,13 +424,13 @@ class AsyncRouterClient:
         as_torch: bool = False,
     ) -> RouteResult:
         """Route one batch of tokens ``[T, D]`` or ``[B, S, D]`` for one MoE layer."""
-        request = build_route_request(
+        request = encode_route_request(
             router, hidden_states, layer, return_router_logits=return_router_logits,
             skip_cache=skip_cache, seed=seed, attention_weights=attention_weights,
             logits=logits, gradients=gradients, request_id=request_id,
         )
         try:
-            response = await self._stub.Route(
+            response = await self._route(
                 request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata
             )
         except grpc.RpcError as exc:
@@ -430,7 +451,7 @@ class AsyncRouterClient:
         """
         failure: list[Exception] = []
 
-        async def feed() -> AsyncIterator[pb.RouteRequest]:
+        async def feed() -> AsyncIterator[bytes]:
             try:
                 if isinstance(requests, AsyncIterable):
                     async for item in requests:
@@ -441,7 +462,7 @@ class AsyncRouterClient:
             except Exception as exc:  # kept for the caller; the stream half-closes
                 failure.append(exc)
 
-        call = self._stub.RouteStream(
+        call = self._route_stream(
             feed(), timeout=self._settings.deadline(timeout), metadata=self._settings.metadata
         )
         try:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from collections.abc import Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Any, cast
 
@@ -54,7 +55,9 @@ __all__ = [
     "wire_dtype_of_numpy",
     "wire_dtype_of_torch",
     "to_wire",
+    "to_parts",
     "from_wire",
+    "from_parts",
 ]
 
 # The wire dtype enum, for ``to_wire(bits, dtype=DType.BFLOAT16)``. Its values are plain
@@ -213,14 +216,10 @@ def _numpy_storage_view(array: np.ndarray, dtype: int | None) -> tuple[int, np.n
     return natural, array
 
 
-def to_wire(array: Any, dtype: int | None = None, *, out: pb.Tensor | None = None) -> pb.Tensor:
-    """Encode a numpy array or torch tensor as a wire Tensor (one ``tobytes()``).
-
-    ``array``: numpy (float32, float16, int32, int64, ``ml_dtypes.bfloat16``, or uint16 bf16
-    bit patterns with ``dtype=pb.BFLOAT16``) or torch (those dtypes and bfloat16; moved to
-    the CPU when needed; non-contiguous is fine). ``dtype`` states the wire dtype, which
-    must agree with the array's. ``out`` is a Tensor field to fill in place (returned).
-    """
+def to_parts(array: Any, dtype: int | None = None) -> tuple[int, tuple[int, ...], np.ndarray]:
+    """(wire dtype, shape, C-contiguous little-endian numpy view) of ``array``, no copy
+    unless the array is non-contiguous, big-endian or on a device. Arguments as
+    :func:`to_wire`."""
     if dtype is not None:
         _check_dtype(dtype, "dtype")
     if _is_torch(array):
@@ -239,29 +238,41 @@ def to_wire(array: Any, dtype: int | None = None, *, out: pb.Tensor | None = Non
     order = storage.dtype.byteorder
     if order == ">" or (order == "=" and _BIG_ENDIAN_HOST):
         storage = storage.byteswap()  # the wire is little-endian
+    return wire, tuple(storage.shape), np.ascontiguousarray(storage)
+
+
+def to_wire(array: Any, dtype: int | None = None, *, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Encode a numpy array or torch tensor as a wire Tensor (one ``tobytes()``).
+
+    ``array``: numpy (float32, float16, int32, int64, ``ml_dtypes.bfloat16``, or uint16 bf16
+    bit patterns with ``dtype=pb.BFLOAT16``) or torch (those dtypes and bfloat16; moved to
+    the CPU when needed; non-contiguous is fine). ``dtype`` states the wire dtype, which
+    must agree with the array's. ``out`` is a Tensor field to fill in place (returned).
+    """
+    wire, shape, storage = to_parts(array, dtype)
     tensor = pb.Tensor() if out is None else out
     tensor.dtype = cast("pb.DType", wire)
     del tensor.shape[:]
-    tensor.shape.extend(storage.shape)
+    tensor.shape.extend(shape)
     tensor.data = storage.tobytes()
     return tensor
 
 
-def _validated_shape(tensor: pb.Tensor, nbytes: int) -> tuple[int, ...]:
-    """The Tensor's shape after checking dtype, dimensions and byte count."""
-    _check_dtype(tensor.dtype)
-    shape = tuple(int(d) for d in tensor.shape)
+def _validated_shape(dtype: int, dims: Sequence[int], nbytes: int) -> tuple[int, ...]:
+    """The shape after checking dtype, dimensions and byte count."""
+    _check_dtype(dtype)
+    shape = tuple(int(d) for d in dims)
     for axis, dim in enumerate(shape):
         if dim < 0:
             raise TensorCodecError(
                 f"Tensor.shape: dimension {axis} is {dim} in {list(shape)}; dimensions must be >= 0"
             )
-    size = WIRE_DTYPES[tensor.dtype]
+    size = WIRE_DTYPES[dtype]
     expected = math.prod(shape) * size
     if nbytes != expected:
         raise TensorCodecError(
             f"Tensor.data: holds {nbytes} bytes, expected {expected} "
-            f"(shape {list(shape)} x {size} bytes of {dtype_name(tensor.dtype)})"
+            f"(shape {list(shape)} x {size} bytes of {dtype_name(dtype)})"
         )
     return shape
 
@@ -275,20 +286,36 @@ def from_wire(tensor: pb.Tensor, as_torch: bool = False, *, writable: bool = Fal
     Raises :class:`TensorCodecError` for an unknown dtype, a negative dimension, or data
     whose length is not prod(shape) * itemsize.
     """
-    data: bytes | bytearray = tensor.data  # one access: upb copies on every read
-    shape = _validated_shape(tensor, len(data))
+    data: bytes = tensor.data  # one access: upb copies on every read
+    return from_parts(tensor.dtype, tensor.shape, data, as_torch, writable=writable)
+
+
+def from_parts(
+    dtype: int,
+    shape: Sequence[int],
+    data: bytes | bytearray | memoryview,
+    as_torch: bool = False,
+    *,
+    writable: bool = False,
+) -> Any:
+    """:func:`from_wire` for a tensor already split into dtype, shape and data buffer
+    (e.g. a view into a received message that was never parsed by protobuf)."""
+    nbytes = data.nbytes if isinstance(data, memoryview) else len(data)
+    checked = _validated_shape(dtype, shape, nbytes)
     if writable:
         data = bytearray(data)
     if as_torch:
-        return _torch_from_bytes(data, tensor.dtype, shape)
-    array = np.frombuffer(data, dtype=_LE_NUMPY[tensor.dtype]).reshape(shape)
+        return _torch_from_bytes(data, dtype, checked)
+    array = np.frombuffer(data, dtype=_LE_NUMPY[dtype]).reshape(checked)
     if _BIG_ENDIAN_HOST:
         array = array.astype(array.dtype.newbyteorder("="))
-    bf16 = _ml_dtypes_bfloat16() if tensor.dtype == pb.BFLOAT16 else None
+    bf16 = _ml_dtypes_bfloat16() if dtype == pb.BFLOAT16 else None
     return array.view(bf16) if bf16 is not None else array
 
 
-def _torch_from_bytes(data: bytes | bytearray, dtype: int, shape: tuple[int, ...]) -> torch.Tensor:
+def _torch_from_bytes(
+    data: bytes | bytearray | memoryview, dtype: int, shape: tuple[int, ...]
+) -> torch.Tensor:
     import torch
 
     t_dtype = torch_dtype(dtype)
