@@ -8,6 +8,7 @@ new calls are refused, in-flight calls finish within ``drain_grace_s``, exit 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from moe_router import __version__
+from moe_router.alerts import AlertMonitor
 from moe_router.config import ServiceConfig
 from moe_router.executor_pool import AutoscalingThreadPool
 from moe_router.health import HealthState, RouterStatus, start_http_health_server
@@ -34,6 +36,8 @@ from moe_router_client.v1 import router_pb2 as pb
 __all__ = ["RunningServer", "create_server", "serve", "grpc_server_options", "warm_up"]
 
 log = logging.getLogger("moe_router")
+
+ALERT_PERIOD_S = 2.0  # how often routers' figures are judged against the alert thresholds
 
 
 def grpc_server_options(config: ServiceConfig) -> list[tuple[str, Any]]:
@@ -111,7 +115,12 @@ async def create_server(
         options=grpc_server_options(config),
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
     )
-    service = RouterService(chains, health, device=str(device), version=__version__)
+    alerts = AlertMonitor(
+        dataclasses.asdict(config.monitoring.alert_thresholds), config.monitoring.alert_webhook
+    )
+    service = RouterService(
+        chains, health, device=str(device), version=__version__, alerts=alerts
+    )
     add_router_service(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
@@ -181,7 +190,17 @@ async def create_server(
         )
         running._closers.append(http.shutdown)
     await health.mark_ready()
+    watcher = asyncio.ensure_future(_watch_alerts(chains, alerts))
+    running._closers.append(watcher.cancel)
     return running
+
+
+async def _watch_alerts(chains: dict[str, HostedRouterChain], alerts: AlertMonitor) -> None:
+    """Judge every router's figures against the alert thresholds every few seconds."""
+    while True:
+        for name, chain in chains.items():
+            alerts.update(name, chain.alert_figures())
+        await asyncio.sleep(ALERT_PERIOD_S)
 
 
 async def _serve(config: ServiceConfig) -> None:

@@ -19,7 +19,7 @@ from moe_router.batching import Batcher
 from moe_router.config import ServiceConfig
 from moe_router.executor import DeviceExecutor
 from moe_router.middleware.breaker import CircuitBreakerBackend
-from moe_router.middleware.cache import CacheBackend
+from moe_router.middleware.cache import CacheBackend, process_rss_bytes
 from moe_router.middleware.metrics import MetricsBackend, RouterMetrics
 from moe_router.middleware.ratelimit import RateLimitBackend
 from moe_router.registry import HostedRouter
@@ -63,6 +63,22 @@ class HostedRouterChain:
             batches_across_requests=self.batcher is not None
             and not (first.couples_tokens_now or first.stateful or first.stochastic),
         )
+
+    def alert_figures(self) -> dict[str, float | None]:
+        """The four figures ``monitoring.alert_thresholds`` judges (None until traffic)."""
+        latency = self.request_stats.latency()
+        load = torch.stack(
+            [torch.tensor(r.get_stats()["tokens_per_expert"]) for r in self.hosted.layers]
+        ).sum(0).double()
+        routed = float(load.sum())
+        return {
+            "avg_latency_ms": latency["mean_ms"] if latency["samples"] else None,
+            # Failures only (a caller's bad input is not this router's error), last minute.
+            "error_rate": self.request_stats.recent_failure_rate(),
+            "load_balance_variance": float((load / routed).var(unbiased=False))
+            if routed else None,
+            "memory_usage_mb": process_rss_bytes() / 2**20,
+        }
 
     def stats_proto(self) -> pb.RouterStats:
         """The Stats entry: request figures, per-expert load over all layers, cache, breaker."""

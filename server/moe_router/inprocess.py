@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import torch
 from prometheus_client import CollectorRegistry
 
+from moe_router.alerts import DEFAULT_ALERT_THRESHOLDS, AlertMonitor
 from moe_router.backend import RouteCall, RouteOptions, RouteResult
 from moe_router.errors import RouterConfigurationError
 from moe_router.executor_pool import AutoscalingThreadPool
@@ -53,13 +54,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: The seed's config.yaml ``monitoring.alert_thresholds`` defaults.
-DEFAULT_ALERT_THRESHOLDS = {
-    "avg_latency_ms": 50.0,
-    "error_rate": 0.05,
-    "load_balance_variance": 0.1,
-    "memory_usage_mb": 1000.0,
-}
 _CACHE_STATS_KEYS = ("size", "max_size", "hit_count", "miss_count", "hit_rate", "ttl_seconds")
 _IN_PROCESS = "in-process"
 
@@ -278,20 +272,12 @@ class MonitoredRouter(_ChainDoor):
                                                  **breaker_kwargs)
             chain = self.breaker
         self._chain = MetricsBackend(chain, router=name, metrics=self.metrics)
-        self._failing: set[str] = set()
+        self._alerts = AlertMonitor(thresholds)
 
     def get_monitoring_summary(self) -> dict[str, Any]:
         """``performance``, ``health`` (check -> ok/value/threshold), ``circuit_breaker_state``."""
         performance = self._performance()
-        health = {}
-        for check, threshold in self.thresholds.items():
-            value = performance[check]
-            ok = value is None or value <= threshold
-            health[check] = {"ok": ok, "value": value, "threshold": threshold}
-            if not ok and check not in self._failing:
-                log.warning("router %r: %s %.4g exceeds the alert threshold %.4g",
-                            self.name, check, value, threshold)
-            (self._failing.discard if ok else self._failing.add)(check)
+        health = self._alerts.update(self.name, performance)
         state = "DISABLED" if self.breaker is None else self.breaker.state.value
         return {"performance": performance, "health": health, "circuit_breaker_state": state}
 

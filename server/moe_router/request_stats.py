@@ -14,37 +14,56 @@ from typing import Any
 import numpy as np
 
 from moe_router.backend import Backend, RouteCall, RouteResult
+from moe_router.errors import AuthenticationError, ValidationError
+
+#: Errors that say the caller sent something wrong; they do not count as failures.
+_CALLER_ERRORS = (ValidationError, AuthenticationError)
 
 __all__ = ["RequestStatsBackend"]
 
 
 class RequestStatsBackend:
-    """Counts requests, tokens and errors, and keeps the last ``window`` latencies."""
+    """Counts requests, tokens, errors and failures (errors that were not the caller's
+    bad input), and keeps the last ``window`` latencies."""
 
     def __init__(self, inner: Backend, *, window: int = 4096) -> None:
         self.inner = inner
         self._lock = threading.Lock()
         self._latencies_ms: deque[float] = deque(maxlen=window)
+        self._outcomes: deque[tuple[float, bool]] = deque(maxlen=window)  # (when, failed)
         self.requests = 0
         self.tokens = 0
-        self.errors = 0
+        self.errors = 0  # every failed call
+        self.failures = 0  # failed calls that were not the caller's own fault
 
     async def route(self, call: RouteCall) -> RouteResult:
         """Pass ``call`` on and record its outcome and latency."""
         started = time.perf_counter()
         try:
             result = await self.inner.route(call)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self.requests += 1
                 self.errors += 1
+                failed = not isinstance(exc, _CALLER_ERRORS)
+                self.failures += failed
+                self._outcomes.append((time.monotonic(), failed))
             raise
         elapsed_ms = (time.perf_counter() - started) * 1e3
         with self._lock:
             self.requests += 1
             self.tokens += call.num_tokens
             self._latencies_ms.append(elapsed_ms)
+            self._outcomes.append((time.monotonic(), False))
         return result
+
+    def recent_failure_rate(self, horizon_s: float = 60.0) -> float | None:
+        """Failures / calls over the last ``horizon_s`` seconds (None without calls), so
+        an alert clears once a router has recovered instead of carrying its history."""
+        since = time.monotonic() - horizon_s
+        with self._lock:
+            recent = [failed for when, failed in self._outcomes if when >= since]
+        return sum(recent) / len(recent) if recent else None
 
     def latency(self) -> dict[str, float]:
         """p50/p95/p99/mean in milliseconds over the recent window, and the sample count."""
@@ -65,6 +84,7 @@ class RequestStatsBackend:
         """Request figures merged over the inner stages' statistics."""
         stats = dict(self.inner.stats())
         with self._lock:
-            stats.update(requests=self.requests, tokens=self.tokens, errors=self.errors)
+            stats.update(requests=self.requests, tokens=self.tokens, errors=self.errors,
+                         failures=self.failures)
         stats["latency"] = self.latency()
         return stats

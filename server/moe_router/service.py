@@ -17,6 +17,7 @@ import grpc
 import torch
 from grpc_status import rpc_status
 
+from moe_router.alerts import AlertMonitor
 from moe_router.backend import RouteCall, RouteOptions, RouteResult
 from moe_router.errors import DrainingError, DynamicMoEError, NotFoundError, ValidationError
 from moe_router.health import HealthState, RouterStatus
@@ -155,10 +156,12 @@ class RouterService(pb_grpc.RouterServiceServicer):
         *,
         device: str,
         version: str,
+        alerts: AlertMonitor | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.chains = chains
         self.health = health
+        self.alerts = alerts
         self.device = device
         self.version = version
         self._clock = clock
@@ -233,16 +236,31 @@ class RouterService(pb_grpc.RouterServiceServicer):
     async def Health(
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
     ) -> pb.HealthResponse:  # noqa: N802
+        routers = [
+            self._router_health(name, status, detail)
+            for name, (status, detail) in sorted(self.health.routers().items())
+        ]
+        overall = self.health.overall()
+        if overall is RouterStatus.SERVING and any(r.status != pb.SERVING for r in routers):
+            overall = RouterStatus.DEGRADED
         return pb.HealthResponse(
-            status=_SERVING[self.health.overall()],
-            routers=[
-                pb.RouterHealth(router=name, status=_SERVING[status], detail=detail)
-                for name, (status, detail) in sorted(self.health.routers().items())
-            ],
+            status=_SERVING[overall],
+            routers=routers,
             device=self.device,
             version=self.version,
             uptime_s=self._clock() - self._started,
         )
+
+    def _router_health(self, name: str, status: RouterStatus, detail: str) -> pb.RouterHealth:
+        """A serving router with a firing alert is DEGRADED, the alerts in its detail."""
+        failing = self.alerts.failing(name) if self.alerts is not None else {}
+        if status is RouterStatus.SERVING and failing:
+            status = RouterStatus.DEGRADED
+            detail = "; ".join(
+                f"alert {check} {state['value']:.4g} > {state['threshold']:.4g}"
+                for check, state in sorted(failing.items())
+            )
+        return pb.RouterHealth(router=name, status=_SERVING[status], detail=detail)
 
     async def ListRouters(  # noqa: N802
         self, request: pb.ListRoutersRequest, context: grpc.aio.ServicerContext

@@ -66,6 +66,9 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         routers,
         testing={"enable_fault_injection": True},
         breaker=BREAKER,
+        # Injected faults would also fire the error-rate alert (tests/test_alerts.py);
+        # here only the breaker decides the health statuses.
+        monitoring={"alert_thresholds": {"error_rate": 1.0}},
     )
     server = start_server(config)
     yield Served(server, tmp)
