@@ -142,8 +142,31 @@ async def create_server(
     else:
         port = server.add_insecure_port(address)
     if port == 0:
-        raise OSError(f"could not bind the gRPC port {address}")
-    await health.publish()  # every name NOT_SERVING until the routers have loaded
+        raise OSError(
+            f"server.port: could not listen on {address} (in use?); choose another port "
+            "(server.port, --port or DYNAMIC_MOE_PORT; 0 picks a free one)"
+        )
+    closers: list[Any] = []
+    metrics_port = health_port = None
+    try:  # every port is bound before the routers load, so a clash fails fast
+        if metrics is not None:
+            metrics.set_build_info(__version__, str(device))
+            http, _, metrics_port = _bind_http(
+                start_metrics_http_server, registry, config.metrics, "metrics",
+                "DYNAMIC_MOE_METRICS_PORT",
+            )
+            closers.append(http.shutdown)
+        if config.health.enabled:
+            http, _, health_port = _bind_http(
+                start_http_health_server, health, config.health, "health",
+                "DYNAMIC_MOE_HEALTH_PORT",
+            )
+            closers.append(http.shutdown)
+    except OSError:
+        for close in closers:
+            close()
+        raise
+    await health.publish()  # every name NOT_SERVING (and /readyz 503) until loaded
     await server.start()
 
     # The same pool as the in-process optimized router: workers follow the queue within
@@ -170,6 +193,8 @@ async def create_server(
     except BaseException:
         await server.stop(0)
         pool.shutdown(wait=False)
+        for close in closers:
+            close()
         raise
     shared_limit = None  # one rate-limit bucket per caller across every router
     for name, router in hosted.items():
@@ -177,22 +202,24 @@ async def create_server(
             router, config, pool, metrics, on_breaker_change, rate_limit_shared_with=shared_limit
         )
         shared_limit = shared_limit or chains[name].rate_limit
-    running = RunningServer(config, server, port, health, chains, pool, registry)
-    if metrics is not None:
-        metrics.set_build_info(__version__, str(device))
-        http, _, running.metrics_port = start_metrics_http_server(
-            registry, config.metrics.host, config.metrics.port
-        )
-        running._closers.append(http.shutdown)
-    if config.health.enabled:
-        http, _, running.health_port = start_http_health_server(
-            health, config.health.host, config.health.port
-        )
-        running._closers.append(http.shutdown)
+    running = RunningServer(
+        config, server, port, health, chains, pool, registry, metrics_port, health_port, closers
+    )
     await health.mark_ready()
     watcher = asyncio.ensure_future(_watch_alerts(chains, alerts))
     running._closers.append(watcher.cancel)
     return running
+
+
+def _bind_http(start: Any, source: Any, section: Any, key: str, variable: str) -> Any:
+    """Start one of the HTTP endpoints; a port clash names the key that sets the port."""
+    try:
+        return start(source, section.host, section.port)
+    except OSError as exc:
+        raise OSError(
+            f"{key}.port: could not listen on {section.host}:{section.port} ({exc.strerror}); "
+            f"choose another port ({key}.port or {variable}; 0 picks a free one)"
+        ) from exc
 
 
 async def _watch_alerts(chains: dict[str, HostedRouterChain], alerts: AlertMonitor) -> None:

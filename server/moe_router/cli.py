@@ -40,6 +40,7 @@ def _reexec_with_malloc_tuning(argv: Sequence[str]) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from moe_router.app import serve
     from moe_router.config import load_config
+    from moe_router.errors import RouterConfigurationError
 
     overrides = {}
     if args.port is not None:
@@ -48,8 +49,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         overrides["server.host"] = args.host
     if args.device is not None:
         overrides["server.device"] = args.device
-    config = load_config(args.config, overrides=overrides)
-    return serve(config)
+    try:
+        return serve(load_config(args.config, overrides=overrides))
+    except (RouterConfigurationError, OSError) as exc:
+        # A bad config or a taken port: one clear line, not a traceback.
+        print(f"moe-router: {exc}", file=sys.stderr)
+        return 2
 
 
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -369,3 +369,29 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(tmp_path: Path):
         assert "draining" in server.log()
     finally:
         server.terminate()
+
+
+def test_bad_config_and_taken_ports_exit_2_with_one_clear_line(tmp_path: Path):
+    import socket
+
+    serve = [sys.executable, "-m", "moe_router", "serve", "--config"]
+    routers = [r for r in small_routers() if r["name"] == "mixtral"]
+    routers[0]["top_k"] = 12
+    bad = write_config(tmp_path / "bad.yaml", routers)
+    out = subprocess.run([*serve, str(bad)], capture_output=True, text=True, timeout=60,
+                         env=clean_env())
+    assert out.returncode == 2
+    assert "bad.yaml: routers[0].top_k: must be <= num_experts (8), got 12" in out.stderr
+    assert "Traceback" not in out.stderr
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        clash = write_config(tmp_path / "clash.yaml", small_routers()[:1],
+                             metrics={"port": port})
+        out = subprocess.run([*serve, str(clash)], capture_output=True, text=True,
+                             timeout=60, env=clean_env())
+    assert out.returncode == 2
+    assert f"metrics.port: could not listen on 127.0.0.1:{port}" in out.stderr
+    assert "DYNAMIC_MOE_METRICS_PORT" in out.stderr and "Traceback" not in out.stderr
