@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 import grpc
 
 from moe_router_client.errors import error_from_rpc
-from moe_router_client.request_encoding import encode_route_request
+from moe_router_client.request_encoding import encode_route_request, scalar_fields
 from moe_router_client.results import (
     HealthReport,
     RouteResult,
@@ -77,17 +77,7 @@ def build_route_request(
     float16, bfloat16). ``attention_weights`` ``[B, H, S, S]`` / ``[B, S, S]``, ``logits``
     ``[B, S, V]`` and ``gradients`` (like hidden_states) feed dynamic routers' estimators.
     """
-    if not isinstance(router, str) or not router:
-        raise ValueError(f"router: a non-empty router name is required, got {router!r}")
-    request = pb.RouteRequest(
-        router=router,
-        layer=layer,
-        return_router_logits=return_router_logits,
-        skip_cache=skip_cache,
-        request_id=request_id or "",
-    )
-    if seed is not None:
-        request.seed = seed
+    request = scalar_fields(router, layer, return_router_logits, skip_cache, seed, request_id)
     to_wire(hidden_states, out=request.hidden_states)
     for name, value in zip(_EXTRA_INPUTS, (attention_weights, logits, gradients), strict=True):
         if value is not None:

@@ -18,7 +18,7 @@ import numpy as np
 from moe_router_client.tensors import to_parts
 from moe_router_client.v1 import router_pb2 as pb
 
-__all__ = ["encode_route_request"]
+__all__ = ["encode_route_request", "scalar_fields"]
 
 _REQUEST = pb.RouteRequest.DESCRIPTOR
 _TENSOR = pb.Tensor.DESCRIPTOR
@@ -64,6 +64,29 @@ def _tensor_parts(name: str, array: Any) -> list[bytes | memoryview]:
     return [_FIELD_KEYS[name] + _varint(body_length) + bytes(header), payload]
 
 
+def scalar_fields(
+    router: str,
+    layer: int,
+    return_router_logits: bool,
+    skip_cache: bool,
+    seed: int | None,
+    request_id: str | None,
+) -> pb.RouteRequest:
+    """A RouteRequest with every field but the tensors, the router name checked."""
+    if not isinstance(router, str) or not router:
+        raise ValueError(f"router: a non-empty router name is required, got {router!r}")
+    request = pb.RouteRequest(
+        router=router,
+        layer=layer,
+        return_router_logits=return_router_logits,
+        skip_cache=skip_cache,
+        request_id=request_id or "",
+    )
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
 def encode_route_request(
     router: str,
     hidden_states: Any,
@@ -78,17 +101,7 @@ def encode_route_request(
     request_id: str | None = None,
 ) -> bytes:
     """The serialized RouteRequest of ``build_route_request`` with the same arguments."""
-    if not isinstance(router, str) or not router:
-        raise ValueError(f"router: a non-empty router name is required, got {router!r}")
-    small = pb.RouteRequest(
-        router=router,
-        layer=layer,
-        return_router_logits=return_router_logits,
-        skip_cache=skip_cache,
-        request_id=request_id or "",
-    )
-    if seed is not None:
-        small.seed = seed
+    small = scalar_fields(router, layer, return_router_logits, skip_cache, seed, request_id)
     parts: list[bytes | memoryview] = [small.SerializeToString()]
     tensors = (hidden_states, attention_weights, logits, gradients)
     for name, value in zip(_TENSOR_FIELDS, tensors, strict=True):
