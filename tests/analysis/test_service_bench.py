@@ -189,13 +189,18 @@ def test_quick_run_writes_a_complete_report(tmp_path: Path, monkeypatch: pytest.
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_ctrl_c_keeps_what_was_measured_and_stops_every_child(tmp_path: Path) -> None:
     long_plan = BenchPlan(routers=(TINY_TOP_K,), tokens=(4,), concurrency=(1,), warmup_s=0.05,
-                          duration_s=60.0, inprocess_s=0.02, malloc_duration_s=60.0)
+                          duration_s=30.0, inprocess_s=0.02, malloc_duration_s=30.0)
+    # A process started in the background of a non-interactive shell (as CI may start
+    # it) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    # install it for this test, as an interactive terminal would have it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         report = run_bench(long_plan)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert report.interrupted
     assert _children_of_this_process() == []
     markdown_path, json_path = write_report(report, tmp_path)
