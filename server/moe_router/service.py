@@ -1,7 +1,8 @@
 """gRPC handlers of moe_router.v1.RouterService: decode -> backend chain -> encode. Thin.
 
 Proto <-> domain conversion lives in named functions (``request_to_call``,
-``result_to_response``, ``stats_to_proto``); errors become status codes in one place
+``result_to_response``; a router's Stats and ListRouters entries come from its
+``HostedRouterChain``); errors become status codes in one place
 (``moe_router.status_mapping``).
 """
 
@@ -39,11 +40,6 @@ _SERVING = {
     RouterStatus.SERVING: pb.SERVING,
     RouterStatus.NOT_SERVING: pb.NOT_SERVING,
     RouterStatus.DEGRADED: pb.DEGRADED,
-}
-_DTYPES = {
-    torch.float32: pb.FLOAT32,
-    torch.float16: pb.FLOAT16,
-    torch.bfloat16: pb.BFLOAT16,
 }
 
 
@@ -170,9 +166,10 @@ class RouterService(pb_grpc.RouterServiceServicer):
     async def _route(
         self, request: RouteRequestView, context: grpc.aio.ServicerContext
     ) -> pb.RouteResponse:
-        if self.health.draining:
+        if not self.health.ready:  # still loading routers, or draining for shutdown
+            state = "draining for shutdown" if self.health.draining else "loading its routers"
             raise DrainingError(
-                "server is draining for shutdown; retry on another replica",
+                f"server is {state}; retry shortly or on another replica",
                 retry_after_s=1.0,
                 reason="DRAINING",
             )
