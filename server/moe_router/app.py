@@ -133,14 +133,17 @@ async def create_server(
     )
     address = f"{config.server.host}:{config.server.port}"
     tls = config.security.tls
-    if tls.enabled:
-        if tls.cert_file is None or tls.key_file is None:  # config.py refuses this already
-            raise ValueError("security.tls.enabled needs cert_file and key_file")
-        port = server.add_secure_port(
-            address, server_credentials(tls.cert_file, tls.key_file, tls.client_ca_file)
-        )
-    else:
-        port = server.add_insecure_port(address)
+    try:  # grpcio raises on a taken port in some versions and returns 0 in others
+        if tls.enabled:
+            if tls.cert_file is None or tls.key_file is None:  # config.py refuses this already
+                raise ValueError("security.tls.enabled needs cert_file and key_file")
+            port = server.add_secure_port(
+                address, server_credentials(tls.cert_file, tls.key_file, tls.client_ca_file)
+            )
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
         raise OSError(
             f"server.port: could not listen on {address} (in use?); choose another port "

@@ -395,3 +395,13 @@ def test_bad_config_and_taken_ports_exit_2_with_one_clear_line(tmp_path: Path):
     assert out.returncode == 2
     assert f"metrics.port: could not listen on 127.0.0.1:{port}" in out.stderr
     assert "DYNAMIC_MOE_METRICS_PORT" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_second_server_on_a_taken_grpc_port_refuses_to_start(served, tmp_path: Path):
+    server, _, _ = served
+    config = write_config(tmp_path / "second.yaml", small_routers()[:1],
+                          server={"port": server.port})
+    out = subprocess.run([sys.executable, "-m", "moe_router", "serve", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, env=clean_env())
+    assert out.returncode == 2  # so_reuseport off: no silent sharing of the port
+    assert f"server.port: could not listen on 127.0.0.1:{server.port}" in out.stderr
