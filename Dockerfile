@@ -18,9 +18,14 @@ COPY client ./client
 RUN pip install --no-cache-dir ${TORCH_SPEC} \
  && pip install --no-cache-dir '.[server]' \
  && useradd --system --uid 10001 moe
-COPY config.yaml /etc/moe-router/config.yaml
+# The shipped config listens on loopback; in a container the gRPC, metrics and health
+# endpoints must be reachable from outside it.
+COPY config.yaml /tmp/config.yaml
+RUN mkdir -p /etc/moe-router \
+ && sed 's/^\(  host:\) 127\.0\.0\.1/\1 0.0.0.0/' /tmp/config.yaml > /etc/moe-router/config.yaml \
+ && grep -c '^  host: 0.0.0.0' /etc/moe-router/config.yaml | grep -qx 3
 
 USER 10001
 # gRPC, Prometheus metrics, HTTP health (/healthz, /readyz).
 EXPOSE 50051 9090 8080
-ENTRYPOINT ["moe-router", "serve", "--config", "/etc/moe-router/config.yaml", "--host", "0.0.0.0"]
+ENTRYPOINT ["moe-router", "serve", "--config", "/etc/moe-router/config.yaml"]
