@@ -293,3 +293,29 @@ def test_digest_matches_for_equal_tensors_of_any_layout() -> None:
 
 async def _route_n(backend, calls: list[RouteCall]):
     return [await backend.route(c) for c in calls]
+
+
+def test_large_payloads_are_hashed_off_the_event_loop_and_still_hit(monkeypatch) -> None:
+    import threading
+
+    from moe_router.middleware import cache as cache_module
+
+    hashed_on: list[str] = []
+    real_key = cache_module.cache_key
+
+    def spying_key(call: RouteCall, version: str):
+        hashed_on.append(threading.current_thread().name)
+        return real_key(call, version)
+
+    monkeypatch.setattr(cache_module, "cache_key", spying_key)
+    monkeypatch.setattr(cache_module, "_HASH_OFF_LOOP_BYTES", 0)  # every payload is "large"
+    inner = TopKBackend()
+    cache = _cache(inner)
+    call = make_call()
+
+    async def run():
+        return await cache.route(call), await cache.route(call)
+
+    miss, hit = asyncio.run(run())
+    assert inner.calls == 1 and hit.cache_hit and not miss.cache_hit
+    assert hashed_on and all(name != "MainThread" for name in hashed_on)
