@@ -4,13 +4,11 @@ against a real server on the default config)."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "service"))
-from server_process import clean_env, start_server  # noqa: E402
+from server_process import clean_env, start_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)

@@ -19,7 +19,7 @@
     ├── ModelPatchingError           a model could not be patched with a router
     └── ProfilingError               a profiler could not measure
 
-The gRPC edge maps each class to one status code (``moe_router.status_mapping``);
+The gRPC edge maps each class to one status code (``moe_router.doors.status_mapping``);
 the client maps the codes back to these names.
 """
 

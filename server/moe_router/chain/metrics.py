@@ -1,0 +1,342 @@
+"""Prometheus metrics: the metric families of moe-router, and the outermost chain stage.
+
+``RouterMetrics`` owns every family in one ``CollectorRegistry`` passed in (tests build
+their own; never the global one). ``MetricsBackend`` records each call it sees, cache
+hits and fast refusals included. Families that mirror a stage's own counters (cache hits,
+breaker state) are read from the chain's ``stats()`` at scrape time, so no stage has to
+know about Prometheus. Names follow Prometheus conventions: ``moe_router_`` prefix, base
+units (seconds, bytes), ``_total`` counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from moe_router.chain.backend import Backend, RouteCall, RouteResult
+from moe_router.errors import OverloadedError
+from moe_router.chain.cache import output_nbytes
+from moe_router.routing import functional as F
+from moe_router.doors.status_mapping import status_code_for
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "RouterMetrics",
+    "MetricsBackend",
+    "start_metrics_http_server",
+]
+
+#: Request latency buckets in seconds, 50 us to 10 s.
+LATENCY_BUCKETS = (
+    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+#: Payload size buckets in bytes, 256 B to 1 GiB by powers of four.
+SIZE_BUCKETS = tuple(float(256 * 4**i) for i in range(12))
+#: Batch size buckets in tokens, 1 to 64 Ki by powers of two.
+TOKEN_BUCKETS = tuple(float(2**i) for i in range(17))
+#: Batch size buckets in requests.
+REQUEST_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+#: Experts-per-token buckets (integers; dynamic routers vary between min and max).
+EXPERTS_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
+
+_BREAKER_STATE_VALUE = {"CLOSED": 0, "OPEN": 1, "HALF_OPEN": 2}
+
+
+class RouterMetrics:
+    """Every moe-router metric family, registered in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.requests = Counter(
+            "moe_router_requests_total", "Route calls by router and gRPC status code.",
+            ["router", "code"], registry=r)
+        self.request_duration = Histogram(
+            "moe_router_request_duration_seconds", "Route call latency inside the server.",
+            ["router"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_size = Histogram(
+            "moe_router_request_size_bytes", "Tensor bytes of a Route request.",
+            ["router"], buckets=SIZE_BUCKETS, registry=r)
+        self.response_size = Histogram(
+            "moe_router_response_size_bytes", "Tensor bytes of a Route answer.",
+            ["router"], buckets=SIZE_BUCKETS, registry=r)
+        self.queue_time = Histogram(
+            "moe_router_queue_time_seconds", "Time a computed call waited for the device.",
+            ["router"], buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_time = Histogram(
+            "moe_router_compute_time_seconds", "Device time of the batch a call rode in.",
+            ["router"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens_routed = Counter(
+            "moe_router_tokens_routed_total", "Tokens answered (cache hits included).",
+            ["router"], registry=r)
+        self.batch_tokens = Histogram(
+            "moe_router_batch_size_tokens", "Tokens per device call.",
+            ["router"], buckets=TOKEN_BUCKETS, registry=r)
+        self.batch_requests = Histogram(
+            "moe_router_batch_size_requests", "Requests merged into one device call.",
+            ["router"], buckets=REQUEST_BUCKETS, registry=r)
+        self.in_flight = Gauge(
+            "moe_router_in_flight_requests", "Route calls being answered now.",
+            ["router"], registry=r)
+        self.queue_depth = Gauge(
+            "moe_router_queue_depth", "Calls waiting in the batcher's queue.",
+            ["router"], registry=r)
+        self.breaker_transitions = Counter(
+            "moe_router_breaker_transitions_total", "Circuit breaker state changes.",
+            ["router", "from", "to"], registry=r)
+        self.rate_limited = Counter(
+            "moe_router_rate_limited_total", "Calls refused by the per-caller rate limit.",
+            ["router"], registry=r)
+        self.aux_loss = Gauge(
+            "moe_router_aux_loss", "Load-balancing aux loss of the last computed call.",
+            ["router"], registry=r)
+        self.build_info = Gauge(
+            "moe_router_build_info", "Build and runtime versions (value 1).",
+            ["version", "device", "python_version", "torch_version", "grpc_version"],
+            registry=r)
+        self.load = _LoadCollector()
+        self.stages = _StageCollector()
+        r.register(self.load)
+        r.register(self.stages)
+
+    # ------------------------------------------------------------------ hooks for stages
+    def batch_observer(self, router: str) -> Callable[[int, int], None]:
+        """``on_batch(requests, tokens)`` for the batcher: one device call's size."""
+        tokens_hist = self.batch_tokens.labels(router)
+        requests_hist = self.batch_requests.labels(router)
+
+        def observe(requests: int, tokens: int) -> None:
+            requests_hist.observe(requests)
+            tokens_hist.observe(tokens)
+
+        return observe
+
+    def queue_depth_observer(self, router: str) -> Callable[[int], None]:
+        """``on_queue_depth(depth)`` for the batcher: sets the queue depth gauge."""
+        return self.queue_depth.labels(router).set
+
+    def breaker_transition(self, router: str, old: str, new: str) -> None:
+        """Count a circuit breaker transition (its ``on_state_change`` callback)."""
+        self.breaker_transitions.labels(router, old, new).inc()
+
+    def set_build_info(self, version: str, device: str) -> None:
+        """Publish ``moe_router_build_info`` = 1 with the versions as labels."""
+        self.build_info.clear()
+        self.build_info.labels(
+            version, device, platform.python_version(), torch.__version__, grpc.__version__
+        ).set(1)
+
+    # ------------------------------------------------------------------ per call
+    def record(self, router: str, call: RouteCall, result: RouteResult | None, code: str,
+               duration_s: float) -> None:
+        """Record one finished call (``result`` None when it failed with ``code``)."""
+        self.requests.labels(router, code).inc()
+        self.request_duration.labels(router).observe(duration_s)
+        self.request_size.labels(router).observe(_request_nbytes(call))
+        if result is None:
+            return
+        output = result.output
+        self.response_size.labels(router).observe(output_nbytes(output))
+        self.tokens_routed.labels(router).inc(call.num_tokens)
+        if not result.cache_hit:
+            self.queue_time.labels(router).observe(result.queue_time_us / 1e6)
+            self.compute_time.labels(router).observe(result.compute_time_us / 1e6)
+            if output.aux_loss is not None:
+                self.aux_loss.labels(router).set(float(output.aux_loss.detach()))
+        self.load.add(router, call.layer, output.tokens_per_expert, output.num_experts_per_token)
+
+
+class MetricsBackend:
+    """The outermost stage: counts, times and sizes every call, whatever its outcome.
+
+    The ``code`` label of a failed call is its gRPC status (``status_mapping``);
+    a cancelled call is ``CANCELLED``. Queue and compute time are observed for computed
+    answers only (a cache hit has neither). The chain below is watched for its cache and
+    breaker figures at scrape time.
+    """
+
+    def __init__(self, inner: Backend, *, router: str, metrics: RouterMetrics) -> None:
+        self._inner = inner
+        self._router = router
+        self._metrics = metrics
+        self._in_flight = metrics.in_flight.labels(router)
+        metrics.stages.watch(router, inner)
+
+    async def route(self, call: RouteCall) -> RouteResult:
+        """Pass the call on and record how it went."""
+        self._in_flight.inc()
+        started = time.perf_counter()
+        code = "OK"
+        result = None
+        try:
+            result = await self._inner.route(call)
+            return result
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code = status_code_for(exc).name
+            if isinstance(exc, OverloadedError) and exc.reason == "RATE_LIMITED":
+                self._metrics.rate_limited.labels(self._router).inc()
+            raise
+        finally:
+            self._in_flight.dec()
+            self._metrics.record(self._router, call, result, code, time.perf_counter() - started)
+
+    def stats(self) -> dict[str, Any]:
+        """The inner stages' figures (this stage keeps its figures in Prometheus)."""
+        return self._inner.stats()
+
+
+def start_metrics_http_server(
+    registry: CollectorRegistry, host: str, port: int
+) -> tuple[Any, threading.Thread, int]:
+    """Serve ``registry`` on http://host:port/metrics in a daemon thread.
+
+    Returns (server, thread, bound_port); port 0 picks a free port. Stop with
+    ``server.shutdown(); server.server_close()``.
+    """
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return server, thread, int(server.server_port)
+
+
+def _request_nbytes(call: RouteCall) -> int:
+    tensors = [call.hidden_states, *call.options.extra_inputs.values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _LoadCollector(Collector):
+    """Tokens per expert (per router and layer), experts per token, load-balance score.
+
+    Kept as tensors and counts and turned into families at scrape time: one call adds
+    its [E] counts with one torch op instead of E label lookups.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._per_layer: dict[tuple[str, int], torch.Tensor] = {}
+        self._k_counts: dict[str, dict[int, int]] = {}
+
+    def add(self, router: str, layer: int, tokens_per_expert: torch.Tensor,
+            num_experts_per_token: torch.Tensor) -> None:
+        counts = tokens_per_expert.detach().to("cpu", torch.int64)
+        values, freq = torch.unique(num_experts_per_token.detach().cpu(), return_counts=True)
+        with self._lock:
+            key = (router, layer)
+            total = self._per_layer.get(key)
+            if total is None or total.shape != counts.shape:
+                self._per_layer[key] = counts.clone()
+            else:
+                total += counts
+            k_counts = self._k_counts.setdefault(router, {})
+            for k, n in zip(values.tolist(), freq.tolist(), strict=True):
+                k_counts[int(k)] = k_counts.get(int(k), 0) + int(n)
+
+    def expert_load(self, router: str) -> torch.Tensor | None:
+        """Cumulative assignments per expert [E] of ``router``, summed over layers."""
+        with self._lock:
+            parts = [t for (name, _), t in self._per_layer.items() if name == router]
+            if not parts:
+                return None
+            total = parts[0].clone()
+            for part in parts[1:]:
+                if part.shape == total.shape:
+                    total += part
+            return total
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            per_layer = {key: t.clone() for key, t in self._per_layer.items()}
+            k_counts = {router: dict(c) for router, c in self._k_counts.items()}
+        expert = CounterMetricFamily(
+            "moe_router_expert_tokens_total", "Token assignments per expert.",
+            labels=["router", "layer", "expert"])
+        per_router: dict[str, torch.Tensor] = {}
+        for (router, layer), counts in sorted(per_layer.items()):
+            for index, value in enumerate(counts.tolist()):
+                expert.add_metric([router, str(layer), str(index)], value)
+            previous = per_router.get(router)
+            if previous is None or previous.shape != counts.shape:
+                per_router[router] = counts
+            else:
+                per_router[router] = previous + counts
+        yield expert
+        score = GaugeMetricFamily(
+            "moe_router_load_balance_score",
+            "Jain's index of per-expert load over all layers: 1 even, 1/E one expert.",
+            labels=["router"])
+        for router, counts in sorted(per_router.items()):
+            score.add_metric([router], F.load_balance_score(counts))
+        yield score
+        hist = HistogramMetricFamily(
+            "moe_router_experts_per_token", "Experts each answered token was sent to.",
+            labels=["router"])
+        for router, per_k in sorted(k_counts.items()):
+            buckets = [
+                (_le(bound), float(sum(n for k, n in per_k.items() if k <= bound)))
+                for bound in EXPERTS_BUCKETS
+            ]
+            buckets.append(("+Inf", float(sum(per_k.values()))))
+            hist.add_metric([router], buckets, float(sum(k * n for k, n in per_k.items())))
+        yield hist
+
+
+class _StageCollector(Collector):
+    """Cache and breaker families read from each watched chain's ``stats()`` at scrape."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._chains: dict[str, Backend] = {}
+
+    def watch(self, router: str, chain: Backend) -> None:
+        with self._lock:
+            self._chains[router] = chain
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            chains = sorted(self._chains.items())
+        labels = ["router"]
+        hits = CounterMetricFamily("moe_router_cache_hits_total",
+                                   "Calls answered from the response cache.", labels=labels)
+        misses = CounterMetricFamily("moe_router_cache_misses_total",
+                                     "Cacheable calls the cache could not answer.", labels=labels)
+        evictions = CounterMetricFamily("moe_router_cache_evictions_total",
+                                        "Entries evicted by the size bounds.", labels=labels)
+        cache_bytes = GaugeMetricFamily("moe_router_cache_bytes",
+                                        "Tensor bytes held by the response cache.", labels=labels)
+        entries = GaugeMetricFamily("moe_router_cache_entries",
+                                    "Entries in the response cache.", labels=labels)
+        state = GaugeMetricFamily("moe_router_breaker_state",
+                                  "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+                                  labels=labels)
+        for router, chain in chains:
+            stats = chain.stats()
+            if "hit_count" in stats:
+                hits.add_metric([router], stats["hit_count"])
+                misses.add_metric([router], stats["miss_count"])
+                evictions.add_metric([router], stats["evictions"])
+                cache_bytes.add_metric([router], stats["bytes"])
+                entries.add_metric([router], stats["size"])
+            if stats.get("state") in _BREAKER_STATE_VALUE:
+                state.add_metric([router], _BREAKER_STATE_VALUE[stats["state"]])
+        yield from (hits, misses, evictions, cache_bytes, entries, state)
+
+
+def _le(bound: float) -> str:
+    return str(float(bound))

@@ -1,0 +1,1 @@
+"""Config -> loaded, warmed routers on their device: router classes, weights, devices."""

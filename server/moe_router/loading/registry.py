@@ -1,0 +1,219 @@
+"""Builds the routers config.yaml describes: the class per kind, its weights, its device.
+
+Router classes are imported inside :func:`construct_router` so this module (and config
+validation) never depends on every routing module at import time. Random weights are
+deterministic: layer L of a router is initialised from ``seed + L``, so every replica
+serves the same router and reports the same version.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_router.config import RouterKind, RouterSpec, ServiceConfig, router_error
+from moe_router.errors import NotFoundError, RouterConfigurationError
+from moe_router.routing.base import RouterBase
+from moe_router.loading.weights import load_router_weights
+
+__all__ = [
+    "HostedRouter",
+    "resolve_device",
+    "construct_router",
+    "check_router_spec",
+    "init_random_",
+    "build_router",
+    "load_routers",
+]
+
+
+@dataclass(frozen=True)
+class HostedRouter:
+    """One configured router, built once per MoE layer, ready to serve.
+
+    layers: one router per layer (index = the request's layer), eval mode, no grad,
+    on ``device``. versions: ``layers[i].version()``, computed once at load.
+    """
+
+    spec: RouterSpec
+    layers: tuple[RouterBase, ...]
+    versions: tuple[str, ...]
+    device: torch.device
+
+    def router(self, layer: int) -> RouterBase:
+        """The router of ``layer``; NotFoundError naming the valid range otherwise."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not (
+            0 <= layer < len(self.layers)
+        ):
+            raise NotFoundError(
+                f"router {self.spec.name!r} serves layers 0..{len(self.layers) - 1}, "
+                f"got layer {layer!r}"
+            )
+        return self.layers[layer]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda[:N]`` must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RouterConfigurationError(
+                f"server.device: {name!r} needs CUDA, but torch {torch.__version__} sees no "
+                "CUDA device; use 'cpu' or 'auto'"
+            )
+        device = torch.device(name)
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise RouterConfigurationError(
+                f"server.device: {name!r} does not exist; this host has cuda:0..cuda:{count - 1}"
+            )
+        return device
+    raise RouterConfigurationError(
+        f"server.device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}"
+    )
+
+
+def _source(spec: RouterSpec) -> str:
+    return spec.source or f"router {spec.name!r}"
+
+
+def construct_router(spec: RouterSpec) -> RouterBase:
+    """Instantiate the class of ``spec.kind`` with the spec's arguments (weights untouched).
+
+    The class's own checks run here; their errors come back prefixed with the spec's
+    key path, e.g. ``config.yaml: routers[2].top_k: ...``.
+    """
+    try:
+        return _construct(spec)
+    except RouterConfigurationError as exc:
+        raise RouterConfigurationError(router_error(_source(spec), str(exc))) from None
+
+
+def _construct(spec: RouterSpec) -> RouterBase:
+    kind = spec.kind
+    if kind in (RouterKind.DYNAMIC, RouterKind.ADAPTIVE):
+        from moe_router.routing.dynamic import AdaptiveRouter, DynamicRouter
+
+        kwargs: dict[str, Any] = dict(
+            input_dim=spec.input_dim,
+            num_experts=spec.num_experts,
+            min_experts=spec.min_experts,
+            max_experts=spec.max_experts,
+            complexity_estimator=spec.complexity_estimator.value,
+            routing_strategy=spec.routing_strategy.value,
+            load_balancing=spec.load_balancing,
+            noise_factor=spec.noise_factor,
+            **spec.estimator_options,
+        )
+        if spec.top_p is not None:
+            kwargs["top_p"] = spec.top_p
+        if kind is RouterKind.ADAPTIVE:
+            return AdaptiveRouter(adaptation_rate=spec.adaptation_rate, **kwargs)
+        return DynamicRouter(**kwargs)
+    config = spec.router_config()
+    if kind is RouterKind.TOP_K:
+        from moe_router.routing.topk import TopKRouter
+
+        return TopKRouter(config)
+    if kind is RouterKind.GROUPED_TOP_K:
+        from moe_router.routing.grouped import GroupedTopKRouter
+
+        return GroupedTopKRouter(config, use_correction_bias=spec.use_correction_bias)
+    if kind is RouterKind.EXPERT_CHOICE:
+        from moe_router.routing.expert_choice import ExpertChoiceRouter
+
+        return ExpertChoiceRouter(config, tokens_per_expert=spec.tokens_per_expert)
+    if kind is RouterKind.SOFT_MOE:
+        from moe_router.routing.soft_moe import SoftMoERouter
+
+        return SoftMoERouter(
+            config, temperature=spec.temperature, slots_per_expert=spec.slots_per_expert
+        )
+    if kind is RouterKind.MOE_ROUTER:
+        from moe_router.routing.zeta import MLPTopKRouter
+
+        hidden = None if spec.hidden_layers is None else list(spec.hidden_layers)
+        return MLPTopKRouter(config, hidden_layers=hidden, mechanism=spec.mechanism.value)
+    if kind is RouterKind.FAULT_INJECTION:
+        from moe_router.loading.fault_injection import FaultInjectingRouter
+
+        fault = spec.fault
+        return FaultInjectingRouter(
+            config,
+            fail_while_file_exists=None if fault is None else fault.fail_while_file_exists,
+            slow_while_file_exists=None if fault is None else fault.slow_while_file_exists,
+            slow_ms=0.0 if fault is None else fault.slow_ms,
+        )
+    raise RouterConfigurationError(f"{_source(spec)}.kind: no router class for {kind!r}")
+
+
+def check_router_spec(spec: RouterSpec) -> None:
+    """Run the router class's own constructor checks without allocating (meta device)."""
+    with torch.device("meta"):
+        construct_router(spec)
+
+
+def init_random_(router: nn.Module, seed: int) -> None:
+    """Re-initialise every ``nn.Linear`` of ``router`` from ``seed``, as nn.Linear does.
+
+    Kaiming-uniform weights (bound ``1/sqrt(fan_in)``, so logits have the usual scale)
+    and uniform biases, drawn from a dedicated ``torch.Generator`` in module order.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in router.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+                if module.bias is not None:
+                    bound = 1.0 / math.sqrt(module.in_features)
+                    module.bias.uniform_(-bound, bound, generator=generator)
+
+
+def build_router(spec: RouterSpec, layer: int, device: torch.device) -> RouterBase:
+    """Layer ``layer``'s router: constructed, weighted (random or checkpoint), on ``device``.
+
+    Returned in eval mode with ``requires_grad`` off. Construction runs under a forked
+    RNG seeded with ``seed + layer`` so any parameter the class draws itself is
+    deterministic too.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < spec.layers:
+        raise RouterConfigurationError(
+            f"{_source(spec)}.layers: layer {layer!r} is outside 0..{spec.layers - 1}"
+        )
+    seed = spec.weights.seed + layer
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(seed)
+        router = construct_router(spec)
+    if spec.weights.path is None:
+        init_random_(router, seed)
+    else:
+        try:
+            load_router_weights(router, spec.weights, layer)
+        except RouterConfigurationError as exc:
+            raise RouterConfigurationError(f"{_source(spec)}.weights: {exc}") from None
+    router.to(device)
+    router.eval()
+    router.requires_grad_(False)
+    return router
+
+
+def load_routers(config: ServiceConfig) -> dict[str, HostedRouter]:
+    """Build every configured router, all layers, on ``config.server.device``."""
+    device = resolve_device(config.server.device)
+    hosted: dict[str, HostedRouter] = {}
+    for spec in config.routers:
+        layers = tuple(build_router(spec, layer, device) for layer in range(spec.layers))
+        hosted[spec.name] = HostedRouter(
+            spec=spec,
+            layers=layers,
+            versions=tuple(router.version() for router in layers),
+            device=device,
+        )
+    return hosted
