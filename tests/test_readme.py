@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from server_process import clean_env, start_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"

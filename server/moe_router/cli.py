@@ -38,8 +38,8 @@ def _reexec_with_malloc_tuning(argv: Sequence[str]) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from moe_router.doors.server import serve
     from moe_router.config import load_config
+    from moe_router.doors.server import serve
     from moe_router.errors import RouterConfigurationError
 
     overrides = {}

@@ -19,7 +19,7 @@
     ├── ModelPatchingError           a model could not be patched with a router
     └── ProfilingError               a profiler could not measure
 
-The gRPC edge maps each class to one status code (``moe_router.doors.status_mapping``);
+The gRPC edge maps each class to one status code (``moe_router.status_mapping``);
 the client maps the codes back to these names.
 """
 
@@ -121,3 +121,16 @@ class ModelPatchingError(DynamicMoEError):
 
 class ProfilingError(DynamicMoEError):
     """A profiler could not take its measurement."""
+
+
+NOT_OUR_FAULT: tuple[type[DynamicMoEError], ...] = (
+    ValidationError,
+    AuthenticationError,
+    OverloadedError,
+    DrainingError,
+    CircuitOpenError,
+)
+"""Errors that are not a failure of the router: the caller's own mistakes (bad input,
+unknown router or layer, wrong key) and load shedding (queue full, rate limited,
+draining, breaker open). The breaker never counts them, nor does the error rate the
+alerts judge. (Not in ``__all__``, which lists the seed's classes.)"""

@@ -12,9 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_router.chain.alerts import AlertMonitor, evaluate_alerts
+from moe_router.chain.alerts import AlertCheck, AlertFigures, AlertMonitor, evaluate_alerts
+from moe_router.config.schema import AlertThresholds
 
-THRESHOLDS = {"avg_latency_ms": 50.0, "error_rate": 0.05}
+THRESHOLDS = AlertThresholds(avg_latency_ms=50.0, error_rate=0.05)
+
+
+def figures(**given: float) -> AlertFigures:
+    """Alert figures with the given values, the others not known yet (None)."""
+    values = {"avg_latency_ms": None, "error_rate": None, "load_balance_variance": None,
+              "memory_usage_mb": None}
+    return AlertFigures(**{**values, **given})
 
 
 @pytest.fixture()
@@ -47,19 +55,21 @@ def wait_for(predicate, timeout: float = 20.0):
 
 
 def test_a_check_fails_only_above_its_threshold_and_passes_without_data():
-    checks = evaluate_alerts({"avg_latency_ms": 50.0, "error_rate": 0.2}, THRESHOLDS)
-    assert checks["avg_latency_ms"] == {"ok": True, "value": 50.0, "threshold": 50.0}
-    assert checks["error_rate"]["ok"] is False
-    assert evaluate_alerts({}, THRESHOLDS)["error_rate"]["ok"] is True
+    checks = evaluate_alerts(figures(avg_latency_ms=50.0, error_rate=0.2), THRESHOLDS)
+    assert checks["avg_latency_ms"] == AlertCheck("avg_latency_ms", 50.0, 50.0, True)
+    assert checks["error_rate"].ok is False
+    assert set(checks) == {"avg_latency_ms", "error_rate", "load_balance_variance",
+                           "memory_usage_mb"}
+    assert evaluate_alerts(figures(), THRESHOLDS)["error_rate"].ok is True
 
 
 def test_transitions_are_posted_once_each(webhook):
     url, received = webhook
     monitor = AlertMonitor(THRESHOLDS, url)
-    monitor.update("mixtral", {"avg_latency_ms": 80.0, "error_rate": 0.0})
-    monitor.update("mixtral", {"avg_latency_ms": 90.0, "error_rate": 0.0})  # still firing
+    monitor.update("mixtral", figures(avg_latency_ms=80.0, error_rate=0.0))
+    monitor.update("mixtral", figures(avg_latency_ms=90.0, error_rate=0.0))  # still firing
     assert set(monitor.failing("mixtral")) == {"avg_latency_ms"}
-    monitor.update("mixtral", {"avg_latency_ms": 10.0, "error_rate": 0.0})
+    monitor.update("mixtral", figures(avg_latency_ms=10.0, error_rate=0.0))
     wait_for(lambda: len(received) >= 2)
     time.sleep(0.2)
     assert sorted((r["check"], r["status"]) for r in received) == [
@@ -69,7 +79,7 @@ def test_transitions_are_posted_once_each(webhook):
 
 def test_an_unreachable_webhook_never_breaks_the_caller():
     monitor = AlertMonitor(THRESHOLDS, "http://127.0.0.1:9/unreachable")
-    assert monitor.update("r", {"error_rate": 1.0})["error_rate"]["ok"] is False
+    assert monitor.update("r", figures(error_rate=1.0))["error_rate"].ok is False
 
 
 def test_server_health_shows_a_firing_alert_and_posts_it(tmp_path: Path, webhook):

@@ -11,8 +11,8 @@ import torch
 
 from moe_router.chain.backend import RouteCall
 from moe_router.chain.batcher import Batcher
-from moe_router.errors import DeadlineExceededError, OverloadedError, ValidationError
 from moe_router.chain.device import DeviceExecutor
+from moe_router.errors import DeadlineExceededError, OverloadedError, ValidationError
 from moe_router.routing import ExpertChoiceRouter, RouterConfig, TopKRouter
 
 DIM = 48
@@ -95,7 +95,7 @@ def test_full_queue_answers_overloaded_and_drains():
     refused = [r for r in results if isinstance(r, OverloadedError)]
     assert len(refused) == 2 and all(r.reason == "QUEUE_FULL" for r in refused)
     assert "queue is full (2 calls waiting)" in str(refused[0])
-    assert batcher.stats()["queue_depth"] == 0
+    assert batcher.stats().queue_depth == 0
     assert asyncio.run(batcher.route(calls_of([1])[0])).output.expert_indices.shape == (1, 2)
 
 
@@ -103,4 +103,4 @@ def test_structural_errors_are_raised_before_queueing():
     batcher = Batcher(executor_for(topk()))
     with pytest.raises(ValidationError, match="dim 7 does not match router 'r' input_dim 48"):
         asyncio.run(batcher.route(RouteCall("r", 0, torch.zeros(2, 7))))
-    assert batcher.stats()["queue_depth"] == 0
+    assert batcher.stats().queue_depth == 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 from chain_backends import FakeClock, FaultyBackend, TopKBackend, make_call
 
+from moe_router.chain.breaker import BreakerFigures, BreakerState, CircuitBreakerBackend
 from moe_router.errors import (
     AuthenticationError,
     BackendError,
@@ -19,7 +20,6 @@ from moe_router.errors import (
     RouterMemoryError,
     ValidationError,
 )
-from moe_router.chain.breaker import CircuitBreakerBackend
 
 
 class Scripted:
@@ -66,9 +66,9 @@ def test_opens_when_failure_rate_reaches_threshold(clock: FakeClock) -> None:
     asyncio.run(_outcomes(breaker, 1))
     assert breaker.state.value == "OPEN"
     assert events == [("mixtral", "CLOSED", "OPEN")]
-    stats = breaker.breaker_stats()
-    assert stats["failure_rate"] == 0.5 and stats["transitions"] == 1
-    assert stats["retry_after_s"] == 5.0
+    stats = breaker.stats()
+    assert stats.failure_rate == 0.5 and stats.transitions == 1
+    assert stats.retry_after_s == 5.0
 
 
 def test_does_not_open_below_the_minimum_number_of_calls(clock: FakeClock) -> None:
@@ -84,7 +84,7 @@ def test_window_slides_over_the_last_n_calls(clock: FakeClock) -> None:
     asyncio.run(_outcomes(breaker, 6))
     # last four calls: None, None, None, F -> 0.25 (the two early failures slid out)
     assert breaker.state.value == "CLOSED"
-    assert breaker.breaker_stats()["failure_rate"] == 0.25
+    assert breaker.stats().failure_rate == 0.25
     faults.plan = [BackendError("x"), BackendError("x")]
     asyncio.run(_outcomes(breaker, 2))
     assert breaker.state.value == "OPEN"  # None, F, F, F -> 0.75
@@ -102,7 +102,7 @@ def test_open_rejects_at_once_with_time_left(clock: FakeClock) -> None:
     assert info.value.reason == "CIRCUIT_OPEN"
     assert info.value.retry_after_s == pytest.approx(3.0)
     assert "mixtral" in str(info.value)
-    assert breaker.breaker_stats()["rejected_calls"] == 1
+    assert breaker.stats().rejected_calls == 1
 
 
 def test_half_open_admits_exactly_the_permitted_probes_among_32_callers(
@@ -148,17 +148,17 @@ def test_failed_probes_reopen_with_a_growing_capped_wait(clock: FakeClock) -> No
     asyncio.run(_outcomes(breaker, 1))
     waits = []
     for _ in range(3):
-        waits.append(breaker.breaker_stats()["wait_duration_s"])
+        waits.append(breaker.stats().wait_duration_s)
         clock.advance(waits[-1])
         faults.plan = [BackendError("x"), None]  # one of two probes fails: 0.5 >= 0.5
         asyncio.run(_outcomes(breaker, 2))
         assert breaker.state.value == "OPEN"
     assert waits == [5.0, 10.0, 12.0]
-    assert breaker.breaker_stats()["wait_duration_s"] == 12.0
+    assert breaker.stats().wait_duration_s == 12.0
     clock.advance(12.0)
     asyncio.run(_outcomes(breaker, 2))  # both probes succeed
     assert breaker.state.value == "CLOSED"
-    assert breaker.breaker_stats()["wait_duration_s"] == 5.0
+    assert breaker.stats().wait_duration_s == 5.0
 
 
 def test_state_read_moves_open_to_half_open_without_traffic(clock: FakeClock) -> None:
@@ -166,9 +166,9 @@ def test_state_read_moves_open_to_half_open_without_traffic(clock: FakeClock) ->
     faults.plan = [RouterMemoryError("oom")]
     asyncio.run(_outcomes(breaker, 1))
     clock.advance(4.9)
-    assert breaker.breaker_stats()["state"] == "OPEN"
+    assert breaker.stats().state == "OPEN"
     clock.advance(0.1)
-    assert breaker.breaker_stats()["state"] == "HALF_OPEN"
+    assert breaker.stats().state == "HALF_OPEN"
 
 
 @pytest.mark.parametrize(
@@ -182,7 +182,7 @@ def test_callers_own_errors_never_count(clock: FakeClock, exc: Exception) -> Non
     outcomes = asyncio.run(_outcomes(breaker, 20))
     assert all(type(o) is type(exc) for o in outcomes)
     assert breaker.state.value == "CLOSED"
-    assert breaker.breaker_stats()["buffered_calls"] == 0
+    assert breaker.stats().buffered_calls == 0
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("CUDA error"), TimeoutError(), RouterMemoryError("x"),
@@ -199,7 +199,7 @@ def test_deadline_counts_only_when_the_caller_gave_enough_time(clock: FakeClock)
     faults.plan = [DeadlineExceededError("late")] * 4
     tight = make_call(deadline=clock() + 0.2)  # budget 0.2 s < slow_call_duration 1 s
     asyncio.run(_outcomes(breaker, 4, tight))
-    assert breaker.breaker_stats()["buffered_calls"] == 0
+    assert breaker.stats().buffered_calls == 0
     faults.plan = [DeadlineExceededError("late")] * 4
     generous = make_call(deadline=clock() + 30.0)
     asyncio.run(_outcomes(breaker, 4, generous))
@@ -214,7 +214,7 @@ def test_slow_calls_open_the_circuit(clock: FakeClock) -> None:
     outcomes = asyncio.run(_outcomes(breaker, 4))
     assert all(not isinstance(o, Exception) for o in outcomes)
     assert breaker.state.value == "OPEN"
-    assert breaker.breaker_stats()["slow_call_rate"] == 1.0
+    assert breaker.stats().slow_call_rate == 1.0
 
 
 def test_caller_error_in_half_open_hands_the_permit_back(clock: FakeClock) -> None:
@@ -230,13 +230,14 @@ def test_caller_error_in_half_open_hands_the_permit_back(clock: FakeClock) -> No
     assert breaker.state.value == "CLOSED"
 
 
-def test_stats_merge_the_inner_stage(clock: FakeClock) -> None:
-    breaker, _, _ = _breaker(clock)
-    asyncio.run(_outcomes(breaker, 1))
+def test_stats_are_the_breakers_own_typed_figures(clock: FakeClock) -> None:
+    breaker, _, faults = _breaker(clock)
+    faults.plan = [None, BackendError("x")]
+    asyncio.run(_outcomes(breaker, 2))
     stats = breaker.stats()
-    assert stats["device_calls"] == 1
-    assert set(stats) >= {"state", "failure_rate", "slow_call_rate",
-                                     "rejected_calls", "transitions", "retry_after_s"}
+    assert isinstance(stats, BreakerFigures)
+    assert stats.state is BreakerState.CLOSED and stats.buffered_calls == 2
+    assert stats.failure_rate == 0.5 and stats.rejected_calls == 0
 
 
 @pytest.mark.parametrize(

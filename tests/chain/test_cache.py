@@ -9,7 +9,6 @@ import torch
 from chain_backends import HIDDEN, FakeClock, FaultyBackend, TopKBackend, make_call
 
 from moe_router.chain.backend import RouteCall
-from moe_router.errors import BackendError, NotFoundError, RouterConfigurationError
 from moe_router.chain.cache import (
     ADAPT_WINDOW,
     CacheBackend,
@@ -17,6 +16,7 @@ from moe_router.chain.cache import (
     output_nbytes,
     tensor_digest,
 )
+from moe_router.errors import BackendError, NotFoundError, RouterConfigurationError
 
 
 def _cache(inner=None, **kwargs) -> CacheBackend:
@@ -44,9 +44,9 @@ def test_hit_returns_the_same_answer_without_calling_the_router() -> None:
     fresh = inner.router(call.hidden_states)
     torch.testing.assert_close(hit.output.expert_weights, fresh.expert_weights)
     stats = cache.stats()
-    assert stats["hit_count"] == 1 and stats["miss_count"] == 1
-    assert stats["hit_rate"] == 0.5
-    assert stats["device_calls"] == 1  # the inner stage's figures are merged in
+    assert stats.hit_count == 1 and stats.miss_count == 1
+    assert stats.hit_rate == 0.5
+    assert inner.calls == 1
 
 
 def test_same_bytes_different_shape_or_dtype_never_collide() -> None:
@@ -99,7 +99,7 @@ def test_unknown_layer_goes_through_uncached_to_the_stage_that_knows_layers() ->
     cache = CacheBackend(inner, router_version=lambda layer: ["v0"][layer], stateful=False)
     with pytest.raises(NotFoundError, match="no layer 5"):
         asyncio.run(cache.route(make_call(layer=5)))
-    assert cache.cache_stats()["bypass_count"] == 1 and cache.cache_stats()["size"] == 0
+    assert cache.stats().bypass_count == 1 and cache.stats().size == 0
 
 
 def test_stateful_routers_pass_through() -> None:
@@ -108,7 +108,7 @@ def test_stateful_routers_pass_through() -> None:
     call = make_call()
     results = asyncio.run(_route_n(cache, [call, call]))
     assert inner.calls == 2 and not any(r.cache_hit for r in results)
-    assert cache.cache_stats()["bypass_count"] == 2 and cache.cache_stats()["size"] == 0
+    assert cache.stats().bypass_count == 2 and cache.stats().size == 0
 
 
 def test_stochastic_routers_are_cached_only_with_a_seed() -> None:
@@ -130,8 +130,8 @@ def test_skip_cache_neither_reads_nor_fills() -> None:
     assert [r.cache_hit for r in results] == [False, False, True]
     fresh = _cache(TopKBackend())
     asyncio.run(_route_n(fresh, [make_call(hs, skip_cache=True)]))
-    assert fresh.cache_stats()["size"] == 0
-    assert fresh.cache_stats()["bypass_count"] == 1 and fresh.cache_stats()["miss_count"] == 0
+    assert fresh.stats().size == 0
+    assert fresh.stats().bypass_count == 1 and fresh.stats().miss_count == 0
 
 
 def test_ttl_expires_entries(clock: FakeClock) -> None:
@@ -149,7 +149,7 @@ def test_ttl_expires_entries(clock: FakeClock) -> None:
 
     second, third = asyncio.run(run())
     assert second.cache_hit and not third.cache_hit
-    assert cache.cache_stats()["expirations"] == 1 and inner.calls == 2
+    assert cache.stats().expirations == 1 and inner.calls == 2
 
 
 def test_lru_entry_bound_evicts_least_recently_used() -> None:
@@ -159,8 +159,8 @@ def test_lru_entry_bound_evicts_least_recently_used() -> None:
     results = asyncio.run(_route_n(cache, [a, b, a, c, a, b]))
     # a, b stored; a touched; c evicts b; a hits; b misses again
     assert [r.cache_hit for r in results] == [False, False, True, False, True, False]
-    stats = cache.cache_stats()
-    assert stats["size"] == 2 and stats["evictions"] == 2 and stats["max_size"] == 2
+    stats = cache.stats()
+    assert stats.size == 2 and stats.evictions == 2 and stats.max_size == 2
 
 
 def test_byte_bound_evicts_and_counts_bytes() -> None:
@@ -171,15 +171,15 @@ def test_byte_bound_evicts_and_counts_bytes() -> None:
     assert per_entry == 32 + 32 + 16 + 128 + 64 + 4 + 4
     cache = _cache(inner, cache_size=100, max_bytes=2 * per_entry + 10, adaptive=False)
     asyncio.run(_route_n(cache, [make_call(seed_tensor=i) for i in range(5)]))
-    stats = cache.cache_stats()
-    assert stats["size"] == 2 and stats["bytes"] == 2 * per_entry
-    assert stats["evictions"] == 3 and stats["max_size"] == 100
+    stats = cache.stats()
+    assert stats.size == 2 and stats.bytes == 2 * per_entry
+    assert stats.evictions == 3 and stats.max_size == 100
 
 
 def test_entry_larger_than_the_byte_bound_is_not_stored() -> None:
     cache = _cache(max_bytes=10)
     asyncio.run(_route_n(cache, [make_call(), make_call()]))
-    assert cache.cache_stats()["size"] == 0 and cache.cache_stats()["hit_count"] == 0
+    assert cache.stats().size == 0 and cache.stats().hit_count == 0
 
 
 def test_adaptive_grows_while_hits_are_high_up_to_four_times() -> None:
@@ -191,14 +191,14 @@ def test_adaptive_grows_while_hits_are_high_up_to_four_times() -> None:
         calls += [make_call(seed_tensor=100 + 10 * window + j) for j in range(5)]
         calls += [hot[i % 3] for i in range(ADAPT_WINDOW - 5)]
     asyncio.run(_route_n(cache, calls))
-    assert cache.cache_stats()["max_size"] == 16  # 4 -> 8 -> 16, capped at 4 x cache_size
+    assert cache.stats().max_size == 16  # 4 -> 8 -> 16, capped at 4 x cache_size
 
 
 def test_adaptive_does_not_grow_when_hits_are_rare() -> None:
     cache = _cache(cache_size=4, adaptive=True)
     calls = [make_call(seed_tensor=i) for i in range(2 * ADAPT_WINDOW)]
     asyncio.run(_route_n(cache, calls))
-    assert cache.cache_stats()["max_size"] == 4
+    assert cache.stats().max_size == 4
 
 
 def test_adaptive_shrinks_under_memory_pressure() -> None:
@@ -207,13 +207,13 @@ def test_adaptive_shrinks_under_memory_pressure() -> None:
                    rss_bytes=lambda: rss["now"])
     calls = [make_call(seed_tensor=i % 8) for i in range(ADAPT_WINDOW)]
     asyncio.run(_route_n(cache, calls))
-    assert cache.cache_stats()["max_size"] == 8
+    assert cache.stats().max_size == 8
     rss["now"] = 1000
     asyncio.run(_route_n(cache, calls))
-    stats = cache.cache_stats()
-    assert stats["max_size"] == 4 and stats["size"] <= 4
+    stats = cache.stats()
+    assert stats.max_size == 4 and stats.size <= 4
     asyncio.run(_route_n(cache, calls * 2))
-    assert cache.cache_stats()["max_size"] == 2  # floor: cache_size // 4
+    assert cache.stats().max_size == 2  # floor: cache_size // 4
 
 
 def test_adaptive_shrinks_entry_bound_when_bytes_run_out() -> None:
@@ -221,8 +221,8 @@ def test_adaptive_shrinks_entry_bound_when_bytes_run_out() -> None:
     per_entry = output_nbytes(asyncio.run(_route_n(inner, [make_call()]))[0].output)
     cache = _cache(inner, cache_size=40, max_bytes=12 * per_entry, adaptive=True)
     asyncio.run(_route_n(cache, [make_call(seed_tensor=i) for i in range(13)]))
-    assert cache.cache_stats()["max_size"] == 12
-    assert cache.cache_stats()["size"] == 12
+    assert cache.stats().max_size == 12
+    assert cache.stats().size == 12
 
 
 def test_concurrent_identical_misses_compute_once() -> None:
@@ -242,8 +242,8 @@ def test_concurrent_identical_misses_compute_once() -> None:
     assert sum(not r.cache_hit for r in results) == 1
     for r in results:
         torch.testing.assert_close(r.output.expert_weights, results[0].output.expert_weights)
-    stats = cache.cache_stats()
-    assert stats["coalesced_count"] == 19 and stats["miss_count"] == 1
+    stats = cache.stats()
+    assert stats.coalesced_count == 19 and stats.miss_count == 1
 
 
 def test_single_flight_errors_reach_every_waiter_and_are_not_cached() -> None:
@@ -270,8 +270,8 @@ def test_clear_drops_entries_but_keeps_counters() -> None:
     call = make_call()
     asyncio.run(_route_n(cache, [call, call]))
     cache.clear()
-    stats = cache.cache_stats()
-    assert stats["size"] == 0 and stats["bytes"] == 0 and stats["hit_count"] == 1
+    stats = cache.stats()
+    assert stats.size == 0 and stats.bytes == 0 and stats.hit_count == 1
     assert not asyncio.run(_route_n(cache, [call]))[0].cache_hit
 
 

@@ -13,15 +13,17 @@ from chain_backends import HIDDEN, FakeClock, FaultyBackend, TopKBackend, make_c
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from moe_router.errors import BackendError, OverloadedError, ValidationError
 from moe_router.chain.breaker import CircuitBreakerBackend
 from moe_router.chain.cache import CacheBackend
+from moe_router.chain.figures import RouterFigures
 from moe_router.chain.metrics import (
     MetricsBackend,
     RouterMetrics,
     start_metrics_http_server,
 )
 from moe_router.chain.ratelimit import RateLimitBackend
+from moe_router.chain.request_stats import RequestStatsBackend
+from moe_router.errors import BackendError, OverloadedError, ValidationError
 
 FAMILIES = {
     "moe_router_requests": "counter",
@@ -57,7 +59,10 @@ def _chain(metrics: RouterMetrics, name: str, inner, clock: FakeClock, **cache_k
     cache = CacheBackend(breaker, router_version="v1", stateful=False, clock=clock,
                          **cache_kwargs)
     limited = RateLimitBackend(cache, requests_per_hour=3600, burst=6, clock=clock)
-    return MetricsBackend(limited, router=name, metrics=metrics)
+    requests = RequestStatsBackend(limited, layers=1, experts=8)
+    metrics.watch(name, lambda: RouterFigures(name, requests.stats(), cache=cache.stats(),
+                                              breaker=breaker.stats()))
+    return MetricsBackend(requests, router=name, metrics=metrics)
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from chain_backends import FakeClock, TopKBackend, make_call
 
-from moe_router.errors import OverloadedError, RouterConfigurationError
 from moe_router.chain.ratelimit import RateLimitBackend
+from moe_router.errors import OverloadedError, RouterConfigurationError
 
 
 async def _try(limiter: RateLimitBackend, peer: str, n: int = 1) -> list[object]:
@@ -36,7 +36,7 @@ def test_trips_after_the_burst_and_recovers_at_the_hourly_rate(clock: FakeClock)
     clock.advance(0.5)
     assert not isinstance(asyncio.run(_try(limiter, "alice"))[0], OverloadedError)
     stats = limiter.stats()
-    assert stats["limited_calls"] == 2 and stats["admitted_calls"] == 4
+    assert stats.limited_calls == 2 and stats.admitted_calls == 4
 
 
 def test_each_caller_has_its_own_bucket(clock: FakeClock) -> None:
@@ -51,7 +51,7 @@ def test_default_burst_is_a_minutes_worth(clock: FakeClock) -> None:
     outcomes = asyncio.run(_try(limiter, "alice", 18))
     assert sum(not isinstance(o, OverloadedError) for o in outcomes) == 17  # ceil(1000/60)
     tiny = RateLimitBackend(TopKBackend(), requests_per_hour=10, clock=clock)
-    assert tiny.stats()["burst"] == 1
+    assert tiny.stats().burst == 1
 
 
 def test_refill_never_exceeds_the_burst(clock: FakeClock) -> None:
@@ -69,10 +69,10 @@ def test_idle_buckets_are_forgotten_and_memory_is_bounded(clock: FakeClock) -> N
     asyncio.run(_try(limiter, "b"))
     clock.advance(2.0)  # both full again: dropping them changes nothing
     asyncio.run(_try(limiter, "c"))
-    assert limiter.stats()["tracked_callers"] == 1
+    assert limiter.stats().tracked_callers == 1
     for peer in "defgh":
         asyncio.run(_try(limiter, peer))
-    assert limiter.stats()["tracked_callers"] == 3
+    assert limiter.stats().tracked_callers == 3
 
 
 @pytest.mark.parametrize(

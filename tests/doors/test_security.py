@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from moe_router.errors import RouterConfigurationError
 from moe_router.doors.security import ApiKeyInterceptor, caller_identity, key_id, server_credentials
+from moe_router.errors import RouterConfigurationError
 
 KEYS = ["alpha-secret-key", "beta-secret-key"]
 

@@ -7,11 +7,11 @@ import asyncio
 
 import pytest
 
-from moe_router.errors import DrainingError
 from moe_router.doors.health import HealthState
 from moe_router.doors.request_wire import parse_route_request
 from moe_router.doors.v1_service import RouterService
-from moe_router.doors.status_mapping import status_code_for
+from moe_router.errors import DrainingError
+from moe_router.status_mapping import status_code_for
 from moe_router_client.v1 import router_pb2 as pb
 
 REQUEST = parse_route_request(pb.RouteRequest(router="mixtral").SerializeToString())

@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from moe_router.config import WeightsSpec, load_config
 from moe_router.errors import RouterConfigurationError
 from moe_router.loading.registry import load_routers
+from moe_router.loading.weights import apply_weights, load_gate_tensors, locate_gate_tensors
 from moe_router.routing.router_config import RouterConfig
 from moe_router.routing.topk import TopKRouter
-from moe_router.loading.weights import apply_weights, load_gate_tensors, locate_gate_tensors
 
 D, E = 16, 8
 MIXTRAL = "model.layers.{layer}.block_sparse_moe.gate.weight"

@@ -1,14 +1,15 @@
-"""The one interface every serving stage implements, and the values that cross it.
+"""The one interface every chain stage implements, and the values that cross it.
 
-A router's chain, outermost first (DESIGN.md):
-    Metrics -> RateLimit -> Cache -> CircuitBreaker -> Batcher -> DeviceExecutor -> router
-Each stage is a ``Backend`` wrapping the next; the gRPC handler calls the outermost.
+A door decodes its protocol into a :class:`RouteCall`, calls the outermost stage of the
+router's chain (see :mod:`moe_router.chain`), and encodes the :class:`RouteResult`.
+Each stage reports its own figures as a frozen dataclass from ``stats()``; nothing
+crosses the chain as a string-keyed dict.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -74,6 +75,6 @@ class Backend(Protocol):
         """Answer ``call`` or raise a ``DynamicMoEError``."""
         ...
 
-    def stats(self) -> dict[str, Any]:
-        """This stage's figures merged over the stages it wraps."""
+    def stats(self) -> object:
+        """This stage's own figures, a frozen dataclass (not the stages it wraps)."""
         ...

@@ -1,47 +1,71 @@
 """Dynamic batching: concurrent Route calls coalesced into one device pass.
 
-Calls to the same router and layer with the same hidden dim and dtype wait in a
-queue for at most ``max_queue_delay_us``; the queue is flushed as one device pass as
-soon as it holds ``max_batch_tokens`` or the oldest call has waited long enough.
-Answers are bit-identical to routing each call alone (``RouterBase.route_many``).
-Calls that cannot share a pass (token-coupled routers, capacity dropping, stateful or
+Calls to the same router and layer with the same hidden dim and dtype wait in a queue
+for at most ``max_queue_delay_us``; the queue is flushed as one device pass as soon as
+it holds ``max_batch_tokens`` or the oldest call has waited long enough. Answers are
+bit-identical to routing each call alone (``RouterBase.route_many_validated``). Calls
+that cannot share a pass (token-coupled routers, capacity dropping, stateful or
 stochastic routers, estimator inputs) run alone but still count against the queue
 bound; a full queue answers ``OverloadedError`` (RESOURCE_EXHAUSTED).
+
+The batcher is a Backend over the narrow :class:`DevicePasses` interface: it admits a
+call once and hands admitted calls to device passes; it knows nothing else of the device.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from moe_router.chain.backend import RouteCall, RouteResult
-from moe_router.errors import BackendError, OverloadedError
-from moe_router.chain.device import DeviceExecutor
-from moe_router.routing.output import RouterOutput
+from moe_router.chain.device import AdmittedCall, PassAnswer
+from moe_router.errors import DynamicMoEError, OverloadedError
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "BatcherFigures", "DevicePasses"]
 
 _Key = tuple[int, int, torch.dtype]
 
 
+class DevicePasses(Protocol):
+    """What the batcher needs of a device: admit a call, run a pass of admitted calls."""
+
+    name: str
+
+    def admit(self, call: RouteCall) -> AdmittedCall:
+        """Check ``call`` once (raises the caller's error) and say whether it may batch."""
+        ...
+
+    async def run_pass(self, admitted: Sequence[AdmittedCall]) -> list[PassAnswer]:
+        """Route calls of one layer in one pass; a per-call refusal in its slot."""
+        ...
+
+
+@dataclass(frozen=True)
+class BatcherFigures:
+    """Queue depth now, device passes made and how many calls each carried on average."""
+
+    queue_depth: int
+    max_queue_size: int
+    device_batches: int
+    avg_calls_per_batch: float
+
+
 @dataclass
 class _Pending:
-    call: RouteCall
+    admitted: AdmittedCall
     future: asyncio.Future[RouteResult]
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 class Batcher:
-    """Backend that merges concurrent calls for one router before its DeviceExecutor."""
+    """Backend that merges concurrent calls for one router before its device."""
 
     def __init__(
         self,
-        inner: DeviceExecutor,
+        device: DevicePasses,
         *,
         max_batch_tokens: int = 8192,
         max_queue_delay_us: int = 500,
@@ -49,7 +73,7 @@ class Batcher:
         on_batch: Callable[[int, int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
     ) -> None:
-        self.inner = inner
+        self.device = device
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
@@ -63,31 +87,33 @@ class Batcher:
         self._merged_calls = 0
 
     async def route(self, call: RouteCall) -> RouteResult:
-        """Queue ``call``; resolve when its device pass is done."""
-        self.inner.check(call)
+        """Admit ``call``, queue it; resolve when its device pass is done."""
+        admitted = self.device.admit(call)
         if self._depth >= self.max_queue_size:
             raise OverloadedError(
-                f"router '{self.inner.name}' queue is full ({self.max_queue_size} calls "
+                f"router '{self.device.name}' queue is full ({self.max_queue_size} calls "
                 "waiting); retry shortly or raise batching.max_queue_size",
                 retry_after_s=max(self.max_queue_delay_s, 0.001) * 10,
                 reason="QUEUE_FULL",
             )
         self._set_depth(self._depth + 1)
         try:
-            if not self.inner.batchable(call) or call.num_tokens >= self.max_batch_tokens:
-                return await self._run_alone(call)
-            return await self._enqueue(call)
+            if not admitted.batchable or admitted.num_tokens >= self.max_batch_tokens:
+                return await self._run_alone(admitted)
+            return await self._enqueue(admitted)
         finally:
             self._set_depth(self._depth - 1)
 
-    async def _run_alone(self, call: RouteCall) -> RouteResult:
-        result = await self.inner.run_alone(call)
-        self._count_batch(1, call.num_tokens)
-        return result
+    async def _run_alone(self, admitted: AdmittedCall) -> RouteResult:
+        (answer,) = await self.device.run_pass([admitted])
+        self._count_batch(1, admitted.num_tokens)
+        if isinstance(answer, DynamicMoEError):
+            raise answer
+        return answer
 
-    async def _enqueue(self, call: RouteCall) -> RouteResult:
-        key = (call.layer, int(call.hidden_states.shape[-1]), call.hidden_states.dtype)
-        pending = _Pending(call, asyncio.get_running_loop().create_future())
+    async def _enqueue(self, admitted: AdmittedCall) -> RouteResult:
+        key = admitted.batch_key
+        pending = _Pending(admitted, asyncio.get_running_loop().create_future())
         self._queues.setdefault(key, []).append(pending)
         # An idle device takes the call at once; a busy one lets calls gather.
         self._dispatch(key, full_only=self._passes_in_flight > 0)
@@ -105,15 +131,16 @@ class Batcher:
         while queue:
             count, tokens = 0, 0
             while count < len(queue) and (
-                count == 0 or tokens + queue[count].call.num_tokens <= self.max_batch_tokens
+                count == 0
+                or tokens + queue[count].admitted.num_tokens <= self.max_batch_tokens
             ):
-                tokens += queue[count].call.num_tokens
+                tokens += queue[count].admitted.num_tokens
                 count += 1
             if full_only and count == len(queue) and tokens < self.max_batch_tokens:
                 break  # not full yet: wait for company or the timer
             batch, queue = queue[:count], queue[count:]
             self._passes_in_flight += 1  # counted now: the task starts on a later tick
-            asyncio.ensure_future(self._run_batch(key[0], batch, tokens))
+            asyncio.ensure_future(self._run_batch(batch, tokens))
         timer = self._timers.pop(key, None)
         if queue:
             self._queues[key] = queue
@@ -129,13 +156,9 @@ class Batcher:
         self._timers.pop(key, None)
         self._dispatch(key, full_only=False)
 
-    async def _run_batch(self, layer: int, batch: list[_Pending], tokens: int) -> None:
-        loop = asyncio.get_running_loop()
-        calls = [p.call for p in batch]
+    async def _run_batch(self, batch: list[_Pending], tokens: int) -> None:
         try:
-            outcome = await loop.run_in_executor(
-                self.inner.pool, self.inner.run_batch, layer, calls
-            )
+            answers = await self.device.run_pass([p.admitted for p in batch])
         except BaseException as exc:  # every waiter gets the failure, nothing is lost
             for p in batch:
                 if not p.future.done():
@@ -148,15 +171,13 @@ class Batcher:
             for waiting in list(self._queues):
                 self._dispatch(waiting, full_only=self._passes_in_flight > 0)
         self._count_batch(len(batch), tokens)
-        for p, output in zip(batch, outcome.outputs, strict=True):
+        for p, answer in zip(batch, answers, strict=True):
             if p.future.done():
                 continue
-            if isinstance(output, RouterOutput):
-                p.future.set_result(
-                    self.inner.result(p.call, output, outcome, p.enqueued, len(batch), tokens)
-                )
-            else:  # refused on its own (deadline, non-finite input): only this call fails
-                p.future.set_exception(output or BackendError("no answer"))
+            if isinstance(answer, DynamicMoEError):  # refused on its own: only this call
+                p.future.set_exception(answer)
+            else:
+                p.future.set_result(answer)
 
     def _count_batch(self, calls: int, tokens: int) -> None:
         self._batches += 1
@@ -169,12 +190,11 @@ class Batcher:
         if self._on_queue_depth is not None:
             self._on_queue_depth(depth)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> BatcherFigures:
         """Queue depth and how many calls each device pass carried on average."""
-        stats = self.inner.stats()
-        stats.update(
+        return BatcherFigures(
             queue_depth=self._depth,
+            max_queue_size=self.max_queue_size,
             device_batches=self._batches,
             avg_calls_per_batch=self._merged_calls / self._batches if self._batches else 0.0,
         )
-        return stats

@@ -26,31 +26,35 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 from moe_router.chain.backend import Backend, RouteCall, RouteResult
 from moe_router.errors import (
-    AuthenticationError,
+    NOT_OUR_FAULT,
     CircuitOpenError,
     DeadlineExceededError,
-    DrainingError,
-    OverloadedError,
     RouterConfigurationError,
-    ValidationError,
 )
 
-__all__ = ["BreakerState", "CircuitBreakerBackend", "counts_as_failure"]
+__all__ = ["BreakerFigures", "BreakerState", "CircuitBreakerBackend", "counts_as_failure"]
 
 log = logging.getLogger(__name__)
 
-_NOT_BACKEND_FAULTS = (
-    ValidationError,
-    AuthenticationError,
-    OverloadedError,
-    DrainingError,
-    CircuitOpenError,
-)
+
+
+@dataclass(frozen=True)
+class BreakerFigures:
+    """The breaker now: its state, the window's rates, and what it refused."""
+
+    state: BreakerState
+    failure_rate: float
+    slow_call_rate: float
+    buffered_calls: int
+    rejected_calls: int
+    transitions: int
+    retry_after_s: float
+    wait_duration_s: float
 
 
 class BreakerState(str, Enum):
@@ -64,7 +68,7 @@ class BreakerState(str, Enum):
 def counts_as_failure(exc: BaseException, call: RouteCall, admitted_at: float,
                       slow_call_duration_s: float) -> bool:
     """True when ``exc`` says the backend is failing (the rule in the module docstring)."""
-    if isinstance(exc, _NOT_BACKEND_FAULTS):
+    if isinstance(exc, NOT_OUR_FAULT):
         return False
     if isinstance(exc, DeadlineExceededError):
         return call.deadline is None or call.deadline - admitted_at >= slow_call_duration_s
@@ -160,19 +164,8 @@ class CircuitBreakerBackend:
         self._record(epoch, failed=False, slow=self._clock() - admitted_at >= self._slow_s)
         return result
 
-    def stats(self) -> dict[str, Any]:
-        """The inner stages' figures with this breaker's (:meth:`breaker_stats`) merged on top."""
-        return {**self._inner.stats(), **self.breaker_stats()}
-
-    # ------------------------------------------------------------------ breaker
-    @property
-    def state(self) -> BreakerState:
-        """The current state (an elapsed OPEN wait turns into HALF_OPEN on reading)."""
-        self._notify(self._refresh())
-        return self._state
-
-    def breaker_stats(self) -> dict[str, Any]:
-        """state, failure_rate, slow_call_rate, rejected_calls, transitions, retry_after_s."""
+    def stats(self) -> BreakerFigures:
+        """State, failure and slow-call rates, rejected calls, transitions, retry delay."""
         self._notify(self._refresh())
         with self._lock:
             if self._state is BreakerState.OPEN:
@@ -185,16 +178,23 @@ class CircuitBreakerBackend:
                     else self._window_rates()
                 )
                 retry_after = 0.0
-            return {
-                "state": self._state.value,
-                "failure_rate": failure_rate,
-                "slow_call_rate": slow_rate,
-                "buffered_calls": len(self._window),
-                "rejected_calls": self._rejected,
-                "transitions": self._transitions,
-                "retry_after_s": retry_after,
-                "wait_duration_s": self._wait,
-            }
+            return BreakerFigures(
+                state=self._state,
+                failure_rate=failure_rate,
+                slow_call_rate=slow_rate,
+                buffered_calls=len(self._window),
+                rejected_calls=self._rejected,
+                transitions=self._transitions,
+                retry_after_s=retry_after,
+                wait_duration_s=self._wait,
+            )
+
+    # ------------------------------------------------------------------ breaker
+    @property
+    def state(self) -> BreakerState:
+        """The current state (an elapsed OPEN wait turns into HALF_OPEN on reading)."""
+        self._notify(self._refresh())
+        return self._state
 
     # ------------------------------------------------------------------ internals
     def _acquire(self) -> int:

@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - xxhash is a server dependency
 
 __all__ = [
     "CacheBackend",
+    "CacheFigures",
     "cache_key",
     "tensor_digest",
     "output_nbytes",
@@ -118,6 +119,28 @@ def process_rss_bytes() -> int:
     except (OSError, ValueError, IndexError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheFigures:
+    """The cache now: entries and bytes against their bounds, and its cumulative counts.
+
+    hit_count counts single-flight joiners too (``coalesced_count`` of them);
+    bypass_count: calls that could not or asked not to use the cache.
+    """
+
+    size: int
+    max_size: int
+    hit_count: int
+    miss_count: int
+    hit_rate: float
+    ttl_seconds: float
+    bytes: int
+    max_bytes: int
+    evictions: int
+    expirations: int
+    bypass_count: int
+    coalesced_count: int
 
 
 @dataclasses.dataclass
@@ -234,28 +257,25 @@ class CacheBackend:
         self._inflight[key] = task
         return await asyncio.shield(task)
 
-    def stats(self) -> dict[str, Any]:
-        """The inner stages' figures with this cache's (:meth:`cache_stats`) merged on top."""
-        return {**self._inner.stats(), **self.cache_stats()}
+    def stats(self) -> CacheFigures:
+        """Entries, bounds, hit/miss counts and rate, TTL, bytes, evictions and more."""
+        lookups = self._hits + self._misses
+        return CacheFigures(
+            size=len(self._entries),
+            max_size=self._max_size,
+            hit_count=self._hits,
+            miss_count=self._misses,
+            hit_rate=self._hits / lookups if lookups else 0.0,
+            ttl_seconds=self._ttl,
+            bytes=self._bytes,
+            max_bytes=self._max_bytes,
+            evictions=self._evictions,
+            expirations=self._expirations,
+            bypass_count=self._bypass,
+            coalesced_count=self._coalesced,
+        )
 
     # ------------------------------------------------------------------ cache
-    def cache_stats(self) -> dict[str, Any]:
-        """size, max_size, hit/miss counts and rate, TTL, bytes, evictions and more."""
-        lookups = self._hits + self._misses
-        return {
-            "size": len(self._entries),
-            "max_size": self._max_size,
-            "hit_count": self._hits,
-            "miss_count": self._misses,
-            "hit_rate": self._hits / lookups if lookups else 0.0,
-            "ttl_seconds": self._ttl,
-            "bytes": self._bytes,
-            "max_bytes": self._max_bytes,
-            "evictions": self._evictions,
-            "expirations": self._expirations,
-            "bypass_count": self._bypass,
-            "coalesced_count": self._coalesced,
-        }
 
     def clear(self) -> None:
         """Drop every entry (counters stay: they are cumulative)."""

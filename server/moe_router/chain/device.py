@@ -1,16 +1,21 @@
 """DeviceExecutor: the last stage of a router's chain — forward passes in worker threads.
 
-Torch never runs on the event loop: every device call goes to a thread pool. Inputs
-are moved to the router's device, routed under ``torch.inference_mode()``, and the
-answer comes back to the host. Failures are sorted into the error tree here, once.
+Torch never runs on the event loop: every device pass goes to the device pool. A call is
+checked once, on admission (:meth:`DeviceExecutor.admit`: layer, dtype, rank, dim,
+estimator inputs), and carries the result of that check (:class:`AdmittedCall`) to its
+pass, so nothing is looked up or validated twice. Inputs move to the router's device,
+are routed under ``torch.inference_mode()``, and the answer comes back to the host.
+Failures are sorted into the error tree here, once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,30 +32,55 @@ from moe_router.errors import (
 from moe_router.routing.base import RouterBase
 from moe_router.routing.output import RouterOutput
 
-__all__ = ["DeviceExecutor", "BatchOutcome"]
+__all__ = ["AdmittedCall", "DeviceExecutor", "DeviceFigures", "PassAnswer"]
+
+#: One call's answer from a device pass: its result, or the error that refused it alone.
+PassAnswer = RouteResult | DynamicMoEError
 
 
-class BatchOutcome:
-    """Answers of one device pass (an error in the slot of a call refused on its own)
-    plus its timing (seconds on the perf_counter clock)."""
+@dataclass(frozen=True)
+class AdmittedCall:
+    """A call that passed the structural checks, with what they found.
 
-    __slots__ = ("outputs", "started", "finished")
+    flat: the hidden states as [T, D] (a view); lead: the leading dims to answer with.
+    batchable: whether it may share a device pass with other calls of its layer.
+    admitted: ``time.perf_counter()`` at admission (its queue time starts here).
+    """
 
-    def __init__(
-        self,
-        outputs: Sequence[RouterOutput | DynamicMoEError | None],
-        started: float,
-        finished: float,
-    ) -> None:
-        self.outputs = outputs
-        self.started = started
-        self.finished = finished
+    call: RouteCall
+    router: RouterBase
+    flat: torch.Tensor
+    lead: tuple[int, ...]
+    batchable: bool
+    admitted: float = field(default_factory=time.perf_counter)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in this call."""
+        return int(self.flat.shape[0])
+
+    @property
+    def batch_key(self) -> tuple[int, int, torch.dtype]:
+        """Calls with equal keys may share a pass: same layer, hidden dim and dtype."""
+        return (self.call.layer, int(self.flat.shape[1]), self.flat.dtype)
+
+
+@dataclass(frozen=True)
+class DeviceFigures:
+    """The device stage's figures: where it runs and how many passes it made."""
+
+    device: str
+    layers: int
+    passes: int
+    calls: int
 
 
 class DeviceExecutor:
     """Runs one hosted router's layers on its device, in ``pool`` threads.
 
-    ``layers[i]`` routes MoE layer ``i``; ``versions[i]`` names its weights.
+    ``layers[i]`` routes MoE layer ``i``; ``versions[i]`` names its weights. As a
+    Backend it routes each call in a pass of its own (batching off); the batcher drives
+    it through :meth:`admit` and :meth:`run_pass` instead.
     """
 
     def __init__(
@@ -66,57 +96,88 @@ class DeviceExecutor:
         self.versions = tuple(versions)
         self.device = device
         self.pool = pool
+        first = self.layers[0]
+        # Every layer of a router has the same class and config: judge once, at load.
+        self._may_batch = not (first.couples_tokens_now or first.stateful or first.stochastic)
+        self._count_lock = threading.Lock()
+        self._passes = 0
+        self._calls = 0
 
-    # ------------------------------------------------------------------ checks
-    def router_for(self, layer: int) -> RouterBase:
-        """The router module of ``layer`` or NotFoundError naming the valid range."""
+    # ------------------------------------------------------------------ admission
+    def admit(self, call: RouteCall) -> AdmittedCall:
+        """Check ``call``'s layer, dtype, rank, dim and inputs; the only structural check.
+
+        Cheap enough for the event loop; the values (finite, deadline) are checked in
+        the worker thread right before the pass (:meth:`_refusal`).
+        """
+        layer = call.layer
         if not 0 <= layer < len(self.layers):
             raise NotFoundError(
                 f"router '{self.name}' has no layer {layer}; "
                 f"expected 0..{len(self.layers) - 1}"
             )
-        return self.layers[layer]
-
-    def check(self, call: RouteCall) -> RouterBase:
-        """Check ``call``'s layer, dtype, rank, dim and inputs before it queues.
-
-        Structure only, so it is cheap on the event loop; the values are checked in the
-        worker thread (:meth:`refusal`). Returns the layer's router.
-        """
-        router = self.router_for(call.layer)
-        hidden = call.hidden_states
-        router.validate(hidden, name=self.name)
-        if call.options.extra_inputs and not router.accepts_estimator_inputs:
+        router = self.layers[layer]
+        flat, lead = router.validate(call.hidden_states, name=self.name)
+        extra = call.options.extra_inputs
+        if extra and not router.accepts_estimator_inputs:
             raise ValidationError(
                 f"router '{self.name}' takes no estimator inputs "
-                f"({', '.join(sorted(call.options.extra_inputs))}); only dynamic and "
+                f"({', '.join(sorted(extra))}); only dynamic and "
                 "adaptive routers use attention_weights, logits or gradients"
             )
-        return router
+        batchable = self._may_batch and not extra
+        return AdmittedCall(call, router, flat, lead, batchable)
 
-    def batchable(self, call: RouteCall) -> bool:
-        """Whether ``call`` may share a device pass with other calls."""
-        router = self.router_for(call.layer)
-        return not (
-            router.couples_tokens_now
-            or router.stateful
-            or router.stochastic
-            or call.options.extra_inputs
-        )
+    # ------------------------------------------------------------------ device passes
+    async def run_pass(self, admitted: Sequence[AdmittedCall]) -> list[PassAnswer]:
+        """Route ``admitted`` (same layer) in one device pass in the pool.
 
-    # ------------------------------------------------------------------ device work
-    def refusal(self, call: RouteCall, now: float) -> DynamicMoEError | None:
-        """Why ``call`` must not run (deadline passed, non-finite input), or None.
+        A call refused on its own (deadline passed, non-finite input) gets its error in
+        its slot and the others still run; a device failure raises for them all.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self._pass, admitted)
+
+    def _pass(self, admitted: Sequence[AdmittedCall]) -> list[PassAnswer]:
+        """One blocking device pass (worker thread)."""
+        now = time.monotonic()
+        answers: list[PassAnswer | None] = [self._refusal(a, now) for a in admitted]
+        todo = [a for a, answer in zip(admitted, answers, strict=True) if answer is None]
+        started = time.perf_counter()
+        outputs = self._forward(todo) if todo else []
+        finished = time.perf_counter()
+        tokens = sum(a.num_tokens for a in admitted)
+        results = iter(outputs)
+        with self._count_lock:
+            self._passes += 1
+            self._calls += len(todo)
+        return [
+            answer
+            if answer is not None
+            else RouteResult(
+                output=next(results),
+                router_version=self.versions[a.call.layer],
+                batch_requests=len(admitted),
+                batch_tokens=tokens,
+                queue_time_us=max(0, int((started - a.admitted) * 1e6)),
+                compute_time_us=int((finished - started) * 1e6),
+            )
+            for a, answer in zip(admitted, answers, strict=True)
+        ]
+
+    def _refusal(self, admitted: AdmittedCall, now: float) -> DynamicMoEError | None:
+        """Why the call must not run (deadline passed, non-finite input), or None.
 
         Non-finite values are found through one fp32 sum (any NaN or Inf makes it
         non-finite; measured ~25x cheaper than ``isfinite(x).all()`` on [8192, 4096]),
         and counted only on that error path.
         """
-        if call.deadline is not None and now >= call.deadline:
+        deadline = admitted.call.deadline
+        if deadline is not None and now >= deadline:
             return DeadlineExceededError(
                 f"deadline passed before router '{self.name}' could start the call"
             )
-        hidden = call.hidden_states
+        hidden = admitted.flat
         if hidden.numel() and not torch.isfinite(hidden.sum(dtype=torch.float32)):
             bad = int((~torch.isfinite(hidden)).sum())
             if bad:
@@ -126,44 +187,25 @@ class DeviceExecutor:
                 )
         return None
 
-    def run_batch(self, layer: int, calls: Sequence[RouteCall]) -> BatchOutcome:
-        """Route ``calls`` (same layer) in one device pass; blocking, for worker threads.
-
-        A call refused on its own (see :meth:`refusal`) gets its error in its slot of
-        ``outputs`` and the others still run; a device failure fails them all.
-        """
-        router = self.router_for(layer)
-        now = time.monotonic()
-        answers: list[RouterOutput | DynamicMoEError | None] = [
-            self.refusal(call, now) for call in calls
-        ]
-        todo = [i for i, answer in enumerate(answers) if answer is None]
-        started = time.perf_counter()
-        if todo:
-            outputs = self._forward(router, layer, [calls[i] for i in todo])
-            for i, output in zip(todo, outputs, strict=True):
-                answers[i] = output
-        return BatchOutcome(answers, started, time.perf_counter())
-
-    def _forward(
-        self, router: RouterBase, layer: int, calls: Sequence[RouteCall]
-    ) -> list[RouterOutput]:
+    def _forward(self, admitted: Sequence[AdmittedCall]) -> list[RouterOutput]:
+        router = admitted[0].router
         try:
             with torch.inference_mode():
-                if len(calls) == 1:
-                    outputs = [self._forward_one(router, calls[0])]
+                if len(admitted) == 1:
+                    outputs = [self._forward_one(admitted[0])]
                 else:
-                    hidden = [c.hidden_states.to(self.device, non_blocking=True) for c in calls]
-                    outputs = router.route_many(hidden)
+                    flats = [a.flat.to(self.device, non_blocking=True) for a in admitted]
+                    outputs = router.route_many_validated(flats, [a.lead for a in admitted])
                 return [o.to("cpu") if self.device.type != "cpu" else o for o in outputs]
         except DynamicMoEError:
             raise
         except torch.cuda.OutOfMemoryError as exc:
             raise RouterMemoryError(
-                f"router '{self.name}' layer {layer} ran out of device memory "
-                f"on {sum(c.num_tokens for c in calls)} tokens"
+                f"router '{self.name}' layer {admitted[0].call.layer} ran out of device "
+                f"memory on {sum(a.num_tokens for a in admitted)} tokens"
             ) from exc
         except RuntimeError as exc:
+            layer = admitted[0].call.layer
             if "out of memory" in str(exc):
                 raise RouterMemoryError(
                     f"router '{self.name}' layer {layer} ran out of memory: {exc}"
@@ -172,52 +214,27 @@ class DeviceExecutor:
         except (ValueError, TypeError) as exc:
             raise ValidationError(f"router '{self.name}' rejected the input: {exc}") from exc
 
-    def _forward_one(self, router: RouterBase, call: RouteCall) -> RouterOutput:
+    def _forward_one(self, admitted: AdmittedCall) -> RouterOutput:
+        options = admitted.call.options
         generator = None
-        if call.options.seed is not None:
+        if options.seed is not None:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(call.options.seed)
+            generator.manual_seed(options.seed)
         extra: dict[str, Any] = {
-            key: value.to(self.device) for key, value in call.options.extra_inputs.items()
+            key: value.to(self.device) for key, value in options.extra_inputs.items()
         }
-        return router(call.hidden_states.to(self.device), generator=generator, **extra)
+        return admitted.router.route_validated(
+            admitted.flat.to(self.device), admitted.lead, generator=generator, **extra
+        )
 
     # ------------------------------------------------------------------ Backend
     async def route(self, call: RouteCall) -> RouteResult:
-        """Check and route one call alone (the Backend door used when batching is off)."""
-        self.check(call)
-        return await self.run_alone(call)
+        """Admit and route one call in a pass of its own (the stage when batching is off)."""
+        (answer,) = await self.run_pass([self.admit(call)])
+        if isinstance(answer, DynamicMoEError):
+            raise answer
+        return answer
 
-    async def run_alone(self, call: RouteCall) -> RouteResult:
-        """Route one already-checked call in its own device pass."""
-        enqueued = time.perf_counter()
-        outcome = await asyncio.get_running_loop().run_in_executor(
-            self.pool, self.run_batch, call.layer, [call]
-        )
-        answer = outcome.outputs[0]
-        if not isinstance(answer, RouterOutput):
-            raise answer if answer is not None else BackendError("no answer")
-        return self.result(call, answer, outcome, enqueued, 1, call.num_tokens)
-
-    def result(
-        self,
-        call: RouteCall,
-        output: RouterOutput,
-        outcome: BatchOutcome,
-        enqueued: float,
-        batch_requests: int,
-        batch_tokens: int,
-    ) -> RouteResult:
-        """Wrap one answer of a device pass with its provenance and timings."""
-        return RouteResult(
-            output=output,
-            router_version=self.versions[call.layer],
-            batch_requests=batch_requests,
-            batch_tokens=batch_tokens,
-            queue_time_us=max(0, int((outcome.started - enqueued) * 1e6)),
-            compute_time_us=int((outcome.finished - outcome.started) * 1e6),
-        )
-
-    def stats(self) -> dict[str, Any]:
-        """Running routing statistics per layer, as the router modules keep them."""
-        return {"layers": [router.get_stats() for router in self.layers]}
+    def stats(self) -> DeviceFigures:
+        """Where this router runs and the passes made so far."""
+        return DeviceFigures(str(self.device), len(self.layers), self._passes, self._calls)

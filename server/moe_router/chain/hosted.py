@@ -1,8 +1,9 @@
-"""One hosted router: its loaded layers, its backend chain, and how it describes itself.
+"""One hosted router: its loaded layers, its backend chain, and its figures.
 
-Chain, outermost first (DESIGN.md):
-    Metrics -> RequestStats -> RateLimit -> Cache -> CircuitBreaker -> Batcher -> DeviceExecutor
-Stages switched off in config.yaml are simply not in the chain.
+:func:`build_chain` wraps a loaded router in the stages config.yaml switches on (see
+:mod:`moe_router.chain` for the order); stages switched off are simply not in the chain.
+The doors call ``chain`` and read :meth:`HostedRouterChain.figures`; how the figures
+are encoded (Stats, ListRouters, Prometheus) is each door's business.
 """
 
 from __future__ import annotations
@@ -10,31 +11,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-
+from moe_router.chain.alerts import AlertFigures
 from moe_router.chain.backend import Backend
 from moe_router.chain.batcher import Batcher
-from moe_router.config import ServiceConfig
-from moe_router.chain.device import DeviceExecutor
 from moe_router.chain.breaker import CircuitBreakerBackend
 from moe_router.chain.cache import CacheBackend, process_rss_bytes
+from moe_router.chain.device import DeviceExecutor
+from moe_router.chain.figures import RouterFigures
 from moe_router.chain.metrics import MetricsBackend, RouterMetrics
 from moe_router.chain.ratelimit import RateLimitBackend
-from moe_router.loading.registry import HostedRouter
 from moe_router.chain.request_stats import RequestStatsBackend
-from moe_router.routing import functional as F
-from moe_router_client.v1 import router_pb2 as pb
+from moe_router.config import ServiceConfig
+from moe_router.loading.registry import HostedRouter
 
 __all__ = ["HostedRouterChain", "build_chain"]
-
-_ACCEPTED_DTYPES = [pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16]
 
 
 @dataclass
 class HostedRouterChain:
-    """A router as the service sees it: the outermost Backend plus its named stages."""
+    """A router as the doors see it: the outermost Backend plus its named stages."""
 
     name: str
     hosted: HostedRouter
@@ -46,87 +42,29 @@ class HostedRouterChain:
     breaker: CircuitBreakerBackend | None = None
     rate_limit: RateLimitBackend | None = None
 
-    def describe(self) -> pb.RouterDescription:
-        """The ListRouters entry of this router."""
+    @property
+    def batches_across_requests(self) -> bool:
+        """Whether concurrent calls of this router may share a device pass."""
         first = self.hosted.layers[0]
-        low, high = first.k_range
-        return pb.RouterDescription(
-            name=self.name,
-            kind=self.hosted.spec.kind.value,
-            num_experts=first.num_experts,
-            layers=len(self.hosted.layers),
-            input_dim=first.hidden_size,
-            min_k=low,
-            max_k=high,
-            accepted_dtypes=_ACCEPTED_DTYPES,
-            version=self.hosted.versions[0],
-            batches_across_requests=self.batcher is not None
-            and not (first.couples_tokens_now or first.stateful or first.stochastic),
+        return self.batcher is not None and not (
+            first.couples_tokens_now or first.stateful or first.stochastic
         )
 
-    def alert_figures(self) -> dict[str, float | None]:
-        """The four figures ``monitoring.alert_thresholds`` judges (None until traffic)."""
-        latency = self.request_stats.latency()
-        load = torch.stack(
-            [torch.tensor(r.get_stats()["tokens_per_expert"]) for r in self.hosted.layers]
-        ).sum(0).double()
-        routed = float(load.sum())
-        return {
-            "avg_latency_ms": latency["mean_ms"] if latency["samples"] else None,
-            # Failures only (a caller's bad input is not this router's error), last minute.
-            "error_rate": self.request_stats.recent_failure_rate(),
-            "load_balance_variance": float((load / routed).var(unbiased=False))
-            if routed else None,
-            "memory_usage_mb": process_rss_bytes() / 2**20,
-        }
-
-    def stats_proto(self) -> pb.RouterStats:
-        """The Stats entry: request figures, per-expert load over all layers, cache, breaker."""
-        layer_stats = [router.get_stats() for router in self.hosted.layers]
-        per_layer = [torch.tensor(s["tokens_per_expert"], dtype=torch.int64) for s in layer_stats]
-        load = torch.stack(per_layer).sum(0)
-        loadf = load.double()
-        tokens = sum(s["total_tokens"] for s in layer_stats)
-        assignments = sum(s["avg_experts_per_token"] * s["total_tokens"] for s in layer_stats)
-        latency = self.request_stats.latency()
-        stats = pb.RouterStats(
+    def figures(self) -> RouterFigures:
+        """Every stage's figures now."""
+        return RouterFigures(
             router=self.name,
-            requests=self.request_stats.requests,
-            tokens=self.request_stats.tokens,
-            errors=self.request_stats.errors,
-            tokens_per_expert=load.tolist(),
-            load_balance_score=F.load_balance_score(load),
-            usage_variance=float(loadf.var(unbiased=False)),
-            most_used_expert=int(torch.argmax(load)),
-            least_used_expert=int(torch.argmin(load)),
-            avg_experts_per_token=assignments / tokens if tokens else 0.0,
-            dropped_tokens=sum(s["dropped_tokens"] for s in layer_stats),
-            latency=pb.LatencySummary(
-                p50_ms=latency["p50_ms"],
-                p95_ms=latency["p95_ms"],
-                p99_ms=latency["p99_ms"],
-                mean_ms=latency["mean_ms"],
-                samples=int(latency["samples"]),
-            ),
-            layers=[
-                pb.LayerLoad(layer=i, tokens_per_expert=c.tolist()) for i, c in enumerate(per_layer)
-            ],
+            requests=self.request_stats.stats(),
+            device=self.executor.stats(),
+            batcher=None if self.batcher is None else self.batcher.stats(),
+            cache=None if self.cache is None else self.cache.stats(),
+            breaker=None if self.breaker is None else self.breaker.stats(),
+            rate_limit=None if self.rate_limit is None else self.rate_limit.stats(),
         )
-        if self.cache is not None:
-            c = self.cache.stats()
-            stats.cache.CopyFrom(
-                pb.CacheStats(
-                    **{f: c[f] for f in pb.CacheStats.DESCRIPTOR.fields_by_name if f in c}
-                )
-            )
-        if self.breaker is not None:
-            b = self.breaker.stats()
-            stats.breaker.CopyFrom(
-                pb.BreakerStats(
-                    **{f: b[f] for f in pb.BreakerStats.DESCRIPTOR.fields_by_name if f in b}
-                )
-            )
-        return stats
+
+    def alert_figures(self) -> AlertFigures:
+        """The figures ``monitoring.alert_thresholds`` judge (None until traffic)."""
+        return AlertFigures.of(self.request_stats.stats(), process_rss_bytes())
 
 
 def build_chain(
@@ -145,7 +83,8 @@ def build_chain(
     spec = hosted.spec
     name = spec.name
     executor = DeviceExecutor(name, hosted.layers, hosted.versions, hosted.device, pool)
-    chain: Any = executor
+    first = hosted.layers[0]
+    chain: Backend = executor
     batcher = None
     if spec.batching.enabled:
         batching = spec.batching
@@ -179,12 +118,11 @@ def build_chain(
     cache = None
     if config.cache.enabled and spec.cache_enabled:
         c = config.cache
-        first = hosted.layers[0]
         cache = CacheBackend(
             chain,
             router_version=lambda layer: hosted.versions[layer],
             stateful=first.stateful,
-            stochastic=lambda call: executor.router_for(call.layer).stochastic,
+            stochastic=first.stochastic,  # every layer has the same class and config
             cache_size=c.cache_size,
             max_bytes=c.max_bytes,
             ttl_seconds=c.ttl_seconds,
@@ -199,11 +137,13 @@ def build_chain(
             chain, requests_per_hour=config.security.rate_limit, shared_with=rate_limit_shared_with
         )
         chain = rate_limit
-    request_stats = RequestStatsBackend(chain)
+    request_stats = RequestStatsBackend(
+        chain, layers=len(hosted.layers), experts=first.num_experts
+    )
     chain = request_stats
     if metrics is not None:
         chain = MetricsBackend(chain, router=name, metrics=metrics)
-    return HostedRouterChain(
+    hosted_chain = HostedRouterChain(
         name=name,
         hosted=hosted,
         executor=executor,
@@ -214,3 +154,6 @@ def build_chain(
         breaker=breaker,
         rate_limit=rate_limit,
     )
+    if metrics is not None:
+        metrics.watch(name, hosted_chain.figures)
+    return hosted_chain

@@ -2,9 +2,10 @@
 
 ``RouterMetrics`` owns every family in one ``CollectorRegistry`` passed in (tests build
 their own; never the global one). ``MetricsBackend`` records each call it sees, cache
-hits and fast refusals included. Families that mirror a stage's own counters (cache hits,
-breaker state) are read from the chain's ``stats()`` at scrape time, so no stage has to
-know about Prometheus. Names follow Prometheus conventions: ``moe_router_`` prefix, base
+hits and fast refusals included. Families that mirror a stage's own figures (per-expert
+load, cache, breaker) are read from the router's :class:`RouterFigures` at scrape time
+(:meth:`RouterMetrics.watch`), so no stage has to know about Prometheus and no figure
+is kept twice. Names follow Prometheus conventions: ``moe_router_`` prefix, base
 units (seconds, bytes), ``_total`` counters.
 """
 
@@ -15,6 +16,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -29,13 +31,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from moe_router.chain.backend import Backend, RouteCall, RouteResult
-from moe_router.errors import OverloadedError
 from moe_router.chain.cache import output_nbytes
-from moe_router.routing import functional as F
-from moe_router.doors.status_mapping import status_code_for
+from moe_router.chain.figures import RouterFigures
+from moe_router.errors import OverloadedError
+from moe_router.status_mapping import status_code_for
 
 __all__ = [
+    "FiguresSource",
     "LATENCY_BUCKETS",
+    "MetricsFigures",
     "RouterMetrics",
     "MetricsBackend",
     "start_metrics_http_server",
@@ -56,6 +60,16 @@ REQUEST_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 EXPERTS_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
 
 _BREAKER_STATE_VALUE = {"CLOSED": 0, "OPEN": 1, "HALF_OPEN": 2}
+
+#: Where the scrape reads one router's figures.
+FiguresSource = Callable[[], RouterFigures]
+
+
+@dataclass(frozen=True)
+class MetricsFigures:
+    """The metrics stage's own figure: calls inside it now."""
+
+    in_flight: int
 
 
 class RouterMetrics:
@@ -110,10 +124,12 @@ class RouterMetrics:
             "moe_router_build_info", "Build and runtime versions (value 1).",
             ["version", "device", "python_version", "torch_version", "grpc_version"],
             registry=r)
-        self.load = _LoadCollector()
-        self.stages = _StageCollector()
-        r.register(self.load)
-        r.register(self.stages)
+        self._figures = _FiguresCollector()
+        r.register(self._figures)
+
+    def watch(self, router: str, figures: FiguresSource) -> None:
+        """Read ``router``'s per-expert, cache and breaker families from ``figures``."""
+        self._figures.watch(router, figures)
 
     # ------------------------------------------------------------------ hooks for stages
     def batch_observer(self, router: str) -> Callable[[int, int], None]:
@@ -159,7 +175,6 @@ class RouterMetrics:
             self.compute_time.labels(router).observe(result.compute_time_us / 1e6)
             if output.aux_loss is not None:
                 self.aux_loss.labels(router).set(float(output.aux_loss.detach()))
-        self.load.add(router, call.layer, output.tokens_per_expert, output.num_experts_per_token)
 
 
 class MetricsBackend:
@@ -167,8 +182,7 @@ class MetricsBackend:
 
     The ``code`` label of a failed call is its gRPC status (``status_mapping``);
     a cancelled call is ``CANCELLED``. Queue and compute time are observed for computed
-    answers only (a cache hit has neither). The chain below is watched for its cache and
-    breaker figures at scrape time.
+    answers only (a cache hit has neither).
     """
 
     def __init__(self, inner: Backend, *, router: str, metrics: RouterMetrics) -> None:
@@ -176,11 +190,12 @@ class MetricsBackend:
         self._router = router
         self._metrics = metrics
         self._in_flight = metrics.in_flight.labels(router)
-        metrics.stages.watch(router, inner)
+        self._calls_in_flight = 0
 
     async def route(self, call: RouteCall) -> RouteResult:
         """Pass the call on and record how it went."""
         self._in_flight.inc()
+        self._calls_in_flight += 1
         started = time.perf_counter()
         code = "OK"
         result = None
@@ -197,11 +212,12 @@ class MetricsBackend:
             raise
         finally:
             self._in_flight.dec()
+            self._calls_in_flight -= 1
             self._metrics.record(self._router, call, result, code, time.perf_counter() - started)
 
-    def stats(self) -> dict[str, Any]:
-        """The inner stages' figures (this stage keeps its figures in Prometheus)."""
-        return self._inner.stats()
+    def stats(self) -> MetricsFigures:
+        """Calls inside this stage now (the rest of its figures live in Prometheus)."""
+        return MetricsFigures(in_flight=self._calls_in_flight)
 
 
 def start_metrics_http_server(
@@ -221,121 +237,81 @@ def _request_nbytes(call: RouteCall) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class _LoadCollector(Collector):
-    """Tokens per expert (per router and layer), experts per token, load-balance score.
-
-    Kept as tensors and counts and turned into families at scrape time: one call adds
-    its [E] counts with one torch op instead of E label lookups.
-    """
+class _FiguresCollector(Collector):
+    """Per-expert load, experts per token, load balance, cache and breaker families,
+    turned from each watched router's figures into families at scrape time."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._per_layer: dict[tuple[str, int], torch.Tensor] = {}
-        self._k_counts: dict[str, dict[int, int]] = {}
+        self._sources: dict[str, FiguresSource] = {}
 
-    def add(self, router: str, layer: int, tokens_per_expert: torch.Tensor,
-            num_experts_per_token: torch.Tensor) -> None:
-        counts = tokens_per_expert.detach().to("cpu", torch.int64)
-        values, freq = torch.unique(num_experts_per_token.detach().cpu(), return_counts=True)
+    def watch(self, router: str, figures: FiguresSource) -> None:
         with self._lock:
-            key = (router, layer)
-            total = self._per_layer.get(key)
-            if total is None or total.shape != counts.shape:
-                self._per_layer[key] = counts.clone()
-            else:
-                total += counts
-            k_counts = self._k_counts.setdefault(router, {})
-            for k, n in zip(values.tolist(), freq.tolist(), strict=True):
-                k_counts[int(k)] = k_counts.get(int(k), 0) + int(n)
-
-    def expert_load(self, router: str) -> torch.Tensor | None:
-        """Cumulative assignments per expert [E] of ``router``, summed over layers."""
-        with self._lock:
-            parts = [t for (name, _), t in self._per_layer.items() if name == router]
-            if not parts:
-                return None
-            total = parts[0].clone()
-            for part in parts[1:]:
-                if part.shape == total.shape:
-                    total += part
-            return total
+            self._sources[router] = figures
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            per_layer = {key: t.clone() for key, t in self._per_layer.items()}
-            k_counts = {router: dict(c) for router, c in self._k_counts.items()}
-        expert = CounterMetricFamily(
-            "moe_router_expert_tokens_total", "Token assignments per expert.",
-            labels=["router", "layer", "expert"])
-        per_router: dict[str, torch.Tensor] = {}
-        for (router, layer), counts in sorted(per_layer.items()):
-            for index, value in enumerate(counts.tolist()):
-                expert.add_metric([router, str(layer), str(index)], value)
-            previous = per_router.get(router)
-            if previous is None or previous.shape != counts.shape:
-                per_router[router] = counts
-            else:
-                per_router[router] = previous + counts
-        yield expert
-        score = GaugeMetricFamily(
-            "moe_router_load_balance_score",
-            "Jain's index of per-expert load over all layers: 1 even, 1/E one expert.",
-            labels=["router"])
-        for router, counts in sorted(per_router.items()):
-            score.add_metric([router], F.load_balance_score(counts))
-        yield score
-        hist = HistogramMetricFamily(
-            "moe_router_experts_per_token", "Experts each answered token was sent to.",
-            labels=["router"])
-        for router, per_k in sorted(k_counts.items()):
-            buckets = [
-                (_le(bound), float(sum(n for k, n in per_k.items() if k <= bound)))
-                for bound in EXPERTS_BUCKETS
-            ]
-            buckets.append(("+Inf", float(sum(per_k.values()))))
-            hist.add_metric([router], buckets, float(sum(k * n for k, n in per_k.items())))
-        yield hist
+            sources = sorted(self._sources.items())
+        figures = [source() for _, source in sources]
+        yield from _load_families(figures)
+        yield from _stage_families(figures)
 
 
-class _StageCollector(Collector):
-    """Cache and breaker families read from each watched chain's ``stats()`` at scrape."""
+def _load_families(figures: list[RouterFigures]) -> Iterator[Metric]:
+    expert = CounterMetricFamily(
+        "moe_router_expert_tokens_total", "Token assignments per expert.",
+        labels=["router", "layer", "expert"])
+    score = GaugeMetricFamily(
+        "moe_router_load_balance_score",
+        "Jain's index of per-expert load over all layers: 1 even, 1/E one expert.",
+        labels=["router"])
+    hist = HistogramMetricFamily(
+        "moe_router_experts_per_token", "Experts each answered token was sent to.",
+        labels=["router"])
+    for f in figures:
+        requests = f.requests
+        if not requests.requests:
+            continue
+        for layer, counts in enumerate(requests.expert_load):
+            if any(counts):
+                for index, value in enumerate(counts):
+                    expert.add_metric([f.router, str(layer), str(index)], value)
+        if requests.assignments:
+            score.add_metric([f.router], requests.load_balance_score)
+        per_k = requests.experts_per_token
+        if sum(per_k):
+            buckets = [(_le(bound), float(sum(per_k[: int(bound) + 1])))
+                       for bound in EXPERTS_BUCKETS]
+            buckets.append(("+Inf", float(sum(per_k))))
+            hist.add_metric([f.router], buckets, float(requests.assignments))
+    yield from (expert, score, hist)
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._chains: dict[str, Backend] = {}
 
-    def watch(self, router: str, chain: Backend) -> None:
-        with self._lock:
-            self._chains[router] = chain
-
-    def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            chains = sorted(self._chains.items())
-        labels = ["router"]
-        hits = CounterMetricFamily("moe_router_cache_hits_total",
-                                   "Calls answered from the response cache.", labels=labels)
-        misses = CounterMetricFamily("moe_router_cache_misses_total",
-                                     "Cacheable calls the cache could not answer.", labels=labels)
-        evictions = CounterMetricFamily("moe_router_cache_evictions_total",
-                                        "Entries evicted by the size bounds.", labels=labels)
-        cache_bytes = GaugeMetricFamily("moe_router_cache_bytes",
-                                        "Tensor bytes held by the response cache.", labels=labels)
-        entries = GaugeMetricFamily("moe_router_cache_entries",
-                                    "Entries in the response cache.", labels=labels)
-        state = GaugeMetricFamily("moe_router_breaker_state",
-                                  "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
-                                  labels=labels)
-        for router, chain in chains:
-            stats = chain.stats()
-            if "hit_count" in stats:
-                hits.add_metric([router], stats["hit_count"])
-                misses.add_metric([router], stats["miss_count"])
-                evictions.add_metric([router], stats["evictions"])
-                cache_bytes.add_metric([router], stats["bytes"])
-                entries.add_metric([router], stats["size"])
-            if stats.get("state") in _BREAKER_STATE_VALUE:
-                state.add_metric([router], _BREAKER_STATE_VALUE[stats["state"]])
-        yield from (hits, misses, evictions, cache_bytes, entries, state)
+def _stage_families(figures: list[RouterFigures]) -> Iterator[Metric]:
+    labels = ["router"]
+    hits = CounterMetricFamily("moe_router_cache_hits_total",
+                               "Calls answered from the response cache.", labels=labels)
+    misses = CounterMetricFamily("moe_router_cache_misses_total",
+                                 "Cacheable calls the cache could not answer.", labels=labels)
+    evictions = CounterMetricFamily("moe_router_cache_evictions_total",
+                                    "Entries evicted by the size bounds.", labels=labels)
+    cache_bytes = GaugeMetricFamily("moe_router_cache_bytes",
+                                    "Tensor bytes held by the response cache.", labels=labels)
+    entries = GaugeMetricFamily("moe_router_cache_entries",
+                                "Entries in the response cache.", labels=labels)
+    state = GaugeMetricFamily("moe_router_breaker_state",
+                              "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+                              labels=labels)
+    for f in figures:
+        if f.cache is not None:
+            hits.add_metric([f.router], f.cache.hit_count)
+            misses.add_metric([f.router], f.cache.miss_count)
+            evictions.add_metric([f.router], f.cache.evictions)
+            cache_bytes.add_metric([f.router], f.cache.bytes)
+            entries.add_metric([f.router], f.cache.size)
+        if f.breaker is not None:
+            state.add_metric([f.router], _BREAKER_STATE_VALUE[f.breaker.state.value])
+    yield from (hits, misses, evictions, cache_bytes, entries, state)
 
 
 def _le(bound: float) -> str:

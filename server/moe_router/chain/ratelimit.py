@@ -23,12 +23,23 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 from moe_router.chain.backend import Backend, RouteCall, RouteResult
 from moe_router.errors import OverloadedError, RouterConfigurationError
 
-__all__ = ["RateLimitBackend"]
+__all__ = ["RateLimitBackend", "RateLimitFigures"]
+
+
+@dataclass(frozen=True)
+class RateLimitFigures:
+    """The per-caller quota, how many callers hold a bucket, calls admitted and refused."""
+
+    requests_per_hour: int
+    burst: int
+    tracked_callers: int
+    admitted_calls: int
+    limited_calls: int
 
 
 class RateLimitBackend:
@@ -81,17 +92,16 @@ class RateLimitBackend:
         self._take(call.peer)
         return await self._inner.route(call)
 
-    def stats(self) -> dict[str, Any]:
-        """The inner stages' figures with this limiter's merged on top."""
+    def stats(self) -> RateLimitFigures:
+        """The quota, callers tracked, calls admitted and refused by this router's limiter."""
         with self._lock:
-            own = {
-                "requests_per_hour": self._requests_per_hour,
-                "burst": self._burst,
-                "tracked_callers": len(self._buckets),
-                "admitted_calls": self._admitted,
-                "limited_calls": self._limited,
-            }
-        return {**self._inner.stats(), **own}
+            return RateLimitFigures(
+                requests_per_hour=self._requests_per_hour,
+                burst=self._burst,
+                tracked_callers=len(self._buckets),
+                admitted_calls=self._admitted,
+                limited_calls=self._limited,
+            )
 
     def _take(self, caller: str) -> None:
         now = self._clock()

@@ -1,7 +1,15 @@
-"""RequestStatsBackend: per-router request counts and latency percentiles for the Stats RPC.
+"""RequestStatsBackend: what a router answered — the one place its request figures live.
 
-Prometheus histograms answer "how many under X seconds"; the Stats RPC answers
-p50/p95/p99 directly, from a bounded window of the most recent latencies.
+Counts requests, tokens, errors and failures, keeps the last latencies for p50/p95/p99
+(Prometheus histograms answer "how many under X seconds"; Stats answers percentiles),
+and the per-expert load of every answered call, cache hits included (the experts
+downstream compute for every answer). Stats, the metrics families and the alerts all
+read :class:`RequestFigures` from here; nothing else keeps a copy.
+
+A failure is an error of our own: anything but ``errors.NOT_OUR_FAULT`` (the caller's
+mistakes and load shedding) and cancellation. The error rate the alerts judge is
+failures / calls over the last minute, so an alert clears once a router has recovered
+instead of carrying its history.
 """
 
 from __future__ import annotations
@@ -9,82 +17,182 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from moe_router.chain.backend import Backend, RouteCall, RouteResult
-from moe_router.errors import AuthenticationError, ValidationError
+from moe_router.errors import NOT_OUR_FAULT
+from moe_router.routing import functional as F
 
-#: Errors that say the caller sent something wrong; they do not count as failures.
-_CALLER_ERRORS = (ValidationError, AuthenticationError)
+__all__ = ["LatencySummary", "RequestFigures", "RequestStatsBackend"]
 
-__all__ = ["RequestStatsBackend"]
+#: The error rate looks at calls finished within this many seconds.
+ERROR_RATE_HORIZON_S = 60.0
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """Latency percentiles and mean in milliseconds over the recent window."""
+
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class RequestFigures:
+    """One router's request figures since start.
+
+    expert_load: per layer, assignments per expert of every answered call ([L][E]).
+    experts_per_token: index k holds how many answered tokens went to k experts.
+    error_rate: failures / calls over the last minute (None without calls).
+    """
+
+    requests: int
+    tokens: int
+    errors: int
+    failures: int
+    error_rate: float | None
+    latency: LatencySummary
+    expert_load: tuple[tuple[int, ...], ...]
+    experts_per_token: tuple[int, ...]
+    dropped_tokens: int
+
+    @property
+    def tokens_per_expert(self) -> tuple[int, ...]:
+        """Assignments per expert summed over layers [E]."""
+        return tuple(int(x) for x in np.sum(self.expert_load, axis=0)) if self.expert_load else ()
+
+    @property
+    def assignments(self) -> int:
+        """Token-to-expert assignments answered."""
+        return sum(k * n for k, n in enumerate(self.experts_per_token))
+
+    @property
+    def avg_experts_per_token(self) -> float:
+        """Mean experts per answered token (0 before any)."""
+        tokens = sum(self.experts_per_token)
+        return self.assignments / tokens if tokens else 0.0
+
+    @property
+    def load_balance_score(self) -> float:
+        """Jain's index of the per-expert load over all layers: 1 even, 1/E one expert."""
+        return F.load_balance_score(torch.tensor(self.tokens_per_expert, dtype=torch.int64))
+
+    @property
+    def usage_variance(self) -> float:
+        """Population variance of the per-expert assignments over all layers."""
+        load = np.asarray(self.tokens_per_expert, dtype=np.float64)
+        return float(load.var()) if load.size else 0.0
+
+    @property
+    def load_share_variance(self) -> float | None:
+        """Population variance of each expert's share of the assignments (None before any)."""
+        load = np.asarray(self.tokens_per_expert, dtype=np.float64)
+        total = load.sum()
+        return float((load / total).var()) if total else None
+
+
+class _ExpertLoad:
+    """Per-layer per-expert assignment counts and the experts-per-token histogram.
+
+    One call adds with two torch ops under a lock: its [E] counts into its layer's row
+    and a bincount of its experts-per-token into the histogram.
+    """
+
+    def __init__(self, layers: int, experts: int) -> None:
+        self._lock = threading.Lock()
+        self._load = torch.zeros(layers, experts, dtype=torch.int64)
+        self._per_k = torch.zeros(experts + 1, dtype=torch.int64)
+        self._dropped = 0
+
+    def add(self, layer: int, result: RouteResult) -> None:
+        output = result.output
+        counts = output.tokens_per_expert.detach().to("cpu", torch.int64)
+        per_k = torch.bincount(
+            output.num_experts_per_token.detach().reshape(-1).to("cpu", torch.int64),
+            minlength=self._per_k.numel(),
+        )
+        with self._lock:
+            self._load[layer].add_(counts)
+            self._per_k.add_(per_k[: self._per_k.numel()])
+            self._dropped += int(output.dropped_tokens)
+
+    def snapshot(self) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...], int]:
+        with self._lock:
+            load, per_k, dropped = self._load.tolist(), self._per_k.tolist(), self._dropped
+        return tuple(tuple(row) for row in load), tuple(per_k), dropped
 
 
 class RequestStatsBackend:
-    """Counts requests, tokens, errors and failures (errors that were not the caller's
-    bad input), and keeps the last ``window`` latencies."""
+    """Counts every call's outcome and latency and the expert load of its answer.
 
-    def __init__(self, inner: Backend, *, window: int = 4096) -> None:
+    layers / experts: the router's geometry (the load is kept as an [L, E] tensor).
+    window: how many recent latencies (and outcomes) are kept.
+    """
+
+    def __init__(
+        self,
+        inner: Backend,
+        *,
+        layers: int,
+        experts: int,
+        window: int = 4096,
+    ) -> None:
         self.inner = inner
         self._lock = threading.Lock()
         self._latencies_ms: deque[float] = deque(maxlen=window)
         self._outcomes: deque[tuple[float, bool]] = deque(maxlen=window)  # (when, failed)
-        self.requests = 0
-        self.tokens = 0
-        self.errors = 0  # every failed call
-        self.failures = 0  # failed calls that were not the caller's own fault
+        self._load = _ExpertLoad(layers, experts)
+        self._requests = self._tokens = self._errors = self._failures = 0
 
     async def route(self, call: RouteCall) -> RouteResult:
-        """Pass ``call`` on and record its outcome and latency."""
+        """Pass ``call`` on and record its outcome, latency and expert load."""
         started = time.perf_counter()
         try:
             result = await self.inner.route(call)
         except BaseException as exc:
+            failed = isinstance(exc, Exception) and not isinstance(exc, NOT_OUR_FAULT)
             with self._lock:
-                self.requests += 1
-                self.errors += 1
-                failed = not isinstance(exc, _CALLER_ERRORS)
-                self.failures += failed
+                self._requests += 1
+                self._errors += 1
+                self._failures += failed
                 self._outcomes.append((time.monotonic(), failed))
             raise
         elapsed_ms = (time.perf_counter() - started) * 1e3
+        self._load.add(call.layer, result)
         with self._lock:
-            self.requests += 1
-            self.tokens += call.num_tokens
+            self._requests += 1
+            self._tokens += call.num_tokens
             self._latencies_ms.append(elapsed_ms)
             self._outcomes.append((time.monotonic(), False))
         return result
 
-    def recent_failure_rate(self, horizon_s: float = 60.0) -> float | None:
-        """Failures / calls over the last ``horizon_s`` seconds (None without calls), so
-        an alert clears once a router has recovered instead of carrying its history."""
-        since = time.monotonic() - horizon_s
-        with self._lock:
-            recent = [failed for when, failed in self._outcomes if when >= since]
-        return sum(recent) / len(recent) if recent else None
-
-    def latency(self) -> dict[str, float]:
-        """p50/p95/p99/mean in milliseconds over the recent window, and the sample count."""
+    def stats(self) -> RequestFigures:
+        """The figures now."""
+        since = time.monotonic() - ERROR_RATE_HORIZON_S
         with self._lock:
             samples = np.fromiter(self._latencies_ms, dtype=np.float64)
-        if samples.size == 0:
-            return {"p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0, "mean_ms": 0.0, "samples": 0}
-        p50, p95, p99 = np.percentile(samples, [50, 95, 99])
-        return {
-            "p50_ms": float(p50),
-            "p95_ms": float(p95),
-            "p99_ms": float(p99),
-            "mean_ms": float(samples.mean()),
-            "samples": int(samples.size),
-        }
+            recent = [failed for when, failed in self._outcomes if when >= since]
+            counts = (self._requests, self._tokens, self._errors, self._failures)
+        load, per_k, dropped = self._load.snapshot()
+        return RequestFigures(
+            *counts,
+            error_rate=sum(recent) / len(recent) if recent else None,
+            latency=_summary(samples),
+            expert_load=load,
+            experts_per_token=per_k,
+            dropped_tokens=dropped,
+        )
 
-    def stats(self) -> dict[str, Any]:
-        """Request figures merged over the inner stages' statistics."""
-        stats = dict(self.inner.stats())
-        with self._lock:
-            stats.update(requests=self.requests, tokens=self.tokens, errors=self.errors,
-                         failures=self.failures)
-        stats["latency"] = self.latency()
-        return stats
+
+def _summary(samples: np.ndarray) -> LatencySummary:
+    if samples.size == 0:
+        return LatencySummary(0.0, 0.0, 0.0, 0.0, 0)
+    p50, p95, p99 = np.percentile(samples, [50, 95, 99])
+    return LatencySummary(float(p50), float(p95), float(p99), float(samples.mean()),
+                          int(samples.size))

@@ -1,15 +1,13 @@
-"""The seed's in-process wrappers: the serving stages wrapped around a router, without gRPC.
+"""The seed's in-process door: the serving chain's stages wrapped around a router, no gRPC.
 
 ``create_cached_router`` and ``create_monitoring_wrapper`` run the very ``CacheBackend``,
-``CircuitBreakerBackend`` and ``MetricsBackend`` the server chains use; only the innermost
-stage differs (:class:`RouterModuleBackend` calls the module's forward in a worker
-thread). Their ``route`` is synchronous: the chain runs on a private event loop in a daemon
-thread owned by the wrapper, so it works the same from plain code, from other threads and
-from inside a running event loop (which it blocks for the call). ``close()`` stops it.
-
-``create_optimized_router`` runs calls on an :class:`AutoscalingThreadPool` and, for
-per-token routers, splits large batches across its workers; the answer is identical to
-one call of the router.
+``RequestStatsBackend``, ``CircuitBreakerBackend`` and ``MetricsBackend`` the server
+chains use; only the innermost stage differs (:class:`RouterModuleBackend` calls the
+module's forward in a worker thread). Their ``route`` is synchronous: the chain runs on a
+private event loop in a daemon thread owned by the wrapper, so it works the same from
+plain code, from other threads and from inside a running event loop (which it blocks for
+the call). ``close()`` stops it. ``create_optimized_router`` lives in
+:mod:`moe_router.doors.inprocess_optimized`.
 """
 
 from __future__ import annotations
@@ -28,13 +26,14 @@ from typing import Any, TypeVar
 import torch
 from prometheus_client import CollectorRegistry
 
-from moe_router.chain.alerts import DEFAULT_ALERT_THRESHOLDS, AlertMonitor
+from moe_router.chain.alerts import AlertFigures, AlertMonitor, AlertThresholds
 from moe_router.chain.backend import RouteCall, RouteOptions, RouteResult
-from moe_router.errors import RouterConfigurationError
-from moe_router.chain.pool import AutoscalingThreadPool
 from moe_router.chain.breaker import CircuitBreakerBackend
 from moe_router.chain.cache import CacheBackend, process_rss_bytes
+from moe_router.chain.figures import RouterFigures
 from moe_router.chain.metrics import MetricsBackend, RouterMetrics
+from moe_router.chain.request_stats import RequestStatsBackend
+from moe_router.errors import RouterConfigurationError
 from moe_router.routing.base import RouterBase
 from moe_router.routing.output import RouterOutput
 
@@ -42,10 +41,8 @@ __all__ = [
     "RouterModuleBackend",
     "CachedRouter",
     "MonitoredRouter",
-    "OptimizedRouter",
     "create_cached_router",
     "create_monitoring_wrapper",
-    "create_optimized_router",
     "DEFAULT_ALERT_THRESHOLDS",
     "GRAD_ENABLED",
     "live_version",
@@ -56,6 +53,9 @@ T = TypeVar("T")
 
 _CACHE_STATS_KEYS = ("size", "max_size", "hit_count", "miss_count", "hit_rate", "ttl_seconds")
 _IN_PROCESS = "in-process"
+
+#: The seed's config.yaml ``monitoring.alert_thresholds`` defaults, as a dict.
+DEFAULT_ALERT_THRESHOLDS: dict[str, float] = dataclasses.asdict(AlertThresholds())
 
 #: Autograd mode of the in-process caller, carried to the forward thread (off by default).
 GRAD_ENABLED: ContextVar[bool] = ContextVar("moe_router_grad_enabled", default=False)
@@ -99,9 +99,9 @@ class RouterModuleBackend:
             compute_time_us=int((time.perf_counter() - started) * 1e6),
         )
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> int:
         """Forward calls made so far."""
-        return {"forward_calls": self._calls}
+        return self._calls
 
     def _forward(self, call: RouteCall, grad_enabled: bool) -> RouterOutput:
         generator = None
@@ -212,7 +212,7 @@ class CachedRouter(_ChainDoor):
 
     def get_cache_stats(self) -> dict[str, Any]:
         """size, max_size, hit_count, miss_count, hit_rate, ttl_seconds (as the seed lists)."""
-        stats = self.cache.cache_stats()
+        stats = dataclasses.asdict(self.cache.stats())
         return {key: stats[key] for key in _CACHE_STATS_KEYS}
 
     def clear_cache(self) -> None:
@@ -227,32 +227,21 @@ class CachedRouter(_ChainDoor):
 
 
 class MonitoredRouter(_ChainDoor):
-    """A router behind the metrics stage and, optionally, a circuit breaker.
+    """A router behind the metrics and request-statistics stages and, optionally, a breaker.
 
-    Figures are the Prometheus families of a private registry (``self.registry``), read
-    back by :meth:`get_monitoring_summary`. Health checks compare four figures with the
-    alert thresholds: ``avg_latency_ms`` (mean latency of every call), ``error_rate``
-    (failed / all calls), ``load_balance_variance`` (population variance over experts of
-    the share of routed tokens each expert received, ``tokens_e / tokens``) and
-    ``memory_usage_mb`` (process RSS). A check fails when its value exceeds its threshold;
-    with no calls yet its value is None and it passes.
+    Figures come from the same stages as a served router's (``RequestStatsBackend``
+    for calls, latency and expert load; the metrics stage's private registry,
+    ``self.registry``, for calls by status code). Health compares the four alert figures
+    with the thresholds exactly as the server does (:class:`AlertFigures`): mean recent
+    latency, failures of our own over the last minute (a caller's bad input is not a
+    failure), variance of the experts' load shares, process RSS. A check fails when its
+    value exceeds its threshold; with no value yet it passes.
     """
 
     def __init__(self, router: RouterBase, enable_circuit_breaker: bool = True, *,
                  alert_thresholds: dict[str, float] | None = None, name: str = "router",
                  **breaker_kwargs: Any) -> None:
-        thresholds = dict(DEFAULT_ALERT_THRESHOLDS)
-        for key, value in (alert_thresholds or {}).items():
-            if key not in DEFAULT_ALERT_THRESHOLDS:
-                raise RouterConfigurationError(
-                    f"alert_thresholds: unknown key {key!r}; allowed: "
-                    f"{', '.join(DEFAULT_ALERT_THRESHOLDS)}"
-                )
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise RouterConfigurationError(
-                    f"alert_thresholds.{key}: must be a number >= 0, got {value!r}"
-                )
-            thresholds[key] = float(value)
+        thresholds = _thresholds(alert_thresholds or {})
         super().__init__(router, "moe-router-monitored")
         self.name = name
         self.thresholds = thresholds
@@ -271,181 +260,66 @@ class MonitoredRouter(_ChainDoor):
             self.breaker = CircuitBreakerBackend(chain, name=name, on_state_change=state_changed,
                                                  **breaker_kwargs)
             chain = self.breaker
-        self._chain = MetricsBackend(chain, router=name, metrics=self.metrics)
+        self.requests = RequestStatsBackend(chain, layers=1, experts=router.num_experts)
+        self._chain = MetricsBackend(self.requests, router=name, metrics=self.metrics)
+        self.metrics.watch(name, self.figures)
         self._alerts = AlertMonitor(thresholds)
+
+    def figures(self) -> RouterFigures:
+        """The wrapper's stages' figures now."""
+        return RouterFigures(
+            router=self.name,
+            requests=self.requests.stats(),
+            breaker=None if self.breaker is None else self.breaker.stats(),
+        )
 
     def get_monitoring_summary(self) -> dict[str, Any]:
         """``performance``, ``health`` (check -> ok/value/threshold), ``circuit_breaker_state``."""
-        performance = self._performance()
-        health = self._alerts.update(self.name, performance)
+        requests = self.requests.stats()
+        alert_figures = AlertFigures.of(requests, process_rss_bytes())
+        checks = self._alerts.update(self.name, alert_figures)
+        health = {name: {"ok": c.ok, "value": c.value, "threshold": c.threshold}
+                  for name, c in checks.items()}
         state = "DISABLED" if self.breaker is None else self.breaker.state.value
+        performance = {
+            "total_calls": requests.requests,
+            "successful_calls": requests.requests - requests.errors,
+            "failed_calls": requests.errors,
+            "calls_by_code": self._calls_by_code(),
+            "avg_latency_ms": alert_figures.avg_latency_ms,
+            "error_rate": alert_figures.error_rate,
+            "tokens_routed": requests.tokens,
+            "tokens_per_expert": list(requests.tokens_per_expert) if requests.tokens else None,
+            "load_balance_score": requests.load_balance_score if requests.tokens else None,
+            "load_balance_variance": alert_figures.load_balance_variance,
+            "memory_usage_mb": alert_figures.memory_usage_mb,
+        }
         return {"performance": performance, "health": health, "circuit_breaker_state": state}
 
-    def _performance(self) -> dict[str, Any]:
-        value = self.registry.get_sample_value
-        labels = {"router": self.name}
-        by_code: dict[str, float] = {}
+    def _calls_by_code(self) -> dict[str, int]:
+        """Calls by gRPC status code, as the metrics stage counted them."""
+        by_code: dict[str, int] = {}
         for family in self.registry.collect():
             if family.name == "moe_router_requests":
                 for sample in family.samples:
                     if sample.name.endswith("_total") and sample.labels["router"] == self.name:
-                        by_code[sample.labels["code"]] = sample.value
-        total = int(sum(by_code.values()))
-        failed = total - int(by_code.get("OK", 0))
-        count = value("moe_router_request_duration_seconds_count", labels) or 0.0
-        seconds = value("moe_router_request_duration_seconds_sum", labels) or 0.0
-        tokens = int(value("moe_router_tokens_routed_total", labels) or 0)
-        load = self.metrics.load.expert_load(self.name)
-        variance = None
-        if tokens and load is not None:
-            variance = float((load.double() / tokens).var(unbiased=False))
-        return {
-            "total_calls": total,
-            "successful_calls": total - failed,
-            "failed_calls": failed,
-            "calls_by_code": {code: int(n) for code, n in sorted(by_code.items())},
-            "avg_latency_ms": seconds / count * 1e3 if count else None,
-            "error_rate": failed / total if total else None,
-            "tokens_routed": tokens,
-            "tokens_per_expert": None if load is None else load.tolist(),
-            "load_balance_score": value("moe_router_load_balance_score", labels),
-            "load_balance_variance": variance,
-            "memory_usage_mb": process_rss_bytes() / 2**20,
-        }
+                        by_code[sample.labels["code"]] = int(sample.value)
+        return dict(sorted(by_code.items()))
 
 
-class OptimizedRouter:
-    """A router run on an autoscaling worker pool, splitting large per-token batches.
-
-    A batch is split when ``enable_parallel`` is on, it has at least
-    ``2 * min_tokens_per_split`` tokens and carries no extra inputs, and the router is
-    per-token, deterministic and stateless (not ``couples_tokens_now``, ``stochastic`` or
-    ``stateful``). The chunks run on the pool; their per-token tensors are concatenated
-    (bit-identical, the gate matmul being batch-invariant), per-expert counts summed, and
-    the batch losses recomputed over the whole batch with the router's own
-    ``select``/``compute_aux_loss``/``compute_z_loss``, so the answer equals one call's.
-    (The router's running statistics count each chunk as a batch.) ``route`` blocks its
-    caller; do not call it from the pool's own workers.
-    """
-
-    def __init__(self, router: RouterBase, enable_autoscaling: bool = True,
-                 enable_parallel: bool = True, max_workers: int = 4, *, min_workers: int = 1,
-                 idle_timeout_s: float = 5.0, min_tokens_per_split: int = 2048) -> None:
-        if not isinstance(router, RouterBase):
+def _thresholds(given: dict[str, float]) -> AlertThresholds:
+    """The seed's ``alert_thresholds`` dict over the defaults, checked key by key."""
+    allowed = [f.name for f in dataclasses.fields(AlertThresholds)]
+    for key, value in given.items():
+        if key not in allowed:
             raise RouterConfigurationError(
-                f"router: must be a moe_router RouterBase, got {type(router).__name__}"
+                f"alert_thresholds: unknown key {key!r}; allowed: {', '.join(allowed)}"
             )
-        if isinstance(min_tokens_per_split, bool) or not isinstance(min_tokens_per_split, int) \
-                or min_tokens_per_split < 1:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise RouterConfigurationError(
-                f"min_tokens_per_split: must be a positive integer, got {min_tokens_per_split!r}"
+                f"alert_thresholds.{key}: must be a number >= 0, got {value!r}"
             )
-        self.router = router
-        self.enable_parallel = enable_parallel
-        self.min_tokens_per_split = min_tokens_per_split
-        self.pool = AutoscalingThreadPool(
-            max_workers=max_workers, min_workers=min(min_workers, max_workers),
-            autoscale=enable_autoscaling, idle_timeout_s=idle_timeout_s,
-            name="moe-router-optimized",
-        )
-        self._lock = threading.Lock()
-        self._calls = self._failed = self._split_calls = self._tokens = 0
-        self._busy_s = 0.0
-
-    def route(self, hidden_states: torch.Tensor, seed: int | None = None,
-              **extra_inputs: torch.Tensor) -> RouterOutput:
-        """Route hidden states [T, D] or [B, S, D] on the pool (split when worthwhile)."""
-        started = time.perf_counter()
-        grad = torch.is_grad_enabled()
-        try:
-            chunks = self._chunks(hidden_states, seed, extra_inputs)
-            if chunks is None:
-                output = self.pool.submit(self._forward, hidden_states, seed, grad,
-                                          extra_inputs).result()
-            else:
-                futures = [self.pool.submit(self._forward, c, None, grad, {}) for c in chunks]
-                output = self._merge(hidden_states, [f.result() for f in futures], grad)
-        except BaseException:
-            with self._lock:
-                self._calls += 1
-                self._failed += 1
-            raise
-        with self._lock:
-            self._calls += 1
-            self._split_calls += chunks is not None
-            self._tokens += int(hidden_states.numel() // max(hidden_states.shape[-1], 1))
-            self._busy_s += time.perf_counter() - started
-        return output
-
-    __call__ = route
-
-    def get_optimization_stats(self) -> dict[str, Any]:
-        """``performance`` (calls, tokens, latency), ``autoscaler`` (pool), ``memory_pool``."""
-        with self._lock:
-            done = self._calls - self._failed
-            performance = {
-                "total_calls": self._calls,
-                "failed_calls": self._failed,
-                "split_calls": self._split_calls,
-                "tokens_routed": self._tokens,
-                "avg_latency_ms": self._busy_s / done * 1e3 if done else None,
-                "tokens_per_second": self._tokens / self._busy_s if self._busy_s else None,
-                "parallel_enabled": self.enable_parallel,
-            }
-        return {"performance": performance, "autoscaler": self.pool.stats(),
-                "memory_pool": _memory_pool_stats(self.router)}
-
-    def close(self) -> None:
-        """Stop the worker pool."""
-        self.pool.shutdown(wait=True)
-
-    def _chunks(self, hidden_states: torch.Tensor, seed: int | None,
-                extra_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
-        router = self.router
-        if (not self.enable_parallel or extra_inputs or seed is not None
-                or router.couples_tokens_now or router.stochastic or router.stateful
-                or hidden_states.dim() not in (2, 3)):
-            return None
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        pieces = min(self.pool.stats()["max_workers"], flat.shape[0] // self.min_tokens_per_split)
-        if pieces < 2:
-            return None
-        return list(flat.tensor_split(pieces))
-
-    def _forward(self, hidden_states: torch.Tensor, seed: int | None, grad: bool,
-                 extra_inputs: dict[str, torch.Tensor]) -> RouterOutput:
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=hidden_states.device).manual_seed(seed)
-        with torch.set_grad_enabled(grad):
-            return self.router(hidden_states, generator=generator, **extra_inputs)
-
-    def _merge(self, hidden_states: torch.Tensor, parts: list[RouterOutput],
-               grad: bool) -> RouterOutput:
-        """One call's answer from the answers of its token chunks (see class docstring)."""
-        lead = tuple(hidden_states.shape[:-1])
-        k_max = max(p.k_max for p in parts)
-        indices = torch.cat([_pad(p.expert_indices, k_max, -1) for p in parts])
-        weights = torch.cat([_pad(p.expert_weights, k_max, 0.0) for p in parts])
-        logits = torch.cat([p.router_logits for p in parts])
-        flat_hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-        with torch.set_grad_enabled(grad):
-            selection = self.router.select(logits, flat_hidden, lead_shape=lead)
-            aux_loss = self.router.compute_aux_loss(selection.probs, indices)
-            z_loss = self.router.compute_z_loss(logits)
-        scores = [p.complexity_scores for p in parts if p.complexity_scores is not None]
-        return dataclasses.replace(
-            parts[0],
-            expert_indices=indices.reshape(*lead, k_max),
-            expert_weights=weights.reshape(*lead, k_max),
-            num_experts_per_token=torch.cat([p.num_experts_per_token for p in parts]).reshape(lead),
-            router_logits=logits.reshape(*lead, -1),
-            tokens_per_expert=torch.stack([p.tokens_per_expert for p in parts]).sum(0),
-            dropped_tokens=sum(p.dropped_tokens for p in parts),
-            aux_loss=aux_loss,
-            z_loss=z_loss,
-            complexity_scores=torch.cat(scores).reshape(lead) if scores else None,
-        )
+    return AlertThresholds(**{key: float(value) for key, value in given.items()})
 
 
 def create_cached_router(router: RouterBase, cache_size: int = 1000,
@@ -474,32 +348,6 @@ def create_monitoring_wrapper(router: RouterBase, enable_circuit_breaker: bool =
     return MonitoredRouter(router, enable_circuit_breaker, **monitor_kwargs)
 
 
-def create_optimized_router(router: RouterBase, enable_autoscaling: bool = True,
-                            enable_parallel: bool = True, max_workers: int = 4,
-                            **scaling_kwargs: Any) -> OptimizedRouter:
-    """Run ``router`` on an autoscaling pool of up to ``max_workers`` threads.
-
-    scaling_kwargs: ``min_workers`` (1), ``idle_timeout_s`` (5.0), ``min_tokens_per_split``
-    (2048).
-    """
-    allowed = ("min_workers", "idle_timeout_s", "min_tokens_per_split")
-    unknown = sorted(set(scaling_kwargs) - set(allowed))
-    if unknown:
-        raise RouterConfigurationError(
-            f"scaling_kwargs: unknown {', '.join(unknown)}; allowed: {', '.join(allowed)}"
-        )
-    return OptimizedRouter(router, enable_autoscaling, enable_parallel, max_workers,
-                           **scaling_kwargs)
-
-
-def _pad(tensor: torch.Tensor, width: int, fill: float) -> torch.Tensor:
-    """Right-pad the last dim of [T, k] to ``width`` with ``fill``."""
-    missing = width - tensor.shape[-1]
-    if missing == 0:
-        return tensor
-    return torch.nn.functional.pad(tensor, (0, missing), value=fill)
-
-
 def _private_copy(output: RouterOutput) -> RouterOutput:
     """The same answer with every tensor cloned (and ``info`` copied)."""
     changes: dict[str, Any] = {"info": dict(output.info)}
@@ -510,14 +358,3 @@ def _private_copy(output: RouterOutput) -> RouterOutput:
     return dataclasses.replace(output, **changes)
 
 
-def _memory_pool_stats(router: RouterBase) -> dict[str, Any]:
-    """The device allocator's pool (CUDA caching allocator) and the process RSS."""
-    device = next(router.parameters()).device
-    stats: dict[str, Any] = {"device": str(device), "rss_bytes": process_rss_bytes()}
-    if device.type == "cuda":
-        stats.update(
-            allocated_bytes=torch.cuda.memory_allocated(device),
-            reserved_bytes=torch.cuda.memory_reserved(device),
-            peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
-        )
-    return stats

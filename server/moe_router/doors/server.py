@@ -8,7 +8,6 @@ new calls are refused, in-flight calls finish within ``drain_grace_s``, exit 0.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import sys
@@ -16,24 +15,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from moe_router import __version__
 from moe_router.chain.alerts import AlertMonitor
-from moe_router.config import ServiceConfig
-from moe_router.chain.pool import AutoscalingThreadPool
-from moe_router.doors.health import HealthState, RouterStatus, start_http_health_server
 from moe_router.chain.hosted import HostedRouterChain, build_chain
 from moe_router.chain.metrics import RouterMetrics, start_metrics_http_server
-from moe_router.loading.registry import HostedRouter, load_routers, resolve_device
+from moe_router.chain.pool import DevicePool
+from moe_router.config import ServiceConfig
+from moe_router.doors.health import HealthState, RouterStatus, start_http_health_server
 from moe_router.doors.security import ApiKeyInterceptor, server_credentials
 from moe_router.doors.v1_service import RouterService, add_router_service
+from moe_router.loading.registry import load_routers, resolve_device, warm_up
 from moe_router_client.v1 import router_pb2 as pb
 
-__all__ = ["RunningServer", "create_server", "serve", "grpc_server_options", "warm_up"]
+__all__ = ["RunningServer", "create_server", "serve", "grpc_server_options"]
 
 log = logging.getLogger("moe_router")
 
@@ -63,7 +61,7 @@ class RunningServer:
     port: int
     health: HealthState
     chains: dict[str, HostedRouterChain]
-    pool: AutoscalingThreadPool
+    pool: DevicePool
     registry: CollectorRegistry
     metrics_port: int | None = None
     health_port: int | None = None
@@ -76,24 +74,6 @@ class RunningServer:
         for close in self._closers:
             close()
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-def warm_up(hosted: dict[str, HostedRouter]) -> None:
-    """Route one small batch through every stateless layer before turning SERVING.
-
-    The first pass through a kernel pays for its set-up (measured in-process here: 7.8 ms
-    for the default mixtral's first 4-token call, 0.4 ms for the next); the warm-up
-    keeps that off the first real callers. Stateful routers are skipped (a warm-up call
-    would move their balancing state) and statistics are reset afterwards.
-    """
-    with torch.inference_mode():
-        for router in hosted.values():
-            for layer in router.layers:
-                if layer.stateful or layer.stochastic:
-                    continue
-                sample = torch.zeros(16, layer.hidden_size, device=router.device)
-                layer(sample)
-                layer.reset_stats()
 
 
 async def create_server(
@@ -115,9 +95,7 @@ async def create_server(
         options=grpc_server_options(config),
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
     )
-    alerts = AlertMonitor(
-        dataclasses.asdict(config.monitoring.alert_thresholds), config.monitoring.alert_webhook
-    )
+    alerts = AlertMonitor(config.monitoring.alert_thresholds, config.monitoring.alert_webhook)
     service = RouterService(
         chains, health, device=str(device), version=__version__, alerts=alerts
     )
@@ -172,9 +150,9 @@ async def create_server(
     await health.publish()  # every name NOT_SERVING (and /readyz 503) until loaded
     await server.start()
 
-    # The same pool as the in-process optimized router: workers follow the queue within
-    # [1, server.max_workers] when optimization.enable_autoscaling is on.
-    pool = AutoscalingThreadPool(
+    # Workers start on demand up to server.max_workers (all at once with
+    # optimization.enable_autoscaling off); the in-process optimized router uses it too.
+    pool = DevicePool(
         max_workers=config.server.max_workers,
         autoscale=config.optimization.enable_autoscaling,
         name="device",

@@ -1,9 +1,7 @@
 """gRPC handlers of moe_router.v1.RouterService: decode -> backend chain -> encode. Thin.
 
-Proto <-> domain conversion lives in named functions (``request_to_call``,
-``result_to_response``; a router's Stats and ListRouters entries come from its
-``HostedRouterChain``); errors become status codes in one place
-(``moe_router.doors.status_mapping``).
+Proto <-> domain conversion lives in :mod:`moe_router.doors.v1_convert`; errors become
+status codes in one place (``moe_router.status_mapping``).
 """
 
 from __future__ import annotations
@@ -11,126 +9,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
-import torch
 from grpc_status import rpc_status
 
 from moe_router.chain.alerts import AlertMonitor
-from moe_router.chain.backend import RouteCall, RouteOptions, RouteResult
-from moe_router.errors import DrainingError, DynamicMoEError, NotFoundError, ValidationError
-from moe_router.doors.health import HealthState, RouterStatus
 from moe_router.chain.hosted import HostedRouterChain
-from moe_router.doors.request_wire import RouteRequestView, TensorView, parse_route_request
-from moe_router.doors.security import caller_identity
-from moe_router.doors.status_mapping import to_status
-from moe_router_client.tensors import TensorCodecError, from_parts, to_wire
+from moe_router.doors.health import HealthState, RouterStatus
+from moe_router.doors.request_wire import RouteRequestView, parse_route_request
+from moe_router.doors.v1_convert import (
+    describe_router,
+    request_to_call,
+    result_to_response,
+    router_stats,
+)
+from moe_router.errors import DrainingError, DynamicMoEError, NotFoundError
+from moe_router.status_mapping import to_status
 from moe_router_client.v1 import router_pb2 as pb
 from moe_router_client.v1 import router_pb2_grpc as pb_grpc
 
-__all__ = ["RouterService", "add_router_service", "request_to_call", "result_to_response"]
+__all__ = ["RouterService", "add_router_service"]
 
 log = logging.getLogger("moe_router.doors.v1_service")
 
-_EXTRA_INPUTS = ("attention_weights", "logits", "gradients")
 _STREAM_WINDOW = 8  # RouteStream requests in flight at once; answers still go out in order
 _SERVING = {
     RouterStatus.SERVING: pb.SERVING,
     RouterStatus.NOT_SERVING: pb.NOT_SERVING,
     RouterStatus.DEGRADED: pb.DEGRADED,
 }
-
-
-def peer_host(peer: str) -> str:
-    """The caller's address without its port (``ipv4:127.0.0.1:5123`` -> ``ipv4:127.0.0.1``),
-    so a caller without a key keeps one rate-limit bucket across connections."""
-    head, sep, tail = peer.rpartition(":")
-    return head if sep and tail.isdigit() else peer
-
-
-def _decode(tensor: TensorView, field: str) -> torch.Tensor:
-    try:
-        return from_parts(tensor.dtype, tensor.shape, tensor.data, as_torch=True)
-    except TensorCodecError as exc:
-        raise ValidationError(f"{field}: {exc}") from exc
-
-
-def request_to_call(
-    request: RouteRequestView,
-    chains: Mapping[str, HostedRouterChain],
-    context: grpc.aio.ServicerContext,
-) -> RouteCall:
-    """Decode a RouteRequest into a RouteCall; tensors stay views of the received bytes."""
-    if request.error:
-        raise ValidationError(request.error)
-    message = request.message
-    if not message.router:
-        raise ValidationError(f"router: required; this server hosts {sorted(chains)}")
-    if message.router not in chains:
-        raise NotFoundError(
-            f"unknown router '{message.router}'; this server hosts {sorted(chains)}"
-        )
-    if "hidden_states" not in request.tensors:
-        raise ValidationError(
-            "hidden_states: required, a [tokens, dim] or [batch, seq, dim] tensor"
-        )
-    extra = {
-        name: _decode(request.tensors[name], name)
-        for name in _EXTRA_INPUTS
-        if name in request.tensors
-    }
-    remaining = context.time_remaining()
-    return RouteCall(
-        router=message.router,
-        layer=message.layer,
-        hidden_states=_decode(request.tensors["hidden_states"], "hidden_states"),
-        options=RouteOptions(
-            return_router_logits=message.return_router_logits,
-            skip_cache=message.skip_cache,
-            seed=message.seed if message.HasField("seed") else None,
-            extra_inputs=extra,
-        ),
-        deadline=None if remaining is None else time.monotonic() + remaining,
-        request_id=message.request_id or uuid.uuid4().hex[:16],
-        peer=caller_identity() or peer_host(context.peer()),
-    )
-
-
-def result_to_response(result: RouteResult, call: RouteCall) -> pb.RouteResponse:
-    """Encode a RouteResult; optional tensors only when present or asked for."""
-    out = result.output
-    response = pb.RouteResponse(
-        expert_indices=to_wire(out.expert_indices),
-        expert_weights=to_wire(out.expert_weights),
-        num_experts_per_token=to_wire(out.num_experts_per_token),
-        info=pb.RoutingInfo(
-            tokens_per_expert=out.tokens_per_expert.tolist(),
-            dropped_tokens=out.dropped_tokens,
-            router_version=result.router_version,
-            cache_hit=result.cache_hit,
-            batch_requests=result.batch_requests,
-            batch_tokens=result.batch_tokens,
-            queue_time_us=result.queue_time_us,
-            compute_time_us=result.compute_time_us,
-            request_id=call.request_id,
-            layer=call.layer,
-        ),
-    )
-    if out.aux_loss is not None:
-        response.info.aux_loss = float(out.aux_loss)
-    if out.z_loss is not None:
-        response.info.z_loss = float(out.z_loss)
-    if out.complexity_scores is not None:
-        response.complexity_scores.CopyFrom(to_wire(out.complexity_scores.float()))
-    if call.options.return_router_logits:
-        response.router_logits.CopyFrom(to_wire(out.router_logits.float()))
-    if out.dispatch_weights is not None:
-        response.dispatch_weights.CopyFrom(to_wire(out.dispatch_weights.float()))
-    if out.combine_weights is not None:
-        response.combine_weights.CopyFrom(to_wire(out.combine_weights.float()))
-    return response
 
 
 async def abort_with_error(
@@ -225,7 +133,9 @@ class RouterService(pb_grpc.RouterServiceServicer):
                     raise NotFoundError(
                         f"unknown router '{name}'; this server hosts {sorted(self.chains)}"
                     )
-            return pb.StatsResponse(routers=[self.chains[n].stats_proto() for n in names])
+            return pb.StatsResponse(
+                routers=[router_stats(self.chains[n].figures()) for n in names]
+            )
         except Exception as exc:
             await abort_with_error(context, exc)
             raise
@@ -254,8 +164,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
         if status is RouterStatus.SERVING and failing:
             status = RouterStatus.DEGRADED
             detail = "; ".join(
-                f"alert {check} {state['value']:.4g} > {state['threshold']:.4g}"
-                for check, state in sorted(failing.items())
+                f"alert {name} {check.value:.4g} > {check.threshold:.4g}"
+                for name, check in sorted(failing.items())
             )
         return pb.RouterHealth(router=name, status=_SERVING[status], detail=detail)
 
@@ -263,7 +173,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self, request: pb.ListRoutersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRoutersResponse:
         return pb.ListRoutersResponse(
-            routers=[self.chains[name].describe() for name in sorted(self.chains)]
+            routers=[describe_router(self.chains[name]) for name in sorted(self.chains)]
         )
 
 

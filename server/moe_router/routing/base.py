@@ -102,6 +102,18 @@ class RouterBase(nn.Module, ABC):
         (``attention_weights``, ``logits``, ``gradients``) for complexity estimators.
         """
         flat, lead = self.validate(hidden_states)
+        return self.route_validated(flat, lead, generator=generator, **kwargs)
+
+    def route_validated(
+        self,
+        flat: torch.Tensor,
+        lead: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> RouterOutput:
+        """``forward`` for an input already checked by :meth:`validate`: flat [T, D] and
+        the leading dims it had. The serving chain checks once, on admission, and calls
+        this so no call is validated twice."""
         logits = self.compute_router_logits(flat, generator=generator)
         selection = self.select(logits, flat, generator=generator, lead_shape=lead, **kwargs)
         return self._finish(logits, selection, lead)
@@ -115,11 +127,21 @@ class RouterBase(nn.Module, ABC):
         the gate matmul is batch-invariant, selection is row-wise, and losses and counts
         are computed per call. Each input is [T_i, D] or [B_i, S_i, D].
         """
+        flats, leads = zip(*(self.validate(h) for h in hidden_states), strict=True)
+        return self.route_many_validated(flats, leads, generator=generator)
+
+    def route_many_validated(
+        self,
+        flats: Sequence[torch.Tensor],
+        leads: Sequence[tuple[int, ...]],
+        generator: torch.Generator | None = None,
+    ) -> list[RouterOutput]:
+        """``route_many`` for inputs already checked by :meth:`validate` (flat [T_i, D]
+        views and their leading dims)."""
         if self.couples_tokens_now:
             raise ValidationError(
                 f"{type(self).__name__} couples the tokens of a call; route calls one by one"
             )
-        flats, leads = zip(*(self.validate(h) for h in hidden_states), strict=True)
         sizes = [f.shape[0] for f in flats]
         dtype = flats[0].dtype
         # Each call is multiplied in blocks of its own size class, starting on a block

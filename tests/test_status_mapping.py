@@ -8,7 +8,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from moe_router import errors
-from moe_router.doors.status_mapping import (
+from moe_router.status_mapping import (
     ERROR_DOMAIN,
     STATUS_TABLE,
     reason_for,

@@ -1,0 +1,206 @@
+"""moe_router.v1 proto <-> domain: the only place the v1 door's messages are built or read.
+
+Requests decode into a :class:`RouteCall` whose tensors stay views of the received bytes;
+answers, Stats entries and ListRouters entries are encoded from the chain's domain
+values (:class:`RouteResult`, :class:`RouterFigures`, the hosted router).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+
+import grpc
+import torch
+
+from moe_router.chain.backend import RouteCall, RouteOptions, RouteResult
+from moe_router.chain.figures import RouterFigures
+from moe_router.chain.hosted import HostedRouterChain
+from moe_router.doors.request_wire import RouteRequestView, TensorView
+from moe_router.doors.security import caller_identity
+from moe_router.errors import NotFoundError, ValidationError
+from moe_router_client.tensors import TensorCodecError, from_parts, to_wire
+from moe_router_client.v1 import router_pb2 as pb
+
+__all__ = [
+    "ACCEPTED_DTYPES",
+    "describe_router",
+    "peer_host",
+    "request_to_call",
+    "result_to_response",
+    "router_stats",
+]
+
+ACCEPTED_DTYPES = (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16)
+"""Wire dtypes hidden_states may have."""
+
+_EXTRA_INPUTS = ("attention_weights", "logits", "gradients")
+
+
+def peer_host(peer: str) -> str:
+    """The caller's address without its port (``ipv4:127.0.0.1:5123`` -> ``ipv4:127.0.0.1``),
+    so a caller without a key keeps one rate-limit bucket across connections."""
+    head, sep, tail = peer.rpartition(":")
+    return head if sep and tail.isdigit() else peer
+
+
+def _decode(tensor: TensorView, field: str) -> torch.Tensor:
+    try:
+        return from_parts(tensor.dtype, tensor.shape, tensor.data, as_torch=True)
+    except TensorCodecError as exc:
+        raise ValidationError(f"{field}: {exc}") from exc
+
+
+def request_to_call(
+    request: RouteRequestView,
+    chains: Mapping[str, HostedRouterChain],
+    context: grpc.aio.ServicerContext,
+) -> RouteCall:
+    """Decode a RouteRequest into a RouteCall; tensors stay views of the received bytes."""
+    if request.error:
+        raise ValidationError(request.error)
+    message = request.message
+    if not message.router:
+        raise ValidationError(f"router: required; this server hosts {sorted(chains)}")
+    if message.router not in chains:
+        raise NotFoundError(
+            f"unknown router '{message.router}'; this server hosts {sorted(chains)}"
+        )
+    if "hidden_states" not in request.tensors:
+        raise ValidationError(
+            "hidden_states: required, a [tokens, dim] or [batch, seq, dim] tensor"
+        )
+    extra = {
+        name: _decode(request.tensors[name], name)
+        for name in _EXTRA_INPUTS
+        if name in request.tensors
+    }
+    remaining = context.time_remaining()
+    return RouteCall(
+        router=message.router,
+        layer=message.layer,
+        hidden_states=_decode(request.tensors["hidden_states"], "hidden_states"),
+        options=RouteOptions(
+            return_router_logits=message.return_router_logits,
+            skip_cache=message.skip_cache,
+            seed=message.seed if message.HasField("seed") else None,
+            extra_inputs=extra,
+        ),
+        deadline=None if remaining is None else time.monotonic() + remaining,
+        request_id=message.request_id or uuid.uuid4().hex[:16],
+        peer=caller_identity() or peer_host(context.peer()),
+    )
+
+
+def result_to_response(result: RouteResult, call: RouteCall) -> pb.RouteResponse:
+    """Encode a RouteResult; optional tensors only when present or asked for."""
+    out = result.output
+    response = pb.RouteResponse(
+        expert_indices=to_wire(out.expert_indices),
+        expert_weights=to_wire(out.expert_weights),
+        num_experts_per_token=to_wire(out.num_experts_per_token),
+        info=pb.RoutingInfo(
+            tokens_per_expert=out.tokens_per_expert.tolist(),
+            dropped_tokens=out.dropped_tokens,
+            router_version=result.router_version,
+            cache_hit=result.cache_hit,
+            batch_requests=result.batch_requests,
+            batch_tokens=result.batch_tokens,
+            queue_time_us=result.queue_time_us,
+            compute_time_us=result.compute_time_us,
+            request_id=call.request_id,
+            layer=call.layer,
+        ),
+    )
+    if out.aux_loss is not None:
+        response.info.aux_loss = float(out.aux_loss)
+    if out.z_loss is not None:
+        response.info.z_loss = float(out.z_loss)
+    if out.complexity_scores is not None:
+        response.complexity_scores.CopyFrom(to_wire(out.complexity_scores.float()))
+    if call.options.return_router_logits:
+        response.router_logits.CopyFrom(to_wire(out.router_logits.float()))
+    if out.dispatch_weights is not None:
+        response.dispatch_weights.CopyFrom(to_wire(out.dispatch_weights.float()))
+    if out.combine_weights is not None:
+        response.combine_weights.CopyFrom(to_wire(out.combine_weights.float()))
+    return response
+
+
+def router_stats(figures: RouterFigures) -> pb.RouterStats:
+    """A router's Stats entry: requests, per-expert load by layer, latency, cache, breaker."""
+    requests = figures.requests
+    load = requests.tokens_per_expert
+    latency = requests.latency
+    stats = pb.RouterStats(
+        router=figures.router,
+        requests=requests.requests,
+        tokens=requests.tokens,
+        errors=requests.errors,
+        tokens_per_expert=load,
+        load_balance_score=requests.load_balance_score,
+        usage_variance=requests.usage_variance,
+        most_used_expert=max(range(len(load)), key=load.__getitem__) if load else -1,
+        least_used_expert=min(range(len(load)), key=load.__getitem__) if load else -1,
+        avg_experts_per_token=requests.avg_experts_per_token,
+        dropped_tokens=requests.dropped_tokens,
+        latency=pb.LatencySummary(
+            p50_ms=latency.p50_ms,
+            p95_ms=latency.p95_ms,
+            p99_ms=latency.p99_ms,
+            mean_ms=latency.mean_ms,
+            samples=latency.samples,
+        ),
+        layers=[
+            pb.LayerLoad(layer=i, tokens_per_expert=counts)
+            for i, counts in enumerate(requests.expert_load)
+        ],
+    )
+    if figures.cache is not None:
+        c = figures.cache
+        stats.cache.CopyFrom(
+            pb.CacheStats(
+                size=c.size,
+                max_size=c.max_size,
+                hit_count=c.hit_count,
+                miss_count=c.miss_count,
+                hit_rate=c.hit_rate,
+                ttl_seconds=c.ttl_seconds,
+                bytes=c.bytes,
+                max_bytes=c.max_bytes,
+                evictions=c.evictions,
+            )
+        )
+    if figures.breaker is not None:
+        b = figures.breaker
+        stats.breaker.CopyFrom(
+            pb.BreakerStats(
+                state=b.state.value,
+                failure_rate=b.failure_rate,
+                slow_call_rate=b.slow_call_rate,
+                rejected_calls=b.rejected_calls,
+                transitions=b.transitions,
+                retry_after_s=b.retry_after_s,
+            )
+        )
+    return stats
+
+
+def describe_router(chain: HostedRouterChain) -> pb.RouterDescription:
+    """A router's ListRouters entry."""
+    hosted = chain.hosted
+    first = hosted.layers[0]
+    low, high = first.k_range
+    return pb.RouterDescription(
+        name=chain.name,
+        kind=hosted.spec.kind.value,
+        num_experts=first.num_experts,
+        layers=len(hosted.layers),
+        input_dim=first.hidden_size,
+        min_k=low,
+        max_k=high,
+        accepted_dtypes=ACCEPTED_DTYPES,
+        version=hosted.versions[0],
+        batches_across_requests=chain.batches_across_requests,
+    )
