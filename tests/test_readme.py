@@ -1,5 +1,5 @@
 """The README's Python examples run as written (in-process ones here, the client one
-against a real server on the default config)."""
+against the real server, started in this process, on the default config)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from server_process import clean_env, start_server
+from inprocess_server import serve_in_process
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -25,13 +25,10 @@ def test_in_process_example_runs(block: str):
     exec(compile(block, "README.md", "exec"), {})
 
 
-def test_serving_stack_example_runs_against_the_default_config(tmp_path: Path):
-    env = clean_env(DYNAMIC_MOE_PORT="0", DYNAMIC_MOE_METRICS_PORT="0",
-                    DYNAMIC_MOE_HEALTH_PORT="0")
+def test_serving_stack_example_runs_against_the_default_config():
+    env = {"DYNAMIC_MOE_PORT": "0", "DYNAMIC_MOE_METRICS_PORT": "0",
+           "DYNAMIC_MOE_HEALTH_PORT": "0"}
     config = Path(__file__).resolve().parents[1] / "config.yaml"
-    server = start_server(config, env)
-    try:
+    with serve_in_process(config, env=env) as server:
         code = CLIENT[0].replace("127.0.0.1:50051", server.target)
         exec(compile(code, "README.md", "exec"), {})
-    finally:
-        assert server.terminate() == 0, server.log()

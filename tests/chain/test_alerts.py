@@ -83,7 +83,8 @@ def test_an_unreachable_webhook_never_breaks_the_caller():
 
 
 def test_server_health_shows_a_firing_alert_and_posts_it(tmp_path: Path, webhook):
-    from server_process import small_routers, start_server, write_config
+    from inprocess_server import serve_in_process
+    from server_process import small_routers, write_config
 
     from moe_router_client import RouterClient
 
@@ -93,17 +94,11 @@ def test_server_health_shows_a_firing_alert_and_posts_it(tmp_path: Path, webhook
         tmp_path / "config.yaml", routers,
         monitoring={"alert_thresholds": {"avg_latency_ms": 1e-6}, "alert_webhook": url},
     )
-    server = start_server(config)
-    try:
-        with RouterClient(server.target, timeout=30) as client:
-            assert client.health().routers[0].status == "SERVING"
-            client.route("mixtral", np.ones((2, 64), np.float32))
-            health = wait_for(
-                lambda: (h := client.health()).routers[0].status == "DEGRADED" and h
-            )
-            assert "alert avg_latency_ms" in health.routers[0].detail
-            assert health.status == "DEGRADED"
+    with serve_in_process(config) as server, RouterClient(server.target, timeout=30) as client:
+        assert client.health().routers[0].status == "SERVING"
+        client.route("mixtral", np.ones((2, 64), np.float32))
+        health = wait_for(lambda: (h := client.health()).routers[0].status == "DEGRADED" and h)
+        assert "alert avg_latency_ms" in health.routers[0].detail
+        assert health.status == "DEGRADED"
         posted = wait_for(lambda: received)
         assert posted[0]["router"] == "mixtral" and posted[0]["status"] == "firing"
-    finally:
-        assert server.terminate() == 0, server.log()

@@ -1,6 +1,6 @@
-"""End to end over loopback: the response cache, circuit breaker and Prometheus metrics of a
-real `moe-router serve` process, seen only through the client, the health services and a
-live /metrics scrape."""
+"""End to end over loopback: the response cache, circuit breaker and Prometheus metrics of
+the real server (in-process, ``create_server``), seen only through the client, the health
+services and a live /metrics scrape."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from inprocess_server import InProcessServer, serve_in_process
 from prometheus_client.parser import text_string_to_metric_families
-from server_process import ServerProcess, small_routers, start_server, write_config
+from server_process import small_routers, write_config
 
 from moe_router.chain.backend import RouteCall, RouteOptions
 from moe_router.chain.cache import cache_key
@@ -48,7 +49,7 @@ TIGHT_TTL_S = 1.0
 class Served:
     """A running server and the folder whose files drive its `faulty` router."""
 
-    server: ServerProcess
+    server: InProcessServer
     fault_dir: Path
 
 
@@ -70,9 +71,8 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         # here only the breaker decides the health statuses.
         monitoring={"alert_thresholds": {"error_rate": 1.0}},
     )
-    server = start_server(config)
-    yield Served(server, tmp)
-    server.terminate()
+    with serve_in_process(config) as server:
+        yield Served(server, tmp)
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +85,8 @@ def tight(tmp_path_factory: pytest.TempPathFactory):
         routers,
         cache={"max_bytes": TIGHT_MAX_BYTES, "ttl_seconds": TIGHT_TTL_S, "adaptive": False},
     )
-    server = start_server(config)
-    yield server
-    server.terminate()
+    with serve_in_process(config) as server:
+        yield server
 
 
 @pytest.fixture()
@@ -258,7 +257,7 @@ def test_concurrent_identical_calls_compute_once(served: Served, client):
         assert_same_answer(results[0], result)
 
 
-def test_an_entry_expires_after_its_ttl(tight: ServerProcess):
+def test_an_entry_expires_after_its_ttl(tight: InProcessServer):
     x = tokens((4, 64), 6)
     with RouterClient(tight.target, timeout=30, retries=0) as c:
         before = cache_stats(c, "mixtral")
@@ -276,7 +275,7 @@ def test_an_entry_expires_after_its_ttl(tight: ServerProcess):
     assert after.ttl_seconds == TIGHT_TTL_S
 
 
-def test_a_flood_of_distinct_calls_stays_within_the_byte_bound(tight: ServerProcess):
+def test_a_flood_of_distinct_calls_stays_within_the_byte_bound(tight: InProcessServer):
     with RouterClient(tight.target, timeout=30, retries=0) as c:
         for seed in range(50):
             result = c.route("mixtral", tokens((256, 64), 1000 + seed))

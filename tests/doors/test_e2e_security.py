@@ -1,10 +1,12 @@
-"""End to end over loopback: API keys, TLS, mutual TLS and the per-caller rate limit of a
-real `moe-router serve` process. Certificates are made in the test (throw-away CAs)."""
+"""End to end over loopback: API keys, TLS, mutual TLS and the per-caller rate limit of the
+real server (in-process, ``create_server``). Certificates are made in the test (throw-away
+CAs)."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -18,8 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from inprocess_server import InProcessServer, serve_in_process
 from prometheus_client.parser import text_string_to_metric_families
-from server_process import ServerProcess, clean_env, small_routers, start_server, write_config
+from server_process import small_routers, write_config
 
 from moe_router_client import RouterClient
 from moe_router_client.errors import (
@@ -71,12 +74,11 @@ def keyed(tmp_path_factory: pytest.TempPathFactory):
             "api_keys_env": KEYS_ENV,
         },
     )
-    server = start_server(config, clean_env(**{KEYS_ENV: f" {ENV_KEY} , "}))
-    yield server
-    server.terminate()
+    with serve_in_process(config, env={KEYS_ENV: f" {ENV_KEY} , "}) as server:
+        yield server
 
 
-def raw_route(server: ServerProcess, metadata: tuple[tuple[str, str], ...]) -> pb.RouteResponse:
+def raw_route(server: InProcessServer, metadata: tuple[tuple[str, str], ...]) -> pb.RouteResponse:
     """One Route call with exactly ``metadata`` (the client only sends Bearer)."""
     request = pb.RouteRequest(router="mixtral", layer=0)
     request.hidden_states.CopyFrom(
@@ -146,8 +148,12 @@ def test_the_server_log_never_contains_a_key(keyed):
             routes(c)
     with RouterClient(keyed.target, api_key=FILE_KEYS[0], timeout=30, retries=0) as c:
         assert routes(c)
+    # The log is every record of this process since before start-up, at the server's
+    # log_level; a record under the server's logger shows the recording is live (as the
+    # "listening on" line did for a child process's output).
+    logging.getLogger("moe_router.doors.security").info("the log is recorded")
     log = keyed.log()
-    assert "listening on" in log
+    assert "INFO moe_router.doors.security: the log is recorded" in log
     for secret in (*FILE_KEYS, ENV_KEY, "wrong-key-in-log-9e1f"):
         assert secret not in log
 
@@ -262,7 +268,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return made
 
 
-def tls_server(pki: Pki, name: str, *, mutual: bool) -> ServerProcess:
+def tls_config(pki: Pki, name: str, *, mutual: bool) -> Path:
     tls = {
         "enabled": True,
         "cert_file": str(pki.folder / "server.pem"),
@@ -270,22 +276,19 @@ def tls_server(pki: Pki, name: str, *, mutual: bool) -> ServerProcess:
     }
     if mutual:
         tls["client_ca_file"] = str(pki.folder / "ca.pem")
-    config = write_config(pki.folder / f"{name}.yaml", only("mixtral"), security={"tls": tls})
-    return start_server(config)
+    return write_config(pki.folder / f"{name}.yaml", only("mixtral"), security={"tls": tls})
 
 
 @pytest.fixture(scope="module")
 def tls(pki: Pki):
-    server = tls_server(pki, "tls", mutual=False)
-    yield server
-    server.terminate()
+    with serve_in_process(tls_config(pki, "tls", mutual=False)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def mtls(pki: Pki):
-    server = tls_server(pki, "mtls", mutual=True)
-    yield server
-    server.terminate()
+    with serve_in_process(tls_config(pki, "mtls", mutual=True)) as server:
+        yield server
 
 
 def tls_client(target: str, root: bytes, client: Issued | None = None) -> RouterClient:
@@ -350,7 +353,7 @@ BURST = 60
 RATE_KEYS = ("rate-key-alpha-61b0", "rate-key-beta-27d4")
 
 
-def limited_metric(server: ServerProcess, router: str) -> float:
+def limited_metric(server: InProcessServer, router: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
     total = 0.0
@@ -391,9 +394,8 @@ def keyed_limit(tmp_path_factory: pytest.TempPathFactory):
         cache={"enabled": False},
         security={"api_key_required": True, "rate_limit": RATE_PER_HOUR},
     )
-    server = start_server(config, clean_env(DYNAMIC_MOE_API_KEYS=",".join(RATE_KEYS)))
-    yield server
-    server.terminate()
+    with serve_in_process(config, env={"DYNAMIC_MOE_API_KEYS": ",".join(RATE_KEYS)}) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -406,9 +408,8 @@ def host_limit(tmp_path_factory: pytest.TempPathFactory):
         cache={"enabled": False},
         security={"rate_limit": RATE_PER_HOUR},
     )
-    server = start_server(config)
-    yield server
-    server.terminate()
+    with serve_in_process(config) as server:
+        yield server
 
 
 def test_calls_past_the_burst_are_rate_limited_and_recover(keyed_limit):

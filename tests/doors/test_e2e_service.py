@@ -1,4 +1,5 @@
-"""End to end over loopback: a real `moe-router serve` process, real gRPC calls."""
+"""End to end over loopback: the real server (in-process, ``create_server``), real gRPC
+calls; SIGTERM, exit statuses and a refused port run a `moe-router serve` process."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from inprocess_server import serve_in_process
 from server_process import clean_env, small_routers, start_server, write_config
 
 from moe_router.config import load_config
@@ -48,10 +50,9 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         batching={"max_queue_delay_us": 20000},
         cache={"enabled": False},
     )
-    server = start_server(config)
     hosted = load_routers(load_config(config, env={}))
-    yield server, hosted, tmp
-    server.terminate()
+    with serve_in_process(config) as server:
+        yield server, hosted, tmp
 
 
 @pytest.fixture()
