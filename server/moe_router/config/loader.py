@@ -3,8 +3,9 @@
 Sources, lowest precedence first (``PRECEDENCE``, the one place it is declared): the
 dataclass defaults, the YAML file (the embedded default when no path is given), the
 environment (``DYNAMIC_MOE_*``, declared on each field with ``env=``), then explicit
-overrides (CLI arguments, dotted keys such as ``{"server.port": 0}``). Nothing else in
-the project reads the environment.
+overrides (CLI arguments, dotted keys such as ``{"server.port": 0}``). Only this package
+reads the environment: this module for the config, :mod:`moe_router.config.environment`
+for what launchers need (a test fails on a read anywhere else).
 
 Every problem raises :class:`RouterConfigurationError` naming where the value came
 from (the file, ``environment variable X`` or ``overrides``) and its key path, e.g.
