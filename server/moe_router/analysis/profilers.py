@@ -234,12 +234,12 @@ def build_router_from_dict(spec: Mapping[str, Any], hidden_dim: int, seed: int =
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if entry.construction is Construction.DIMENSIONS:  # params are its arguments
-                cls: Any = entry.router_class(RouterBase)
-                router: RouterBase = cls(input_dim=hidden_dim, **params)
+                router: RouterBase = entry.router_class()(input_dim=hidden_dim, **params)
                 return router
             own = {k: params.pop(k) for k in list(params) if k in entry.arguments}
             config = RouterConfig(hidden_size=hidden_dim, routing_method=kind, **params)
-            return entry.construct(RouterBase, config, own)
+            router = entry.construct(config, own)
+            return router
     except (DynamicMoEError, TypeError) as exc:
         raise ProfilingError(f"cannot build a {kind.value!r} router from {dict(spec)}: {exc}") \
             from exc

@@ -75,7 +75,6 @@ from moe_router.config.sources import (
     unwrap,
 )
 from moe_router.errors import RouterConfigurationError
-from moe_router.routing.base import RouterBase
 from moe_router.routing.dynamic import RoutingStrategy
 from moe_router.routing.kinds import kind_entry
 from moe_router.routing.zeta import Mechanism
@@ -452,7 +451,7 @@ def _check_router(spec: RouterSpec, path: str, ctx: Context) -> None:
     entry = kind_entry(spec.kind)
     try:
         with torch.device("meta"):  # the class's own constructor checks, nothing allocated
-            entry.construct(RouterBase, config, entry.arguments_from(spec))
+            entry.construct(config, entry.arguments_from(spec))
     except RouterConfigurationError as exc:
         raise RouterConfigurationError(router_error(spec.source, str(exc))) from None
 

@@ -93,9 +93,10 @@ def construct_router(spec: RouterSpec) -> RouterBase:
     """
     entry = kind_entry(spec.kind)
     try:
-        return entry.construct(RouterBase, spec.router_config(), entry.arguments_from(spec))
+        router: RouterBase = entry.construct(spec.router_config(), entry.arguments_from(spec))
     except RouterConfigurationError as exc:
         raise RouterConfigurationError(router_error(_source(spec), str(exc))) from None
+    return router
 
 
 def init_random_(router: nn.Module, seed: int) -> None:
