@@ -5,8 +5,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= config.yaml
 PY := $(VENV)/bin/python
-# glibc malloc tuned for large gRPC messages (README "Large messages"); the same values
-# as moe_router.cli.MALLOC_TUNING. glibc ignores an mmap threshold above 32 MiB.
+# glibc malloc tuned for large gRPC messages (README "Large messages"); the same values as
+# moe_router.config.environment.MALLOC_TUNING. glibc ignores an mmap threshold above 32 MiB.
 MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=67108864
 
 .PHONY: install serve test bench proto lint clean

@@ -2,21 +2,28 @@
 
 Both take the same arguments and offer the same calls, ``route``, ``route_stream``,
 ``stats``, ``health`` and ``list_routers``, returning the frozen dataclasses of
-:mod:`moe_router_client.results`. Transport concerns live here: a default deadline per
-call, retries of UNAVAILABLE through gRPC's own retry policy (service config), optional
-round-robin load balancing, TLS / mutual TLS, and the API key sent as
-``authorization: Bearer <key>`` metadata. Every ``grpc.RpcError`` is raised as the typed
-:class:`~moe_router_client.errors.RouterError` subclass for its status code.
+:mod:`moe_router_client.results`. Each call gets a default deadline; the channel's
+transport settings (retries of UNAVAILABLE through gRPC's own retry policy, optional
+round-robin load balancing, TLS / mutual TLS, the API key sent as
+``authorization: Bearer <key>`` metadata) are :mod:`moe_router_client.channel`'s. Every
+``grpc.RpcError`` is raised as the typed :class:`~moe_router_client.errors.RouterError`
+subclass for its status code.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import grpc
 
+from moe_router_client.channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    ChannelSettings,
+    LoadBalancing,
+    route_methods,
+)
 from moe_router_client.errors import error_from_rpc
 from moe_router_client.request_encoding import encode_route_request, scalar_fields
 from moe_router_client.results import (
@@ -43,18 +50,10 @@ __all__ = [
     "AsyncRouterClient",
 ]
 
-DEFAULT_TARGET = "127.0.0.1:50051"
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-LoadBalancing = Literal["pick_first", "round_robin"]
 # A route_stream item: keyword arguments of ``route`` (without timeout / as_torch), or a
 # ``(router, hidden_states)`` / ``(router, hidden_states, layer)`` tuple.
 StreamItem = Mapping[str, Any] | tuple[Any, ...]
 
-_SERVICE = "moe_router.v1.RouterService"
-_ROUTE = f"/{_SERVICE}/Route"
-_ROUTE_STREAM = f"/{_SERVICE}/RouteStream"
-_MAX_RETRIES = 4  # gRPC caps attempts at 5
-_RETRY_BACKOFF = {"initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2}
 _EXTRA_INPUTS = ("attention_weights", "logits", "gradients")
 
 
@@ -97,87 +96,6 @@ def _stream_request(item: StreamItem) -> bytes:
     )
 
 
-def _service_config(retries: int, load_balancing: LoadBalancing | None) -> str | None:
-    """gRPC service config JSON: retry UNAVAILABLE ``retries`` times; the LB policy."""
-    config: dict[str, Any] = {}
-    if retries > 0:
-        policy = {
-            "maxAttempts": retries + 1, **_RETRY_BACKOFF, "retryableStatusCodes": ["UNAVAILABLE"]
-        }
-        config["methodConfig"] = [{"name": [{"service": _SERVICE}], "retryPolicy": policy}]
-    if load_balancing is not None:
-        config["loadBalancingConfig"] = [{load_balancing: {}}]
-    return json.dumps(config) if config else None
-
-
-def _optional_bytes(name: str, value: bytes | None) -> None:
-    if value is not None and not isinstance(value, bytes):
-        raise TypeError(f"{name}: PEM bytes (open(path, 'rb').read()), not {type(value).__name__}")
-
-
-class _ClientSettings:
-    """The validated constructor arguments shared by both clients."""
-
-    def __init__(
-        self,
-        target: str,
-        api_key: str | None,
-        tls: bool,
-        root_certificates: bytes | None,
-        private_key: bytes | None,
-        certificate_chain: bytes | None,
-        timeout: float | None,
-        retries: int,
-        load_balancing: LoadBalancing | None,
-        max_message_bytes: int,
-        options: Sequence[tuple[str, Any]] | None,
-    ) -> None:
-        if not isinstance(target, str) or not target:
-            raise ValueError(f"target: a 'host:port' or 'dns:///host:port' string, got {target!r}")
-        if api_key is not None and (not api_key or not api_key.isprintable()):
-            raise ValueError("api_key: a non-empty printable string, or None for no key")
-        for name, value in (("root_certificates", root_certificates), ("private_key", private_key),
-                            ("certificate_chain", certificate_chain)):
-            _optional_bytes(name, value)
-            if value is not None and not tls:
-                raise ValueError(f"{name}: given but tls=False; pass tls=True to use it")
-        if (private_key is None) != (certificate_chain is None):
-            raise ValueError("private_key and certificate_chain: give both (mutual TLS) or neither")
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout: seconds > 0, or None for no deadline, got {timeout!r}")
-        if type(retries) is not int or not 0 <= retries <= _MAX_RETRIES:
-            raise ValueError(f"retries: an int in 0..{_MAX_RETRIES} (gRPC caps attempts at 5), "
-                             f"got {retries!r}")
-        if load_balancing is not None and load_balancing not in get_args(LoadBalancing):
-            raise ValueError(f"load_balancing: one of {get_args(LoadBalancing)} or None, "
-                             f"got {load_balancing!r}")
-        if type(max_message_bytes) is not int or max_message_bytes <= 0:
-            raise ValueError(f"max_message_bytes: a positive int, got {max_message_bytes!r}")
-        self.target = target
-        self.timeout = timeout
-        self.credentials = (
-            grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-            if tls else None
-        )
-        self.metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {api_key}"),) if api_key is not None else ()
-        )
-        channel_options: dict[str, Any] = {
-            "grpc.max_send_message_length": max_message_bytes,
-            "grpc.max_receive_message_length": max_message_bytes,
-            "grpc.enable_retries": int(retries > 0),
-        }
-        service_config = _service_config(retries, load_balancing)
-        if service_config is not None:
-            channel_options["grpc.service_config"] = service_config
-        channel_options.update(dict(options or ()))  # the caller's options win
-        self.options = list(channel_options.items())
-
-    def deadline(self, timeout: float | None) -> float | None:
-        """The call's timeout: its own, else the client's default."""
-        return self.timeout if timeout is None else timeout
-
-
 class RouterClient:
     """Blocking client of a moe-router server.
 
@@ -205,7 +123,7 @@ class RouterClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] | None = None,
     ) -> None:
-        self._settings = _ClientSettings(
+        self._settings = ChannelSettings(
             target, api_key, tls, root_certificates, private_key, certificate_chain,
             timeout, retries, load_balancing, max_message_bytes, options,
         )
@@ -216,15 +134,7 @@ class RouterClient:
             else grpc.insecure_channel(s.target, options=s.options)
         )
         self._stub = pb_grpc.RouterServiceStub(self._channel)
-        # Route requests go out pre-serialized (one copy of the payload, see
-        # request_encoding); answers are parsed by protobuf as usual.
-        self._route = self._channel.unary_unary(
-            _ROUTE, request_serializer=None, response_deserializer=pb.RouteResponse.FromString
-        )
-        self._route_stream = self._channel.stream_stream(
-            _ROUTE_STREAM, request_serializer=None,
-            response_deserializer=pb.RouteResponse.FromString,
-        )
+        self._route, self._route_stream = route_methods(self._channel)
 
     def route(
         self,
@@ -376,7 +286,7 @@ class AsyncRouterClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] | None = None,
     ) -> None:
-        self._settings = _ClientSettings(
+        self._settings = ChannelSettings(
             target, api_key, tls, root_certificates, private_key, certificate_chain,
             timeout, retries, load_balancing, max_message_bytes, options,
         )
@@ -387,15 +297,7 @@ class AsyncRouterClient:
             else grpc.aio.insecure_channel(s.target, options=s.options)
         )
         self._stub = pb_grpc.RouterServiceStub(self._channel)
-        # Route requests go out pre-serialized (one copy of the payload, see
-        # request_encoding); answers are parsed by protobuf as usual.
-        self._route = self._channel.unary_unary(
-            _ROUTE, request_serializer=None, response_deserializer=pb.RouteResponse.FromString
-        )
-        self._route_stream = self._channel.stream_stream(
-            _ROUTE_STREAM, request_serializer=None,
-            response_deserializer=pb.RouteResponse.FromString,
-        )
+        self._route, self._route_stream = route_methods(self._channel)
 
     async def route(
         self,

@@ -8,33 +8,21 @@ import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main", "MALLOC_TUNING"]
-
-# glibc reads these only at process start; measured in README "Large messages".
-MALLOC_TUNING = {
-    "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
-    "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024 * 1024),
-    "MALLOC_TOP_PAD_": str(64 * 1024 * 1024),
-}
-_REEXEC_MARK = "MOE_ROUTER_MALLOC_TUNED"
+__all__ = ["main"]
 
 
 def _reexec_with_malloc_tuning(argv: Sequence[str]) -> None:
     """Restart this process once with the malloc tuning in its environment (Linux only).
 
-    A launcher concern, not configuration: the variables must exist before the
-    interpreter starts, so the CLI entry sets them and execs itself. Any variable the
-    caller already set wins.
+    A launcher concern: glibc reads the variables only at process start, so the CLI
+    entry execs itself with them (:mod:`moe_router.config.environment` decides whether
+    and with what; any variable the caller already set wins).
     """
-    if not sys.platform.startswith("linux") or os.environ.get(_REEXEC_MARK):
-        return
-    env = dict(os.environ)
-    missing = {k: v for k, v in MALLOC_TUNING.items() if k not in env}
-    if not missing:
-        return
-    env.update(missing)
-    env[_REEXEC_MARK] = "1"
-    os.execve(sys.executable, [sys.executable, "-m", "moe_router", *argv], env)
+    from moe_router.config.environment import malloc_reexec_environment
+
+    env = malloc_reexec_environment()
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, "-m", "moe_router", *argv], env)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -23,18 +23,17 @@ from moe_router.analysis import service_bench
 from moe_router.analysis.load_client import LoadClientPool, LoadSpec
 from moe_router.analysis.service_bench import (
     BenchPlan,
-    RouterKind,
-    RouterSpec,
+    BenchRouter,
     eager_route,
     run_bench,
     run_from_cli,
     write_report,
 )
 from moe_router.errors import ValidationError
-from moe_router.routing import GroupedTopKRouter, RouterConfig, TopKRouter
+from moe_router.routing import GroupedTopKRouter, RouterConfig, RoutingMethod, TopKRouter
 
-TINY_TOP_K = RouterSpec("mixtral", RouterKind.TOP_K, 64, 8, 2)
-TINY_GROUPED = RouterSpec("deepseek-v3", RouterKind.GROUPED_TOP_K, 32, 16, 4, n_group=4,
+TINY_TOP_K = BenchRouter("mixtral", RoutingMethod.TOP_K, 64, 8, 2)
+TINY_GROUPED = BenchRouter("deepseek-v3", RoutingMethod.GROUPED_TOP_K, 32, 16, 4, n_group=4,
                           topk_group=2, routed_scaling_factor=2.5)
 TINY_PLAN = BenchPlan(routers=(TINY_TOP_K, TINY_GROUPED), tokens=(4,), concurrency=(1, 2),
                       warmup_s=0.05, duration_s=0.2, inprocess_s=0.02,
@@ -60,7 +59,7 @@ def test_eager_top_k_by_hand() -> None:
     # logits = [1, 0, 2]: top-2 are experts 2 and 0, renormalised softmax e^2:e^1.
     x = torch.tensor([[1.0, 0.0]])
     weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
-    spec = RouterSpec("t", RouterKind.TOP_K, 2, 3, 2)
+    spec = BenchRouter("t", RoutingMethod.TOP_K, 2, 3, 2)
     weights, indices = eager_route(x, weight, spec)
     e = math.e
     assert indices.tolist() == [[2, 0]]
@@ -72,7 +71,7 @@ def test_eager_routing_matches_the_project_routers(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(50, 32, generator=gen).to(dtype)
     top_k = TopKRouter(RouterConfig(hidden_size=32, num_experts=8, top_k=2))
-    spec = RouterSpec("t", RouterKind.TOP_K, 32, 8, 2)
+    spec = BenchRouter("t", RoutingMethod.TOP_K, 32, 8, 2)
     with torch.no_grad():
         top_k.gate.weight.copy_(torch.randn(8, 32, generator=gen))
         ours = top_k(x)
@@ -88,7 +87,7 @@ def test_eager_routing_matches_the_project_routers(dtype: torch.dtype) -> None:
         grouped.gate.weight.copy_(torch.randn(16, 32, generator=gen))
         grouped.e_score_correction_bias.copy_(torch.randn(16, generator=gen))
         ours = grouped(x)
-    spec = RouterSpec("t", RouterKind.GROUPED_TOP_K, 32, 16, 4, n_group=4, topk_group=2,
+    spec = BenchRouter("t", RoutingMethod.GROUPED_TOP_K, 32, 16, 4, n_group=4, topk_group=2,
                       routed_scaling_factor=2.5)
     weights, indices = eager_route(x, grouped.gate.weight, spec, grouped.e_score_correction_bias)
     assert torch.equal(indices.int(), ours.expert_indices)
@@ -106,6 +105,13 @@ def test_eager_routing_matches_the_project_routers(dtype: torch.dtype) -> None:
 def test_plan_names_the_bad_argument(arguments: dict, named: str) -> None:
     with pytest.raises(ValidationError, match=named):
         BenchPlan(**arguments)
+
+
+def test_bench_routers_use_the_one_kind_enum_and_only_its_two_kinds() -> None:
+    assert BenchRouter("t", "grouped_top_k", 8, 4, 2).kind is RoutingMethod.GROUPED_TOP_K
+    with pytest.raises(ValidationError, match="kind: the bench hosts 'grouped_top_k', "
+                       "'top_k', got <RoutingMethod.SOFT_MOE: 'soft_moe'>"):
+        BenchRouter("t", RoutingMethod.SOFT_MOE, 8, 4, 2)
 
 
 def test_plan_runs_concurrency_only_up_to_its_token_limit() -> None:

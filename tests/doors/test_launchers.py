@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from moe_router.cli import MALLOC_TUNING
+from moe_router.config.environment import MALLOC_TUNING
 
 ROOT = Path(__file__).resolve().parents[2]
 

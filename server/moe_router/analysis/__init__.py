@@ -6,13 +6,15 @@ only when a chart is drawn.
 
 from moe_router.analysis.benchmark import (
     BenchmarkConfig,
-    BenchmarkResult,
     BenchmarkTarget,
     DynamicMoEBenchmark,
     dynamic_router_factory,
+    static_topk_router_factory,
+)
+from moe_router.analysis.benchmark_results import (
+    BenchmarkResult,
     latency_metrics,
     results_to_markdown,
-    static_topk_router_factory,
 )
 from moe_router.analysis.placement import (
     PlacementPlan,

@@ -1,15 +1,79 @@
-"""The Markdown and JSON report of ``moe-router bench`` (see ``service_bench``)."""
+"""What one ``moe-router bench`` run found, and its Markdown and JSON report.
+
+:class:`BenchReport` holds the header facts (date, command, machine), the plan, every
+result and the notes; :func:`report_to_markdown` and :func:`write_report` render it.
+:mod:`moe_router.analysis.service_bench` fills it.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from moe_router.analysis.service_bench import BenchReport
+import grpc
+import torch
 
-__all__ = ["report_to_markdown", "write_report"]
+from moe_router.analysis.bench_plan import BenchPlan
+from moe_router.analysis.benchmark_results import BenchmarkResult
+from moe_router.config.environment import malloc_variables
+
+__all__ = ["BenchReport", "machine_facts", "load_average", "report_to_markdown",
+           "write_report"]
+
+
+@dataclass
+class BenchReport:
+    """Everything one run measured: header facts, results, notes, whether Ctrl-C cut it."""
+
+    command: str
+    date: str
+    machine: dict[str, Any]
+    plan: BenchPlan
+    target: str | None = None
+    results: list[BenchmarkResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+    def add(self, parameters: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Append a result (figures only: every metric positive and finite)."""
+        self.results.append(BenchmarkResult("service-bench", parameters, metrics, time.time()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        plan = asdict(self.plan)
+        plan["dtypes"] = [d.value for d in self.plan.dtypes]
+        plan["routers"] = [{**asdict(r), "kind": r.kind.value} for r in self.plan.routers]
+        return {"title": "moe-router service benchmark", "command": self.command,
+                "date": self.date, "machine": self.machine, "plan": plan, "target": self.target,
+                "interrupted": self.interrupted, "notes": self.notes,
+                "results": [r.to_dict() for r in self.results]}
+
+
+def load_average() -> float:
+    """The 1-minute load average (0.0 where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def machine_facts(device: torch.device) -> dict[str, Any]:
+    """Cores, CPU, OS, library versions and the in-process device, for the report header."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu, "os": platform.platform(),
+            "load_average_1m": load_average(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "grpcio": grpc.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "malloc_env": malloc_variables()}
 
 
 def _fmt(value: float | None) -> str:
@@ -89,7 +153,8 @@ def report_to_markdown(report: BenchReport) -> str:
     ratio = found.get(("malloc_ratio", None, None, None, None, None))
     if ratio is not None:
         lines += ["## Large messages: glibc malloc tuning", "",
-                  f"Echo server started without and with `cli.MALLOC_TUNING`, "
+                  "Echo server started without and with the glibc malloc tuning "
+                  "(`moe_router.config.environment.MALLOC_TUNING`), "
                   f"{report.plan.malloc_message_bytes / 2**20:g} MiB each way, one call at a "
                   f"time:", ""]
         lines += _table(["malloc tuning", "MB/s", "req/s", "p50 ms"], [

@@ -14,7 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from moe_router.analysis.benchmark import BenchmarkResult
+from moe_router.analysis.benchmark_results import BenchmarkResult
 
 __all__ = [
     "plot_latency_vs_tokens",

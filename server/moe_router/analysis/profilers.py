@@ -32,8 +32,9 @@ from torch import nn
 from moe_router.analysis.simulator import load_balance_metrics
 from moe_router.errors import DynamicMoEError, ProfilingError
 from moe_router.routing.base import FLOAT_DTYPES, RouterBase
+from moe_router.routing.kinds import ROUTER_KINDS, Construction, RoutingMethod
 from moe_router.routing.output import RouterOutput
-from moe_router.routing.router_config import RouterConfig, RoutingMethod, ScoringFunction
+from moe_router.routing.router_config import RouterConfig, ScoringFunction
 
 __all__ = ["FLOPProfiler", "ComparisonProfiler", "routing_flops", "build_router_from_dict"]
 
@@ -210,32 +211,17 @@ class FLOPProfiler:
         self.profiles.clear()
 
 
-# Per-kind constructor arguments that are not RouterConfig fields.
-_CLASS_ARGUMENTS: dict[RoutingMethod, tuple[str, str, frozenset[str]]] = {
-    RoutingMethod.TOP_K: ("moe_router.routing.topk", "TopKRouter", frozenset()),
-    RoutingMethod.GROUPED_TOP_K: ("moe_router.routing.grouped", "GroupedTopKRouter",
-                                  frozenset({"use_correction_bias"})),
-    RoutingMethod.EXPERT_CHOICE: ("moe_router.routing.expert_choice", "ExpertChoiceRouter",
-                                  frozenset({"tokens_per_expert"})),
-    RoutingMethod.SOFT_MOE: ("moe_router.routing.soft_moe", "SoftMoERouter",
-                             frozenset({"temperature", "slots_per_expert"})),
-    RoutingMethod.MOE_ROUTER: ("moe_router.routing.zeta", "MLPTopKRouter",
-                               frozenset({"hidden_layers", "mechanism"})),
-}
-
-
 def build_router_from_dict(spec: Mapping[str, Any], hidden_dim: int, seed: int = 0
                            ) -> RouterBase:
     """A router from ``{"kind": ..., **params}`` for tokens of width ``hidden_dim``.
 
-    ``kind`` is a :class:`RoutingMethod` value. ``dynamic`` / ``adaptive`` take the
-    DynamicRouter / AdaptiveRouter arguments (``num_experts``, ``min_experts``,
-    ``max_experts``, ...); the others take RouterConfig fields (``num_experts``,
-    ``top_k``, ``scoring``, ...) plus their own (e.g. ``slots_per_expert``). An optional
-    ``name`` is ignored here. Parameters are initialised from ``seed``.
+    ``kind`` is a :class:`RoutingMethod` value (default ``top_k``); its class comes from
+    the kind table. Kinds built from dimensions (``dynamic``, ``adaptive``) take their
+    class's arguments (``num_experts``, ``min_experts``, ``max_experts``, ...); the others
+    take RouterConfig fields (``num_experts``, ``top_k``, ``scoring``, ...) plus their own
+    constructor arguments (e.g. ``slots_per_expert``). An optional ``name`` is ignored
+    here. Parameters are initialised from ``seed``.
     """
-    import importlib
-
     params = {k: v for k, v in spec.items() if k not in ("kind", "name")}
     try:
         kind = RoutingMethod(spec.get("kind", "top_k"))
@@ -243,19 +229,17 @@ def build_router_from_dict(spec: Mapping[str, Any], hidden_dim: int, seed: int =
         allowed = ", ".join(repr(m.value) for m in RoutingMethod)
         raise ProfilingError(f"kind: must be one of {allowed}, got {spec.get('kind')!r}") \
             from None
+    entry = ROUTER_KINDS[kind]
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            if kind in (RoutingMethod.DYNAMIC, RoutingMethod.ADAPTIVE):
-                from moe_router.routing.dynamic import AdaptiveRouter, DynamicRouter
-
-                cls = DynamicRouter if kind is RoutingMethod.DYNAMIC else AdaptiveRouter
-                return cls(input_dim=hidden_dim, **params)
-            module, name, own = _CLASS_ARGUMENTS[kind]
-            cls = getattr(importlib.import_module(module), name)
-            extra = {k: params.pop(k) for k in list(params) if k in own}
+            if entry.construction is Construction.DIMENSIONS:  # params are its arguments
+                router: RouterBase = entry.router_class()(input_dim=hidden_dim, **params)
+                return router
+            own = {k: params.pop(k) for k in list(params) if k in entry.arguments}
             config = RouterConfig(hidden_size=hidden_dim, routing_method=kind, **params)
-            return cls(config, **extra)
+            router = entry.construct(config, own)
+            return router
     except (DynamicMoEError, TypeError) as exc:
         raise ProfilingError(f"cannot build a {kind.value!r} router from {dict(spec)}: {exc}") \
             from exc

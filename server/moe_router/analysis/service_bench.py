@@ -11,21 +11,24 @@ For each router (Mixtral-like top-2 of 8 at D=4096, DeepSeek-V3-like grouped top
 - **matmul**: the gate matmul alone, the compute floor;
 
 and reports p50/p95/p99, requests/s, tokens/s, MB/s and the ratios service/echo,
-service/eager, eager/matmul; then the glibc malloc tuning (``cli.MALLOC_TUNING``) on
-16 MiB echo messages. Output: a Markdown report printed and saved with a JSON twin.
+service/eager, eager/matmul; then the glibc malloc tuning
+(``moe_router.config.environment.MALLOC_TUNING``) on 16 MiB echo messages. Output: a
+Markdown report printed and saved with a JSON twin.
+
+What is measured is :mod:`~moe_router.analysis.bench_plan`; what was found and its report
+are :mod:`~moe_router.analysis.bench_report`; this module runs the children and the
+sweep. Child processes get this process's environment through
+:func:`moe_router.config.environment.child_environment`.
 """
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +37,21 @@ import torch
 import yaml
 
 from moe_router.analysis import echo_server
-from moe_router.analysis.bench_report import report_to_markdown, write_report
-from moe_router.analysis.benchmark import BenchmarkResult, latency_metrics
+from moe_router.analysis.bench_plan import (
+    PRESETS,
+    BenchPlan,
+    BenchRouter,
+    WireDtype,
+    service_config,
+)
+from moe_router.analysis.bench_report import (
+    BenchReport,
+    load_average,
+    machine_facts,
+    report_to_markdown,
+    write_report,
+)
+from moe_router.analysis.benchmark_results import latency_metrics
 from moe_router.analysis.load_client import (
     ListeningProcess,
     LoadClientPool,
@@ -44,125 +60,16 @@ from moe_router.analysis.load_client import (
     python_file_command,
     route_response_bytes,
 )
+from moe_router.config.environment import child_environment
 from moe_router.errors import ValidationError
+from moe_router.routing.kinds import RoutingMethod
 
-__all__ = ["BenchPlan", "BenchReport", "PRESETS", "RouterKind", "RouterSpec", "WireDtype",
-           "eager_route", "report_to_markdown", "run_bench", "run_from_cli", "write_report"]
-
-
-class RouterKind(str, Enum):
-    """The two routing algorithms the bench hosts (config.yaml ``kind``)."""
-
-    TOP_K = "top_k"
-    GROUPED_TOP_K = "grouped_top_k"
-
-
-class WireDtype(str, Enum):
-    """Dtype of the hidden states sent."""
-
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-
-
-@dataclass(frozen=True)
-class RouterSpec:
-    """One benchmarked router: gate [E, D] with random weights, one layer."""
-
-    name: str
-    kind: RouterKind
-    input_dim: int
-    num_experts: int
-    top_k: int
-    n_group: int = 1
-    topk_group: int = 1
-    routed_scaling_factor: float = 1.0
-
-    def config_entry(self) -> dict[str, Any]:
-        """Its ``routers:`` entry in the bench server's config.yaml."""
-        entry: dict[str, Any] = {"name": self.name, "kind": self.kind.value,
-                                 "input_dim": self.input_dim, "num_experts": self.num_experts,
-                                 "top_k": self.top_k, "renormalize": True, "layers": 1,
-                                 "weights": {"init": "random", "seed": 0}}
-        if self.kind is RouterKind.TOP_K:
-            entry["scoring"] = "softmax"
-        else:
-            entry.update(scoring="sigmoid", n_group=self.n_group, topk_group=self.topk_group,
-                         group_score="top2_sum", use_correction_bias=True,
-                         routed_scaling_factor=self.routed_scaling_factor)
-        return entry
-
-
-MIXTRAL = RouterSpec("mixtral", RouterKind.TOP_K, 4096, 8, 2)
-DEEPSEEK_V3 = RouterSpec("deepseek-v3", RouterKind.GROUPED_TOP_K, 7168, 256, 8, n_group=8,
-                         topk_group=4, routed_scaling_factor=2.5)
-
-
-def _positive_ints(value: Sequence[int], name: str) -> tuple[int, ...]:
-    values = tuple(value)
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValidationError(f"{name}: must be a non-empty list of positive integers, "
-                              f"got {list(value)!r}")
-    return values
-
-
-@dataclass(frozen=True)
-class BenchPlan:
-    """The sweep and its time budget.
-
-    Every (router, dtype, tokens) gets the in-process peers and the service + echo at each
-    ``concurrency`` level; levels above 1 only up to ``max_concurrent_tokens`` tokens (at
-    4096 x 7168 floats a request is 117 MB). Each load cell warms up ``warmup_s`` then
-    times ``duration_s``; in-process peers time at least ``inprocess_s``. The malloc test
-    sends ``malloc_message_bytes`` each way for ``malloc_duration_s`` per variant and round.
-    ``inprocess_s`` is shared by the eager and matmul peers, timed in turns.
-    """
-
-    routers: tuple[RouterSpec, ...] = (MIXTRAL, DEEPSEEK_V3)
-    tokens: tuple[int, ...] = (1, 16, 256, 4096)
-    dtypes: tuple[WireDtype, ...] = (WireDtype.FLOAT32, WireDtype.BFLOAT16)
-    concurrency: tuple[int, ...] = (1, 4, 16)
-    max_concurrent_tokens: int = 256
-    warmup_s: float = 0.3
-    duration_s: float = 1.2
-    inprocess_s: float = 0.8
-    malloc_message_bytes: int = 16 * 1024 * 1024
-    malloc_duration_s: float = 1.5
-    malloc_rounds: int = 2
-    client_procs: int = 2
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "tokens", _positive_ints(self.tokens, "tokens"))
-        set_(self, "concurrency", _positive_ints(self.concurrency, "concurrency"))
-        try:
-            set_(self, "dtypes", tuple(WireDtype(d) for d in self.dtypes))
-        except ValueError:
-            allowed = ", ".join(d.value for d in WireDtype)
-            raise ValidationError(f"dtypes: each must be one of {allowed}, "
-                                  f"got {list(self.dtypes)!r}") from None
-        if not self.dtypes or not self.routers:
-            raise ValidationError("dtypes, routers: must not be empty")
-        for name in ("warmup_s", "duration_s", "inprocess_s", "malloc_duration_s"):
-            if not getattr(self, name) > 0:
-                raise ValidationError(f"{name}: must be > 0 seconds, got {getattr(self, name)}")
-        for name in ("max_concurrent_tokens", "malloc_message_bytes", "malloc_rounds",
-                     "client_procs"):
-            _positive_ints((getattr(self, name),), name)
-
-    def levels(self, tokens: int) -> list[int]:
-        """The concurrency levels run at ``tokens`` tokens per call."""
-        return [c for c in self.concurrency if c == 1 or tokens <= self.max_concurrent_tokens]
-
-
-PRESETS: dict[str, BenchPlan] = {
-    "default": BenchPlan(),
-    "quick": BenchPlan(tokens=(16, 256), concurrency=(1, 4), warmup_s=0.1, duration_s=0.4,
-                       inprocess_s=0.2, malloc_duration_s=0.5, malloc_rounds=1),
-}
+__all__ = ["BenchPlan", "BenchReport", "BenchRouter", "PRESETS", "WireDtype", "eager_route",
+           "report_to_markdown", "run_bench", "run_from_cli", "write_report"]
 
 
 # --------------------------------------------------------------------- in-process peers
-def eager_route(x: torch.Tensor, weight: torch.Tensor, spec: RouterSpec,
+def eager_route(x: torch.Tensor, weight: torch.Tensor, spec: BenchRouter,
                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The routing a user writes in plain eager PyTorch: x [T, D] -> (weights, indices) [T, k].
 
@@ -171,7 +78,7 @@ def eager_route(x: torch.Tensor, weight: torch.Tensor, spec: RouterSpec,
     best top-2 sums, weights from the unbiased scores, renormalised, times the scale.
     """
     logits = x.float() @ weight.T  # [T, E]
-    if spec.kind is RouterKind.TOP_K:
+    if spec.kind is RoutingMethod.TOP_K:
         weights, indices = logits.softmax(dim=-1).topk(spec.top_k, dim=-1)
         return weights / weights.sum(dim=-1, keepdim=True), indices
     scores = logits.sigmoid()
@@ -208,7 +115,7 @@ def _time_interleaved(calls: dict[str, Callable[[], object]], min_time_s: float,
     return latencies
 
 
-def _inprocess_peers(spec: RouterSpec, dtype: WireDtype, tokens: int, plan: BenchPlan,
+def _inprocess_peers(spec: BenchRouter, dtype: WireDtype, tokens: int, plan: BenchPlan,
                      device: torch.device) -> dict[str, list[float]]:
     """Latencies (ms) of the eager routing and of the bare gate matmul."""
     gen = torch.Generator().manual_seed(tokens)
@@ -220,84 +127,6 @@ def _inprocess_peers(spec: RouterSpec, dtype: WireDtype, tokens: int, plan: Benc
     x32 = x.float()
     return _time_interleaved({"eager": lambda: eager_route(x, weight, spec, bias),
                               "matmul": lambda: x32 @ weight.T}, plan.inprocess_s, device)
-
-
-# --------------------------------------------------------------------- child processes
-def service_config(plan: BenchPlan) -> dict[str, Any]:
-    """The bench server's config: loopback, free ports, cache off, batching on, the plan's
-    routers; the breaker's slow-call limit raised so long 4096-token calls never trip it."""
-    loopback = {"host": "127.0.0.1", "port": 0}
-    return {"server": {**loopback, "device": "auto", "drain_grace_s": 1.0},
-            "metrics": {"enabled": True, **loopback},
-            "health": {"enabled": True, **loopback},
-            "cache": {"enabled": False},
-            "batching": {"enabled": True},
-            "breaker": {"slow_call_duration_ms": 600_000.0},
-            "routers": [r.config_entry() for r in plan.routers]}
-
-
-def _environment(malloc_tuning: bool | None) -> dict[str, str]:
-    """This process's environment without DYNAMIC_MOE_* (the bench config rules); with
-    ``malloc_tuning`` True/False the MALLOC_* variables set to cli.MALLOC_TUNING / removed."""
-    from moe_router.cli import MALLOC_TUNING
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DYNAMIC_MOE_")}
-    if malloc_tuning is not None:
-        env = {k: v for k, v in env.items() if k not in MALLOC_TUNING}
-        env["MOE_ROUTER_MALLOC_TUNED"] = "1"  # never re-exec with the tuning
-        if malloc_tuning:
-            env.update(MALLOC_TUNING)
-    return env
-
-
-# --------------------------------------------------------------------- the run
-@dataclass
-class BenchReport:
-    """Everything one run measured: header facts, results, notes, whether Ctrl-C cut it."""
-
-    command: str
-    date: str
-    machine: dict[str, Any]
-    plan: BenchPlan
-    target: str | None = None
-    results: list[BenchmarkResult] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    interrupted: bool = False
-
-    def add(self, parameters: dict[str, Any], metrics: dict[str, float]) -> None:
-        """Append a result (figures only: every metric positive and finite)."""
-        self.results.append(BenchmarkResult("service-bench", parameters, metrics, time.time()))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form."""
-        plan = asdict(self.plan)
-        plan["dtypes"] = [d.value for d in self.plan.dtypes]
-        plan["routers"] = [{**asdict(r), "kind": r.kind.value} for r in self.plan.routers]
-        return {"title": "moe-router service benchmark", "command": self.command,
-                "date": self.date, "machine": self.machine, "plan": plan, "target": self.target,
-                "interrupted": self.interrupted, "notes": self.notes,
-                "results": [r.to_dict() for r in self.results]}
-
-
-def _load_average() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-
-
-def machine_facts(device: torch.device) -> dict[str, Any]:
-    """Cores, CPU, OS, library versions and the in-process device, for the report header."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
-    return {"cores": os.cpu_count(), "cpu": cpu, "os": platform.platform(),
-            "load_average_1m": _load_average(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "grpcio": grpc.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
 
 
 def _load_metrics(run: LoadResult, tokens: int) -> dict[str, float]:
@@ -335,11 +164,12 @@ class _Run:
             config = workdir / "service_bench.yaml"
             config.write_text(yaml.safe_dump(service_config(self.plan), sort_keys=False))
             service = self._spawn([sys.executable, "-m", "moe_router", "serve", "--config",
-                                   str(config)], _environment(None), "the moe-router server")
-        self.malloc = {tuned: self._spawn(echo, _environment(tuned), f"echo (tuned={tuned})")
+                                   str(config)], child_environment(), "the moe-router server")
+        self.malloc = {tuned: self._spawn(echo, child_environment(malloc_tuning=tuned),
+                                          f"echo (tuned={tuned})")
                        for tuned in (False, True)}
-        main_echo = self._spawn(echo, _environment(None), "the echo server")
-        self.pool = LoadClientPool(self.plan.client_procs, env=_environment(None))
+        main_echo = self._spawn(echo, child_environment(), "the echo server")
+        self.pool = LoadClientPool(self.plan.client_procs, env=child_environment())
         self.echo_target = main_echo.wait_ready()
         try:
             self.service_target = target or service.wait_ready()  # type: ignore[union-attr]
@@ -385,7 +215,7 @@ class _Run:
                 for tokens in plan.tokens:
                     self._cell(spec, dtype, tokens)
 
-    def _cell(self, spec: RouterSpec, dtype: WireDtype, tokens: int) -> None:
+    def _cell(self, spec: BenchRouter, dtype: WireDtype, tokens: int) -> None:
         plan, report = self.plan, self.report
         base = {"router": spec.name, "dtype": dtype.value, "tokens": tokens,
                 "dim": spec.input_dim}
@@ -414,7 +244,7 @@ class _Run:
                     ratios["service_over_eager_p50"] = service["p50_ms"] / p50["eager"]
                 report.add({"benchmark": "service_ratio", **base, "concurrency": level}, ratios)
 
-    def _load(self, spec: RouterSpec, dtype: WireDtype, tokens: int, level: int,
+    def _load(self, spec: BenchRouter, dtype: WireDtype, tokens: int, level: int,
               method: str) -> dict[str, float] | None:
         assert self.pool is not None
         route = method == "route"
@@ -493,7 +323,7 @@ def run_bench(plan: BenchPlan, target: str | None = None, command: str = "moe-ro
         report.interrupted = True
     finally:
         run.stop()
-        report.machine["load_average_1m_end"] = _load_average()
+        report.machine["load_average_1m_end"] = load_average()
     return report
 
 

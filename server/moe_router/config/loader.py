@@ -3,8 +3,9 @@
 Sources, lowest precedence first (``PRECEDENCE``, the one place it is declared): the
 dataclass defaults, the YAML file (the embedded default when no path is given), the
 environment (``DYNAMIC_MOE_*``, declared on each field with ``env=``), then explicit
-overrides (CLI arguments, dotted keys such as ``{"server.port": 0}``). Nothing else in
-the project reads the environment.
+overrides (CLI arguments, dotted keys such as ``{"server.port": 0}``). Only this package
+reads the environment: this module for the config, :mod:`moe_router.config.environment`
+for what launchers need (a test fails on a read anywhere else).
 
 Every problem raises :class:`RouterConfigurationError` naming where the value came
 from (the file, ``environment variable X`` or ``overrides``) and its key path, e.g.
@@ -32,6 +33,8 @@ from enum import Enum
 from pathlib import Path
 from types import MappingProxyType, UnionType
 from typing import Any, Literal, Union, get_args, get_origin
+
+import torch
 
 from moe_router.config.schema import (
     ALIASES,
@@ -73,6 +76,7 @@ from moe_router.config.sources import (
 )
 from moe_router.errors import RouterConfigurationError
 from moe_router.routing.dynamic import RoutingStrategy
+from moe_router.routing.kinds import kind_entry
 from moe_router.routing.zeta import Mechanism
 
 __all__ = [
@@ -367,8 +371,8 @@ def _build_router(
         if key not in raw:
             ctx.fail(path, f"missing required key {key!r}")
     kind = _convert(raw["kind"], RouterKind, f"{path}.kind", ctx, {})
-    if kind is RouterKind.FAULT_INJECTION and not testing.enable_fault_injection:
-        ctx.fail(f"{path}.kind", "'fault_injection' routers exist only for tests; set "
+    if kind_entry(kind).test_only and not testing.enable_fault_injection:
+        ctx.fail(f"{path}.kind", f"{kind.value!r} routers exist only for tests; set "
                  "testing.enable_fault_injection: true to allow them")
     spec_fields = schema(RouterSpec)
     for key in raw:
@@ -427,7 +431,7 @@ def _build_weights(raw: Any, path: str, ctx: Context) -> WeightsSpec:
 def _check_router(spec: RouterSpec, path: str, ctx: Context) -> None:
     """Cross-field checks of one router; RouterConfig's and the class's own are reused."""
     try:
-        spec.router_config()
+        config = spec.router_config()
     except RouterConfigurationError as exc:
         raise RouterConfigurationError(router_error(spec.source, str(exc))) from None
     weights = spec.weights
@@ -444,9 +448,12 @@ def _check_router(spec: RouterSpec, path: str, ctx: Context) -> None:
         if spec.kind is RouterKind.MOE_ROUTER and spec.hidden_layers:
             ctx.fail(f"{path}.weights.path", "kind moe_router with hidden_layers has parameters "
                      "besides the gate; only init: random is supported")
-    from moe_router.loading.registry import check_router_spec  # registry imports this module
-
-    check_router_spec(spec)
+    entry = kind_entry(spec.kind)
+    try:
+        with torch.device("meta"):  # the class's own constructor checks, nothing allocated
+            entry.construct(config, entry.arguments_from(spec))
+    except RouterConfigurationError as exc:
+        raise RouterConfigurationError(router_error(spec.source, str(exc))) from None
 
 
 def router_error(source: str, message: str) -> str:

@@ -17,11 +17,11 @@ from typing import Any, Literal
 
 from moe_router.routing.dynamic import RoutingStrategy
 from moe_router.routing.estimators import EstimatorName
+from moe_router.routing.kinds import RoutingMethod, kind_entry, kinds_using
 from moe_router.routing.router_config import (
     DropPolicy,
     GroupScore,
     RouterConfig,
-    RoutingMethod,
     ScoringFunction,
 )
 from moe_router.routing.zeta import Mechanism
@@ -66,17 +66,10 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 """A ``logging`` level name (config accepts any case and stores it upper-case)."""
 
 
-class RouterKind(str, Enum):
-    """Which router class a RouterSpec builds (``kind`` in config.yaml)."""
-
-    TOP_K = "top_k"
-    GROUPED_TOP_K = "grouped_top_k"
-    EXPERT_CHOICE = "expert_choice"
-    SOFT_MOE = "soft_moe"
-    MOE_ROUTER = "moe_router"
-    DYNAMIC = "dynamic"
-    ADAPTIVE = "adaptive"
-    FAULT_INJECTION = "fault_injection"
+RouterKind = RoutingMethod
+"""Which router class a RouterSpec builds (``kind`` in config.yaml): the one kind enum,
+:class:`moe_router.routing.RoutingMethod`, whose table (class, keys, description) is
+:data:`moe_router.routing.kinds.ROUTER_KINDS`."""
 
 
 class WeightsInit(str, Enum):
@@ -325,18 +318,14 @@ class FaultSpec:
     slow_ms: float = _field(0.0, "How long a stalled call sleeps, milliseconds.", lo=0)
 
 
-_K = RouterKind
-_TOPK_FAMILY = frozenset({_K.TOP_K, _K.GROUPED_TOP_K, _K.FAULT_INJECTION})
-_DYNAMIC_FAMILY = frozenset({_K.DYNAMIC, _K.ADAPTIVE})
-
-
 @dataclass(frozen=True, kw_only=True)
 class RouterSpec:
     """One hosted router: its algorithm, parameters, weights and serving options.
 
     Keys other than the common ones are valid only for the kinds listed in their field
-    metadata (``kinds``); a key a kind does not use is an error. Fields a kind does not
-    use keep their defaults and are ignored.
+    metadata (``kinds``, read from the kind table :data:`moe_router.routing.kinds.ROUTER_KINDS`);
+    a key a kind does not use is an error. Fields a kind does not use keep their
+    defaults and are ignored.
     """
 
     name: str = _field(doc="Unique router name used by requests: lowercase [a-z0-9_-].",
@@ -346,58 +335,63 @@ class RouterSpec:
     input_dim: int = _field(doc="Hidden size D of the tokens routed.")
     num_experts: int = _field(doc="Routed experts E.")
     layers: int = _field(1, "MoE layers served (requests name one, 0-based).", lo=1)
-    top_k: int = _field(2, "Experts per token.",
-                        kinds=_TOPK_FAMILY | {_K.MOE_ROUTER})
+    # Kind-specific keys: which kinds read each one is the kind table's answer.
+    top_k: int = _field(2, "Experts per token.", kinds=kinds_using("top_k"))
     scoring: ScoringFunction = _field(ScoringFunction.SOFTMAX, "softmax | sigmoid of the "
-                                      "gate logits.", kinds=_TOPK_FAMILY)
+                                      "gate logits.", kinds=kinds_using("scoring"))
     renormalize: bool = _field(True, "Chosen weights sum to 1 (HF norm_topk_prob).",
-                               kinds=_TOPK_FAMILY | {_K.EXPERT_CHOICE, _K.MOE_ROUTER})
+                               kinds=kinds_using("renormalize"))
     routed_scaling_factor: float = _field(1.0, "Final weights are multiplied by this.",
-                                          kinds=_TOPK_FAMILY | {_K.EXPERT_CHOICE})
-    n_group: int = _field(1, "Expert groups (DeepSeek n_group).", kinds={_K.GROUPED_TOP_K})
-    topk_group: int = _field(1, "Groups kept per token.", kinds={_K.GROUPED_TOP_K})
+                                          kinds=kinds_using("routed_scaling_factor"))
+    n_group: int = _field(1, "Expert groups (DeepSeek n_group).", kinds=kinds_using("n_group"))
+    topk_group: int = _field(1, "Groups kept per token.", kinds=kinds_using("topk_group"))
     group_score: GroupScore = _field(GroupScore.MAX, "max (DeepSeek-V2) | top2_sum (V3).",
-                                     kinds={_K.GROUPED_TOP_K})
+                                     kinds=kinds_using("group_score"))
     use_correction_bias: bool = _field(False, "Selection adds e_score_correction_bias [E].",
-                                       kinds={_K.GROUPED_TOP_K})
+                                       kinds=kinds_using("use_correction_bias"))
     capacity_factor: float | None = _field(None, "Per-expert capacity ceil(T*k/E*factor); "
                                            "null for none.",
-                                           kinds=_TOPK_FAMILY | {_K.EXPERT_CHOICE})
+                                           kinds=kinds_using("capacity_factor"))
     drop_policy: DropPolicy = _field(DropPolicy.PROBS, "Over capacity, keep highest probs "
-                                     "or earliest positions.", kinds=_TOPK_FAMILY)
+                                     "or earliest positions.",
+                                     kinds=kinds_using("drop_policy"))
     tokens_per_expert: int | None = _field(None, "Fixed expert-choice capacity; null derives "
                                            "it from capacity_factor.", lo=1,
-                                           kinds={_K.EXPERT_CHOICE})
+                                           kinds=kinds_using("tokens_per_expert"))
     slots_per_expert: int = _field(1, "Soft-MoE slots per expert (gate is [E*slots, D]).",
-                                   lo=1, kinds={_K.SOFT_MOE})
+                                   lo=1, kinds=kinds_using("slots_per_expert"))
     temperature: float = _field(1.0, "Soft-MoE softmax temperature.", gt=0,
-                                kinds={_K.SOFT_MOE})
+                                kinds=kinds_using("temperature"))
     hidden_layers: tuple[int, ...] | None = _field(None, "Hidden widths of the MLP router.",
-                                                   lo=1, kinds={_K.MOE_ROUTER})
+                                                   lo=1, kinds=kinds_using("hidden_layers"))
     mechanism: Mechanism = _field(Mechanism.SOFTMAX, "softmax | gumbel.",
-                                      kinds={_K.MOE_ROUTER})
-    min_experts: int = _field(1, "Fewest experts a token gets.", lo=1, kinds=_DYNAMIC_FAMILY)
+                                  kinds=kinds_using("mechanism"))
+    min_experts: int = _field(1, "Fewest experts a token gets.", lo=1,
+                              kinds=kinds_using("min_experts"))
     max_experts: int | None = _field(None, "Most experts a token gets; null lets the router "
-                                     "choose (num_experts // 2).", lo=1, kinds=_DYNAMIC_FAMILY)
+                                     "choose (num_experts // 2).", lo=1,
+                                     kinds=kinds_using("max_experts"))
     complexity_estimator: EstimatorName = _field(EstimatorName.GRADIENT_NORM, "How token "
-                                                 "complexity is scored.", kinds=_DYNAMIC_FAMILY)
+                                                 "complexity is scored.",
+                                                 kinds=kinds_using("complexity_estimator"))
     routing_strategy: RoutingStrategy = _field(RoutingStrategy.TOP_K, "top_k | threshold.",
-                                               kinds=_DYNAMIC_FAMILY)
+                                               kinds=kinds_using("routing_strategy"))
     load_balancing: bool = _field(True, "Steer load toward under-used experts.",
-                                  kinds=_DYNAMIC_FAMILY)
+                                  kinds=kinds_using("load_balancing"))
     noise_factor: float = _field(0.0, "Train-time logit noise in [0, 1].", lo=0, hi=1,
-                                 kinds=_DYNAMIC_FAMILY)
+                                 kinds=kinds_using("noise_factor"))
     top_p: float | None = _field(None, "Probability mass kept by the threshold strategy; "
                                  "null for the router's default.", gt=0, hi=1,
-                                 kinds=_DYNAMIC_FAMILY)
+                                 kinds=kinds_using("top_p"))
     adaptation_rate: float = _field(0.01, "Adaptive threshold learning rate.", gt=0,
-                                    kinds={_K.ADAPTIVE})
+                                    kinds=kinds_using("adaptation_rate"))
     estimator_options: Mapping[str, Any] = _field(doc="Extra keyword arguments of the "
                                                   "complexity estimator.",
                                                   factory=lambda: MappingProxyType({}),
-                                                  kinds=_DYNAMIC_FAMILY)
+                                                  kinds=kinds_using("estimator_options"))
     fault: FaultSpec | None = _field(None, "Injected failures (fault_injection only).",
-                                     kinds={_K.FAULT_INJECTION})
+                                     kinds=kinds_using("fault"))
+    # Keys every kind reads.
     batching: BatchingConfig = _field(doc="Top-level batching with this router's overrides "
                                       "merged over it.", factory=BatchingConfig)
     cache_enabled: bool = _field(True, "Cache this router's answers (when cache.enabled).")
@@ -406,28 +400,18 @@ class RouterSpec:
                          "(prefix of error messages).", derived=True)
 
     def router_config(self) -> RouterConfig:
-        """The RouterConfig a RouterConfig-based kind is constructed with.
+        """The RouterConfig of a RouterConfig-based kind: D, E and the kind's
+        ``config_fields`` (kind table); ``top_k`` is 1 for kinds with no fixed per-token k.
 
         Dynamic kinds build their own; for them this only carries the checks on
         input_dim and num_experts.
         """
-        kind = self.kind
-        method = RoutingMethod.TOP_K if kind is _K.FAULT_INJECTION else RoutingMethod(kind.value)
-        uses_top_k = kind in _TOPK_FAMILY or kind is _K.MOE_ROUTER
-        top_k = self.top_k if uses_top_k else 1  # the others have no fixed per-token k
+        used = kind_entry(self.kind).config_fields
         return RouterConfig(
             hidden_size=self.input_dim,
             num_experts=self.num_experts,
-            top_k=top_k,
-            routing_method=method,
-            scoring=self.scoring,
-            renormalize=self.renormalize,
-            routed_scaling_factor=self.routed_scaling_factor,
-            n_group=self.n_group,
-            topk_group=self.topk_group,
-            group_score=self.group_score,
-            capacity_factor=self.capacity_factor,
-            drop_policy=self.drop_policy,
+            routing_method=self.kind,
+            **{"top_k": 1, **{name: getattr(self, name) for name in used}},
         )
 
 

@@ -1,30 +1,30 @@
 """Builds the routers config.yaml describes: the class per kind, its weights, its device.
 
-Router classes are imported inside :func:`construct_router` so this module (and config
-validation) never depends on every routing module at import time. Random weights are
-deterministic: layer L of a router is initialised from ``seed + L``, so every replica
-serves the same router and reports the same version.
+The class of each kind and its constructor arguments come from the kind table
+(:data:`moe_router.routing.kinds.ROUTER_KINDS`), which imports a class only when a router
+of its kind is built. Random weights are deterministic: layer L of a router is
+initialised from ``seed + L``, so every replica serves the same router and reports the
+same version.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from moe_router.config import RouterKind, RouterSpec, ServiceConfig, router_error
+from moe_router.config import RouterSpec, ServiceConfig, router_error
 from moe_router.errors import NotFoundError, RouterConfigurationError
 from moe_router.loading.weights import load_router_weights
 from moe_router.routing.base import RouterBase
+from moe_router.routing.kinds import kind_entry
 
 __all__ = [
     "HostedRouter",
     "resolve_device",
     "construct_router",
-    "check_router_spec",
     "init_random_",
     "build_router",
     "load_routers",
@@ -89,76 +89,15 @@ def construct_router(spec: RouterSpec) -> RouterBase:
     """Instantiate the class of ``spec.kind`` with the spec's arguments (weights untouched).
 
     The class's own checks run here; their errors come back prefixed with the spec's
-    key path, e.g. ``config.yaml: routers[2].top_k: ...``.
+    key path, e.g. ``config.yaml: routers[2].top_k: ...``. (Config validation runs the
+    same construction on the meta device.)
     """
+    entry = kind_entry(spec.kind)
     try:
-        return _construct(spec)
+        router: RouterBase = entry.construct(spec.router_config(), entry.arguments_from(spec))
     except RouterConfigurationError as exc:
         raise RouterConfigurationError(router_error(_source(spec), str(exc))) from None
-
-
-def _construct(spec: RouterSpec) -> RouterBase:
-    kind = spec.kind
-    if kind in (RouterKind.DYNAMIC, RouterKind.ADAPTIVE):
-        from moe_router.routing.dynamic import AdaptiveRouter, DynamicRouter
-
-        kwargs: dict[str, Any] = dict(
-            input_dim=spec.input_dim,
-            num_experts=spec.num_experts,
-            min_experts=spec.min_experts,
-            max_experts=spec.max_experts,
-            complexity_estimator=spec.complexity_estimator.value,
-            routing_strategy=spec.routing_strategy.value,
-            load_balancing=spec.load_balancing,
-            noise_factor=spec.noise_factor,
-            **spec.estimator_options,
-        )
-        if spec.top_p is not None:
-            kwargs["top_p"] = spec.top_p
-        if kind is RouterKind.ADAPTIVE:
-            return AdaptiveRouter(adaptation_rate=spec.adaptation_rate, **kwargs)
-        return DynamicRouter(**kwargs)
-    config = spec.router_config()
-    if kind is RouterKind.TOP_K:
-        from moe_router.routing.topk import TopKRouter
-
-        return TopKRouter(config)
-    if kind is RouterKind.GROUPED_TOP_K:
-        from moe_router.routing.grouped import GroupedTopKRouter
-
-        return GroupedTopKRouter(config, use_correction_bias=spec.use_correction_bias)
-    if kind is RouterKind.EXPERT_CHOICE:
-        from moe_router.routing.expert_choice import ExpertChoiceRouter
-
-        return ExpertChoiceRouter(config, tokens_per_expert=spec.tokens_per_expert)
-    if kind is RouterKind.SOFT_MOE:
-        from moe_router.routing.soft_moe import SoftMoERouter
-
-        return SoftMoERouter(
-            config, temperature=spec.temperature, slots_per_expert=spec.slots_per_expert
-        )
-    if kind is RouterKind.MOE_ROUTER:
-        from moe_router.routing.zeta import MLPTopKRouter
-
-        hidden = None if spec.hidden_layers is None else list(spec.hidden_layers)
-        return MLPTopKRouter(config, hidden_layers=hidden, mechanism=spec.mechanism.value)
-    if kind is RouterKind.FAULT_INJECTION:
-        from moe_router.loading.fault_injection import FaultInjectingRouter
-
-        fault = spec.fault
-        return FaultInjectingRouter(
-            config,
-            fail_while_file_exists=None if fault is None else fault.fail_while_file_exists,
-            slow_while_file_exists=None if fault is None else fault.slow_while_file_exists,
-            slow_ms=0.0 if fault is None else fault.slow_ms,
-        )
-    raise RouterConfigurationError(f"{_source(spec)}.kind: no router class for {kind!r}")
-
-
-def check_router_spec(spec: RouterSpec) -> None:
-    """Run the router class's own constructor checks without allocating (meta device)."""
-    with torch.device("meta"):
-        construct_router(spec)
+    return router
 
 
 def init_random_(router: nn.Module, seed: int) -> None:

@@ -12,12 +12,12 @@ from moe_router.routing.estimators import (
 )
 from moe_router.routing.expert_choice import ExpertChoiceRouter
 from moe_router.routing.grouped import GroupedTopKRouter
+from moe_router.routing.kinds import RoutingMethod
 from moe_router.routing.output import RouterOutput, Selection
 from moe_router.routing.router_config import (
     DropPolicy,
     GroupScore,
     RouterConfig,
-    RoutingMethod,
     ScoringFunction,
 )
 from moe_router.routing.soft_moe import SoftMoERouter

@@ -1,4 +1,8 @@
-"""RouterConfig and RoutingMethod: the typed, validated arguments every router shares."""
+"""RouterConfig: the typed, validated arguments every router shares, and their small enums.
+
+``RoutingMethod`` (the router kinds) is defined with its table in
+:mod:`moe_router.routing.kinds` and re-exported here, where the seed had it.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 from moe_router.errors import RouterConfigurationError
+from moe_router.routing.kinds import RoutingMethod
 
 __all__ = ["RoutingMethod", "ScoringFunction", "DropPolicy", "GroupScore", "RouterConfig"]
-
-
-class RoutingMethod(str, Enum):
-    """Which routing algorithm a router runs (the value is the config.yaml ``kind``)."""
-
-    TOP_K = "top_k"
-    GROUPED_TOP_K = "grouped_top_k"
-    EXPERT_CHOICE = "expert_choice"
-    SOFT_MOE = "soft_moe"
-    MOE_ROUTER = "moe_router"
-    DYNAMIC = "dynamic"
-    ADAPTIVE = "adaptive"
 
 
 class ScoringFunction(str, Enum):
@@ -62,7 +55,7 @@ class RouterConfig:
     hidden_size: input dimension D of the hidden states (gate weight is [E, D]).
     num_experts: number of routed experts E.
     top_k: experts per token k (expert-choice and Soft MoE ignore it).
-    routing_method: the algorithm (informational; each router class fixes its own).
+    routing_method: the router kind (informational; each router class fixes its own).
     scoring: ``softmax`` or ``sigmoid`` applied to the fp32 gate logits.
     renormalize: rescale the k chosen weights to sum to 1 (HF ``norm_topk_prob``).
     routed_scaling_factor: multiply the final weights (DeepSeek's scale).
