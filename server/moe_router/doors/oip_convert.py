@@ -428,7 +428,7 @@ def result_to_response(
                 f"output '{wanted.name}': shared memory region '{wanted.region}' gives "
                 f"{wanted.byte_size} bytes, the result needs {array.nbytes}"
             )
-        regions.write(wanted.region, wanted.offset, array, owner=owner)
+        regions.write(wanted.region, wanted.offset, array.data, owner=owner)
         entry.parameters[_SHM_REGION].string_param = wanted.region
         entry.parameters[_SHM_SIZE].int64_param = array.nbytes
         if wanted.offset:
