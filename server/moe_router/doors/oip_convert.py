@@ -8,7 +8,7 @@ dim]) and, for dynamic routers, the estimator inputs ``attention_weights``, ``lo
 and ``gradients``; each either in ``raw_input_contents`` (a view of the received bytes:
 :func:`parse_infer_request` splits them out before protobuf would copy them), in
 ``contents.fp32_contents``, or in a registered shared-memory region (a view of the mapped
-file). Outputs (:func:`model_outputs`) come in the order requested, all of them when none
+file). Outputs (``oip_models.model_outputs``) come in the order requested, all of them when none
 is named; each is in ``raw_output_contents`` or written into the output region named.
 
 Tensor bytes are produced by the same codec as Route's (``to_parts``), so the two doors
@@ -29,7 +29,7 @@ import torch
 
 from moe_router.chain.backend import RouteCall, RouteOptions, RouteResult
 from moe_router.chain.hosted import HostedRouterChain
-from moe_router.config.schema import RouterKind
+from moe_router.doors.oip_models import model_outputs, resolve_model
 from moe_router.doors.request_wire import split_repeated_bytes
 from moe_router.doors.shm_regions import SharedMemoryRegistry
 from moe_router.errors import NotFoundError, ValidationError
@@ -41,15 +41,11 @@ __all__ = [
     "DATATYPES",
     "InferRequestView",
     "ModelFigures",
-    "ModelRef",
     "RequestedOutput",
     "model_figures",
-    "model_metadata",
-    "model_outputs",
     "model_statistics",
     "parse_infer_request",
     "request_to_call",
-    "resolve_model",
     "result_to_response",
 ]
 
@@ -66,79 +62,6 @@ _SHM_REGION, _SHM_OFFSET, _SHM_SIZE = (
 )
 _REQUEST_PARAMETERS = ("layer", "skip_cache", "seed", "timeout", "priority")
 _RAW_INPUTS = oip.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
-_METADATA = oip.ModelMetadataResponse.TensorMetadata
-
-
-# ---------------------------------------------------------------- models and metadata
-@dataclass(frozen=True)
-class ModelRef:
-    """A model name resolved: the router, and the layer when the name carries one."""
-
-    router: str
-    layer: int | None = None
-
-
-def resolve_model(name: str, chains: Mapping[str, HostedRouterChain]) -> ModelRef:
-    """``mixtral`` -> (mixtral, None); ``mixtral/3`` -> (mixtral, 3); NotFoundError else."""
-    if name in chains:
-        return ModelRef(name)
-    router, sep, layer = name.rpartition("/")
-    if sep and router in chains and layer.isdigit():
-        count = len(chains[router].hosted.layers)
-        if int(layer) >= count:
-            raise NotFoundError(
-                f"model '{name}': router '{router}' has no layer {layer}; expected "
-                f"{router}/0 .. {router}/{count - 1}"
-            )
-        return ModelRef(router, int(layer))
-    if not name:
-        raise ValidationError(f"model name: required; this server hosts {sorted(chains)}")
-    raise NotFoundError(
-        f"unknown model '{name[:200]}'; this server hosts {sorted(chains)} "
-        "(a layer of one as 'name/layer')"
-    )
-
-
-def model_outputs(chain: HostedRouterChain) -> list[tuple[str, str, list[int]]]:
-    """(name, datatype, shape) of every output of a router, in ModelMetadata's order."""
-    layer = chain.hosted.layers[0]
-    low, high = layer.k_range
-    width = high if low == high else -1
-    experts = layer.num_experts
-    outputs = [
-        ("expert_indices", "INT32", [-1, width]),
-        ("expert_weights", "FP32", [-1, width]),
-        ("num_experts_per_token", "INT32", [-1]),
-        ("router_logits", "FP32", [-1, experts]),
-        ("tokens_per_expert", "INT64", [experts]),
-    ]
-    if layer.accepts_estimator_inputs:  # the dynamic routers
-        outputs.append(("complexity_scores", "FP32", [-1]))
-    if chain.hosted.spec.kind is RouterKind.SOFT_MOE:
-        slots = experts * chain.hosted.spec.slots_per_expert
-        outputs += [("dispatch_weights", "FP32", [-1, slots]),
-                    ("combine_weights", "FP32", [-1, slots])]
-    return outputs
-
-
-def model_metadata(name: str, ref: ModelRef, chain: HostedRouterChain) -> oip.ModelMetadataResponse:
-    """Inputs and outputs of a model with their shapes, -1 where a call decides."""
-    layer = chain.hosted.layers[0]
-    inputs = [_METADATA(name="hidden_states", datatype="FP32", shape=[-1, layer.hidden_size])]
-    if layer.accepts_estimator_inputs:
-        inputs += [
-            _METADATA(name="attention_weights", datatype="FP32", shape=[-1, -1, -1, -1]),
-            _METADATA(name="logits", datatype="FP32", shape=[-1, -1, -1]),
-            _METADATA(name="gradients", datatype="FP32", shape=[-1, layer.hidden_size]),
-        ]
-    versions = chain.hosted.versions
-    return oip.ModelMetadataResponse(
-        name=name,
-        versions=[versions[ref.layer]] if ref.layer is not None else list(dict.fromkeys(versions)),
-        platform=f"moe-router/{chain.hosted.spec.kind.value}",
-        inputs=inputs,
-        outputs=[_METADATA(name=n, datatype=d, shape=s) for n, d, s in model_outputs(chain)],
-    )
 
 
 # ---------------------------------------------------------------- requests

@@ -25,13 +25,12 @@ from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.health import HealthState, RouterStatus
 from moe_router.doors.oip_convert import (
     InferRequestView,
-    model_metadata,
     model_statistics,
     parse_infer_request,
     request_to_call,
-    resolve_model,
     result_to_response,
 )
+from moe_router.doors.oip_models import model_metadata, resolve_model
 from moe_router.doors.security import caller_identity
 from moe_router.doors.shm_regions import SharedMemoryRegistry
 from moe_router.doors.status_mapping import to_status
