@@ -1,12 +1,28 @@
-"""Generate the committed Python modules of moe_router.v1 from proto/moe_router/v1/router.proto.
+"""Generate the committed Python modules of our protos into the client package.
 
-Runs the pinned grpcio-tools protoc (``--python_out``, ``--grpc_python_out``, ``--pyi_out``)
-and rewrites the one absolute import protoc writes into ``router_pb2_grpc.py``
-(``from moe_router.v1 import router_pb2``, which would name the *server* package) to
-``moe_router_client.v1``. ``make proto`` runs it; ``tests/client/test_generated_fresh.py``
-runs it into a temporary folder and fails when the committed files differ.
+Two protos, each into its own subpackage of ``client/moe_router_client``:
 
-    python scripts/gen_protos.py [--out DIR]
+- ``proto/moe_router/v1/router.proto`` -> ``v1/`` (our own contract);
+- ``proto/inference/grpc_service.proto`` -> ``inference/`` (the Open Inference Protocol,
+  KServe v2 with Triton's extensions).
+
+Runs the pinned grpcio-tools protoc (``--python_out``, ``--grpc_python_out``,
+``--pyi_out``) and makes two rewrites, each checked to apply exactly once:
+
+- the absolute import protoc writes into ``*_pb2_grpc.py`` (``from moe_router.v1 import
+  router_pb2``, which would name the *server* package; ``from inference import ...``,
+  which names no package at all) points at ``moe_router_client.<subpackage>``;
+- the inference module registers its file in a descriptor pool of its own instead of
+  protobuf's default pool. tritonclient registers the same full names
+  (``inference.ModelInferRequest``...) in the default pool from its own file, and two
+  files defining one symbol in one pool fail to load ("duplicate symbol"); a process
+  that holds both (our tests, a serving stack that runs us next to tritonclient) needs
+  them apart. Messages of a private pool serialize and parse exactly as before.
+
+``make proto`` runs it; ``tests/client/test_generated_fresh.py`` runs it into a temporary
+folder and fails when the committed files differ.
+
+    python scripts/gen_protos.py [--out DIR]   # DIR defaults to client/moe_router_client
 """
 
 from __future__ import annotations
@@ -16,21 +32,52 @@ import re
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
 
-__all__ = ["GENERATED_FILES", "PINNED_GRPCIO_TOOLS", "DEFAULT_OUT", "generate", "main"]
+__all__ = ["TARGETS", "Target", "PINNED_GRPCIO_TOOLS", "DEFAULT_OUT", "generate", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "proto"
-PROTO_FILE = "moe_router/v1/router.proto"  # relative to PROTO_ROOT: the descriptor's file name
-DEFAULT_OUT = ROOT / "client" / "moe_router_client" / "v1"
-GENERATED_FILES = ("router_pb2.py", "router_pb2_grpc.py", "router_pb2.pyi")
+DEFAULT_OUT = ROOT / "client" / "moe_router_client"
 # Must equal the grpcio-tools pin in pyproject.toml (dev extra) and grpcio's floor.
 PINNED_GRPCIO_TOOLS = "1.85.1"
 
-_PROTOC_IMPORT = re.compile(r"^from moe_router\.v1 import router_pb2 as (\w+)$", re.MULTILINE)
-_PACKAGE_IMPORT = r"from moe_router_client.v1 import router_pb2 as \1"
+_PRIVATE_POOL = (
+    "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(",
+    "DESCRIPTOR = _descriptor_pool.DescriptorPool().AddSerializedFile(",
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One proto and the client subpackage its modules go to."""
+
+    proto: str  # relative to PROTO_ROOT: also the file name in the descriptor
+    subpackage: str  # folder under the output root, and the import path below it
+    private_pool: bool = False
+
+    @property
+    def stem(self) -> str:
+        """``router`` for ``moe_router/v1/router.proto``."""
+        return Path(self.proto).stem
+
+    @property
+    def files(self) -> tuple[str, str, str]:
+        """The three generated module names."""
+        return (f"{self.stem}_pb2.py", f"{self.stem}_pb2_grpc.py", f"{self.stem}_pb2.pyi")
+
+    @property
+    def protoc_module(self) -> str:
+        """The dotted path protoc's import uses (``moe_router.v1``, ``inference``)."""
+        return str(Path(self.proto).parent).replace("/", ".")
+
+
+TARGETS = (
+    Target("moe_router/v1/router.proto", "v1"),
+    Target("inference/grpc_service.proto", "inference", private_pool=True),
+)
 
 
 def _check_pin() -> None:
@@ -44,23 +91,38 @@ def _check_pin() -> None:
         )
 
 
-def _fix_grpc_import(path: Path) -> None:
-    """Point router_pb2_grpc.py at ``moe_router_client.v1.router_pb2``."""
+def _rewrite_once(path: Path, pattern: str, replacement: str, what: str) -> None:
+    """Apply one regex rewrite that must match exactly once."""
     text = path.read_text()
-    fixed, count = _PROTOC_IMPORT.subn(_PACKAGE_IMPORT, text)
+    fixed, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
     if count != 1:
         raise SystemExit(
-            f"{path.name}: expected one `from moe_router.v1 import router_pb2 as ...` line from "
-            f"protoc, found {count}; the generator's output changed, update gen_protos.py"
+            f"{path.name}: expected one {what} from protoc, found {count}; the generator's "
+            "output changed, update gen_protos.py"
         )
     path.write_text(fixed)
 
 
-def generate(out_dir: Path) -> list[Path]:
-    """Write the three generated modules into ``out_dir`` and return their paths."""
+def _fix_grpc_import(path: Path, target: Target) -> None:
+    """Point ``*_pb2_grpc.py`` at ``moe_router_client.<subpackage>.<stem>_pb2``."""
+    module = re.escape(target.protoc_module)
+    _rewrite_once(
+        path,
+        rf"^from {module} import {target.stem}_pb2 as (\w+)$",
+        rf"from moe_router_client.{target.subpackage} import {target.stem}_pb2 as \1",
+        f"`from {target.protoc_module} import {target.stem}_pb2 as ...` line",
+    )
+
+
+def _use_private_pool(path: Path) -> None:
+    """Register the file in a descriptor pool of its own (module docstring says why)."""
+    old, new = _PRIVATE_POOL
+    _rewrite_once(path, "^" + re.escape(old), new.replace("\\", "\\\\"), f"`{old}` line")
+
+
+def _generate_one(target: Target, out_dir: Path) -> list[Path]:
     from grpc_tools import protoc
 
-    _check_pin()
     well_known = resources.files("grpc_tools") / "_proto"
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gen_protos_") as tmp:
@@ -71,25 +133,37 @@ def generate(out_dir: Path) -> list[Path]:
             f"--python_out={tmp}",
             f"--grpc_python_out={tmp}",
             f"--pyi_out={tmp}",
-            PROTO_FILE,
+            target.proto,
         ]
         if protoc.main(args) != 0:
-            raise SystemExit(f"protoc failed on {PROTO_ROOT / PROTO_FILE} (its errors are above)")
-        produced = Path(tmp) / Path(PROTO_FILE).parent
+            raise SystemExit(f"protoc failed on {PROTO_ROOT / target.proto} (its errors are above)")
+        produced = Path(tmp) / Path(target.proto).parent
         written = []
-        for name in GENERATED_FILES:
-            target = out_dir / name
-            shutil.copyfile(produced / name, target)
-            written.append(target)
-    _fix_grpc_import(out_dir / "router_pb2_grpc.py")
+        for name in target.files:
+            destination = out_dir / name
+            shutil.copyfile(produced / name, destination)
+            written.append(destination)
+    _fix_grpc_import(out_dir / target.files[1], target)
+    if target.private_pool:
+        _use_private_pool(out_dir / target.files[0])
+    return written
+
+
+def generate(out_root: Path) -> list[Path]:
+    """Write every target's modules into ``out_root/<subpackage>``; return their paths."""
+    _check_pin()
+    written: list[Path] = []
+    for target in TARGETS:
+        written += _generate_one(target, out_root / target.subpackage)
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: ``--out DIR`` (default: client/moe_router_client/v1)."""
+    """Command-line entry: ``--out DIR`` (default: client/moe_router_client)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})"
+        "--out", type=Path, default=DEFAULT_OUT,
+        help=f"root of the generated subpackages (default {DEFAULT_OUT})",
     )
     args = parser.parse_args(argv)
     for path in generate(args.out):

@@ -48,6 +48,7 @@ def test_reasons_are_unique_so_the_client_can_map_back() -> None:
     [
         (errors.ValidationError("bad shape"), grpc.StatusCode.INVALID_ARGUMENT),
         (errors.NotFoundError("no router 'x'"), grpc.StatusCode.NOT_FOUND),
+        (errors.AlreadyExistsError("region 'in' taken"), grpc.StatusCode.ALREADY_EXISTS),
         (errors.CircuitOpenError("open", 2.0, "CIRCUIT_OPEN"), grpc.StatusCode.UNAVAILABLE),
         (errors.DrainingError("draining"), grpc.StatusCode.UNAVAILABLE),
         (errors.OverloadedError("full", 0.1, "QUEUE_FULL"), grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -6,7 +6,8 @@
     ├── ExpertDispatchError          expert selection failed
     ├── LoadBalancingError           load-balancing state is unusable
     ├── ValidationError              the caller's input is wrong (shape, dtype, NaN, ...)
-    │   └── NotFoundError            unknown router or layer
+    │   ├── NotFoundError            unknown router or layer
+    │   └── AlreadyExistsError       a name the caller registers is taken (shm region)
     ├── BackendError                 the device or a serving stage failed
     │   ├── CircuitOpenError         the router's breaker is open (carries retry delay)
     │   ├── OverloadedError          queue full or rate limited (carries retry delay)
@@ -33,6 +34,7 @@ __all__ = [
     "LoadBalancingError",
     "ValidationError",
     "NotFoundError",
+    "AlreadyExistsError",
     "BackendError",
     "CircuitOpenError",
     "OverloadedError",
@@ -72,6 +74,10 @@ class ValidationError(DynamicMoEError):
 
 class NotFoundError(ValidationError):
     """The request names a router or layer that the server does not host."""
+
+
+class AlreadyExistsError(ValidationError):
+    """The caller registers a name (a shared-memory region) that is already registered."""
 
 
 class BackendError(DynamicMoEError):

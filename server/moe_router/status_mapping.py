@@ -52,6 +52,7 @@ STATUS_TABLE: dict[type[BaseException], StatusEntry] = {
     errors.LoadBalancingError: StatusEntry(_C.INTERNAL, "LOAD_BALANCING_FAILED"),
     errors.ValidationError: StatusEntry(_C.INVALID_ARGUMENT, "INVALID_INPUT"),
     errors.NotFoundError: StatusEntry(_C.NOT_FOUND, "NOT_FOUND"),
+    errors.AlreadyExistsError: StatusEntry(_C.ALREADY_EXISTS, "ALREADY_EXISTS"),
     errors.BackendError: StatusEntry(_C.INTERNAL, "BACKEND_FAILED"),
     errors.CircuitOpenError: StatusEntry(_C.UNAVAILABLE, "CIRCUIT_OPEN"),
     # The reason of an OverloadedError is its own (QUEUE_FULL or RATE_LIMITED) when set.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from moe_router.chain.backend import Backend, RouteCall, RouteResult
 from moe_router.errors import NOT_OUR_FAULT
 from moe_router.routing import functional as F
 
-__all__ = ["LatencySummary", "RequestFigures", "RequestStatsBackend"]
+__all__ = ["Durations", "LatencySummary", "RequestFigures", "RequestStatsBackend"]
 
 #: The error rate looks at calls finished within this many seconds.
 ERROR_RATE_HORIZON_S = 60.0
@@ -44,12 +44,28 @@ class LatencySummary:
 
 
 @dataclass(frozen=True)
+class Durations:
+    """Sums over answered calls: all of them (latency) and those computed (not cache hits).
+
+    last_answer_unix_s: wall-clock time of the last answer (0 before any).
+    """
+
+    answered: int
+    computed: int
+    latency_total_s: float
+    queue_total_us: int
+    compute_total_us: int
+    last_answer_unix_s: float
+
+
+@dataclass(frozen=True)
 class RequestFigures:
     """One router's request figures since start.
 
     expert_load: per layer, assignments per expert of every answered call ([L][E]).
     experts_per_token: index k holds how many answered tokens went to k experts.
     error_rate: failures / calls over the last minute (None without calls).
+    durations: cumulative times of the answered calls (Triton's statistics need sums).
     """
 
     requests: int
@@ -61,6 +77,7 @@ class RequestFigures:
     expert_load: tuple[tuple[int, ...], ...]
     experts_per_token: tuple[int, ...]
     dropped_tokens: int
+    durations: Durations = field(default_factory=lambda: Durations(0, 0, 0.0, 0, 0, 0.0))
 
     @property
     def tokens_per_expert(self) -> tuple[int, ...]:
@@ -149,6 +166,8 @@ class RequestStatsBackend:
         self._outcomes: deque[tuple[float, bool]] = deque(maxlen=window)  # (when, failed)
         self._load = _ExpertLoad(layers, experts)
         self._requests = self._tokens = self._errors = self._failures = 0
+        self._computed = self._queue_us = self._compute_us = 0
+        self._latency_s = self._last_answer = 0.0
 
     async def route(self, call: RouteCall) -> RouteResult:
         """Pass ``call`` on and record its outcome, latency and expert load."""
@@ -163,13 +182,19 @@ class RequestStatsBackend:
                 self._failures += failed
                 self._outcomes.append((time.monotonic(), failed))
             raise
-        elapsed_ms = (time.perf_counter() - started) * 1e3
+        elapsed_s = time.perf_counter() - started
         self._load.add(call.layer, result)
         with self._lock:
             self._requests += 1
             self._tokens += call.num_tokens
-            self._latencies_ms.append(elapsed_ms)
+            self._latencies_ms.append(elapsed_s * 1e3)
             self._outcomes.append((time.monotonic(), False))
+            self._latency_s += elapsed_s
+            self._last_answer = time.time()
+            if not result.cache_hit:
+                self._computed += 1
+                self._queue_us += result.queue_time_us
+                self._compute_us += result.compute_time_us
         return result
 
     def stats(self) -> RequestFigures:
@@ -179,6 +204,9 @@ class RequestStatsBackend:
             samples = np.fromiter(self._latencies_ms, dtype=np.float64)
             recent = [failed for when, failed in self._outcomes if when >= since]
             counts = (self._requests, self._tokens, self._errors, self._failures)
+            durations = Durations(self._requests - self._errors, self._computed,
+                                  self._latency_s, self._queue_us, self._compute_us,
+                                  self._last_answer)
         load, per_k, dropped = self._load.snapshot()
         return RequestFigures(
             *counts,
@@ -187,6 +215,7 @@ class RequestStatsBackend:
             expert_load=load,
             experts_per_token=per_k,
             dropped_tokens=dropped,
+            durations=durations,
         )
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from moe_router_client.v1 import router_pb2 as pb
 
-__all__ = ["TensorView", "RouteRequestView", "parse_route_request"]
+__all__ = ["TensorView", "RouteRequestView", "parse_route_request", "split_repeated_bytes"]
 
 _REQUEST = pb.RouteRequest.DESCRIPTOR
 _TENSOR = pb.Tensor.DESCRIPTOR
@@ -162,3 +162,29 @@ def _skip(view: memoryview, pos: int, wire_type: int) -> int:
         length, pos = _varint(view, pos)
         return _checked_end(view, pos, length)
     raise _Malformed(f"unsupported wire type {wire_type}")
+
+
+def split_repeated_bytes(raw: bytes, number: int) -> tuple[bytes, list[memoryview]]:
+    """Views of every payload of the top-level ``bytes`` field ``number`` (in order) and
+    the message's other fields re-joined, for protobuf to parse.
+
+    The Open Inference Protocol door uses it for ``raw_input_contents`` (the tensors of a
+    ModelInferRequest), as Route does for its tensors. Raises ValueError when the bytes
+    are not a valid protobuf encoding.
+    """
+    view = memoryview(raw)
+    rest: list[memoryview] = []
+    payloads: list[memoryview] = []
+    pos = 0
+    while pos < len(view):
+        start = pos
+        field, wire_type, pos = _tag(view, pos)
+        if field == number and wire_type == _LEN:
+            length, pos = _varint(view, pos)
+            end = _checked_end(view, pos, length)
+            payloads.append(view[pos:end])
+            pos = end
+        else:
+            pos = _skip(view, pos, wire_type)
+            rest.append(view[start:pos])
+    return b"".join(rest), payloads

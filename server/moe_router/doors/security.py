@@ -43,6 +43,9 @@ DEFAULT_EXEMPT_METHODS = (
     "/grpc.health.v1.Health/Watch",
     # Our own Health RPC answers load balancers and probes too; it routes nothing.
     "/moe_router.v1.RouterService/Health",
+    # The Open Inference Protocol's liveness and readiness probes; they name no model.
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 )

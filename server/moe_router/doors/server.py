@@ -26,6 +26,7 @@ from moe_router.chain.metrics import RouterMetrics, start_metrics_http_server
 from moe_router.chain.pool import DevicePool
 from moe_router.config import ServiceConfig
 from moe_router.doors.health import HealthState, RouterStatus, start_http_health_server
+from moe_router.doors.oip_service import OIP_SERVICE_NAME, add_oip_service, reflection_pool
 from moe_router.doors.security import ApiKeyInterceptor, server_credentials
 from moe_router.doors.v1_service import RouterService, add_router_service
 from moe_router.loading.registry import load_routers, resolve_device, warm_up
@@ -100,15 +101,15 @@ async def create_server(
         chains, health, device=str(device), version=__version__, alerts=alerts
     )
     add_router_service(service, server)
+    oip = add_oip_service(chains, health, server, version=__version__)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    reflection.enable_server_reflection(
-        (
-            pb.DESCRIPTOR.services_by_name["RouterService"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    reflected = (
+        pb.DESCRIPTOR.services_by_name["RouterService"].full_name,
+        OIP_SERVICE_NAME,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
     )
+    reflection.enable_server_reflection(reflected, server, pool=reflection_pool(reflected))
     address = f"{config.server.host}:{config.server.port}"
     tls = config.security.tls
     try:  # grpcio raises on a taken port in some versions and returns 0 in others
@@ -127,7 +128,7 @@ async def create_server(
             f"server.port: could not listen on {address} (in use?); choose another port "
             "(server.port, --port or DYNAMIC_MOE_PORT; 0 picks a free one)"
         )
-    closers: list[Any] = []
+    closers: list[Any] = [oip.regions.close]
     metrics_port = health_port = None
     try:  # every port is bound before the routers load, so a clash fails fast
         if metrics is not None:

@@ -1,0 +1,267 @@
+"""System shared-memory regions with Triton's semantics, for every door that carries
+tensors in ``/dev/shm``.
+
+A caller creates a POSIX shared-memory object (``shm_open``: the file ``/dev/shm/<key>``),
+registers a region of it under a name it picks (key, offset, byte size), then names the
+region in its requests instead of sending the bytes: the server reads the input where
+it lies (a view of the mapped file, no copy) and writes each answer into the output
+region the request names.
+
+The registry knows nothing of gRPC or of any protocol. The Open Inference Protocol door
+(``oip_service``) calls it from its SystemSharedMemoryRegister / Status / Unregister
+handlers and from ModelInfer; the co-located door of the performance issue takes the
+same object, so a region registered through either door is one region. Callers are
+told apart by ``owner`` (the API key id; "" when the server has no keys): a caller
+never sees, reads, writes or unregisters another caller's regions, and names are unique
+per owner (Triton has one namespace; with one caller the two agree).
+
+Triton's rules, kept:
+
+- a name already registered is refused (:class:`AlreadyExistsError`, ALREADY_EXISTS);
+- a region must lie inside its object when it is registered;
+- a reference's offset counts from the start of the region, not of the object;
+- Status of an unknown name is NOT_FOUND; Unregister of an unknown name does nothing, and
+  an empty name unregisters every region of the caller;
+- a region unregistered while a call still reads it stays mapped until that call ends
+  (the views keep the mapping alive; it is unmapped when the last one goes).
+
+Safety. Every refusal below is a ``ValidationError`` (INVALID_ARGUMENT) and no byte
+outside a region is ever read or written:
+
+- a key names a file directly in the registry's root (``/dev/shm``): one path component
+  after the leading slashes, never ``..``; the file is opened with ``O_NOFOLLOW`` (no
+  symlink) and must be a regular file owned by the server's own user. Touching a mapped
+  page past the end of a file raises SIGBUS, which no Python code can catch; requiring
+  our own user means only a process that could kill the server anyway can shrink the
+  file under it.
+- each reference is checked before a view is handed out: a region registered by this
+  owner, ``offset + byte_size`` inside it, and the object still as long as the region
+  needs (``fstat`` on the descriptor kept since registration): a shrunk object answers
+  "resized" instead of a view of pages that are gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_router.errors import AlreadyExistsError, NotFoundError, OverloadedError, ValidationError
+
+__all__ = ["DEFAULT_ROOT", "MAX_REGIONS", "RegionStatus", "SharedMemoryRegistry"]
+
+DEFAULT_ROOT = Path("/dev/shm")
+MAX_REGIONS = 1024  # registered at once, all owners: each holds a descriptor and a mapping
+_MAX_KEY = 255  # NAME_MAX
+
+
+@dataclass(frozen=True)
+class RegionStatus:
+    """A registered region as Status reports it: bytes [offset, offset + byte_size) of
+    the object ``key``."""
+
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+
+
+@dataclass(frozen=True)
+class _Region:
+    status: RegionStatus
+    owner: str
+    fd: int
+    mapping: mmap.mmap  # bytes [0, offset + byte_size) of the object
+
+
+class SharedMemoryRegistry:
+    """Regions registered by callers, each mapped once, read and written through views.
+
+    Thread-safe: the gRPC event loop registers and reads; a co-located door's threads
+    may do the same concurrently. ``owner_uid`` is the user a region's file must belong
+    to (the server's own by default; None accepts any, for tests only).
+    """
+
+    def __init__(
+        self,
+        root: Path = DEFAULT_ROOT,
+        *,
+        owner_uid: int | None = os.geteuid(),
+        max_regions: int = MAX_REGIONS,
+    ) -> None:
+        self.root = Path(root)
+        self._owner_uid = owner_uid
+        self._max_regions = max_regions
+        self._lock = threading.Lock()
+        self._regions: dict[tuple[str, str], _Region] = {}
+
+    # ------------------------------------------------------------------ register
+    def register(
+        self, name: str, key: str, offset: int, byte_size: int, *, owner: str = ""
+    ) -> RegionStatus:
+        """Map bytes [offset, offset + byte_size) of the object ``key`` under ``name``."""
+        if not name:
+            raise ValidationError("shared memory region name: required, a non-empty string")
+        if offset < 0 or byte_size <= 0:
+            raise ValidationError(
+                f"shared memory region '{name}': offset {offset} and byte_size {byte_size}; "
+                "expected offset >= 0 and byte_size > 0"
+            )
+        path = self._path(key)
+        with self._lock:
+            if (owner, name) in self._regions:
+                raise AlreadyExistsError(
+                    f"shared memory region '{name}' is already registered; unregister it "
+                    "first or pick another name"
+                )
+            if len(self._regions) >= self._max_regions:
+                raise OverloadedError(
+                    f"{len(self._regions)} shared memory regions are registered, the most "
+                    "this server keeps; unregister some first",
+                    reason="TOO_MANY_REGIONS",
+                )
+            fd = self._open(path, key)
+            try:
+                size = os.fstat(fd).st_size
+                if offset + byte_size > size:
+                    raise ValidationError(
+                        f"shared memory region '{name}': offset {offset} + byte_size "
+                        f"{byte_size} runs past the end of '{key}' ({size} bytes)"
+                    )
+                mapping = mmap.mmap(fd, offset + byte_size, flags=mmap.MAP_SHARED,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except BaseException:
+                os.close(fd)
+                raise
+            status = RegionStatus(name, key, offset, byte_size)
+            self._regions[(owner, name)] = _Region(status, owner, fd, mapping)
+        return status
+
+    def _path(self, key: str) -> Path:
+        """The file of ``key`` in the root, refusing anything that would leave it."""
+        bare = key.lstrip("/")
+        if (
+            not bare
+            or "/" in bare
+            or "\0" in bare
+            or bare in (".", "..")
+            or len(bare) > _MAX_KEY
+        ):
+            raise ValidationError(
+                f"shared memory key {key[:300]!r}: expected one name of up to {_MAX_KEY} "
+                f"characters, as shm_open takes it ('/my_region' for {self.root}/my_region)"
+            )
+        return self.root / bare
+
+    def _open(self, path: Path, key: str) -> int:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                why = "no such shared memory object; create it first (shm_open)"
+            elif exc.errno == errno.ELOOP:
+                why = "it is a symbolic link; register the object itself"
+            else:
+                why = exc.strerror or "cannot open it"
+            raise ValidationError(f"shared memory key '{key}' ({path}): {why}") from exc
+        info = os.fstat(fd)
+        refusal = None
+        if not stat.S_ISREG(info.st_mode):
+            refusal = "not a regular file"
+        elif self._owner_uid is not None and info.st_uid != self._owner_uid:
+            refusal = f"owned by uid {info.st_uid}, not by the server's user ({self._owner_uid})"
+        if refusal is not None:
+            os.close(fd)
+            raise ValidationError(f"shared memory key '{key}' ({path}): {refusal}")
+        return fd
+
+    # ------------------------------------------------------------------ status, unregister
+    def status(self, name: str = "", *, owner: str = "") -> list[RegionStatus]:
+        """Every region of ``owner`` by name, or the one named (NotFoundError if unknown)."""
+        with self._lock:
+            if name:
+                region = self._regions.get((owner, name))
+                if region is None:
+                    raise NotFoundError(f"no shared memory region '{name}' is registered")
+                return [region.status]
+            return sorted(
+                (r.status for (o, _), r in self._regions.items() if o == owner),
+                key=lambda s: s.name,
+            )
+
+    def unregister(self, name: str = "", *, owner: str = "") -> list[str]:
+        """Unregister the region named (nothing when unknown) or, with "", all of
+        ``owner``'s; returns the names removed."""
+        with self._lock:
+            keys = (
+                [(owner, name)] if name else [k for k in self._regions if k[0] == owner]
+            )
+            removed = [self._regions.pop(k) for k in keys if k in self._regions]
+        for region in removed:
+            _release(region)
+        return sorted(r.status.name for r in removed)
+
+    def close(self) -> None:
+        """Unregister every region of every owner (server shutdown)."""
+        with self._lock:
+            removed = list(self._regions.values())
+            self._regions.clear()
+        for region in removed:
+            _release(region)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._regions)
+
+    # ------------------------------------------------------------------ data
+    def view(self, name: str, offset: int, byte_size: int, *, owner: str = "") -> memoryview:
+        """A writable view of bytes [offset, offset + byte_size) of region ``name``
+        (offset from the region's start); the mapping stays alive while the view does.
+
+        Checked and made under the lock: Unregister removes a region under it before
+        closing the descriptor, so the fstat below never sees a closed (or reused) one.
+        """
+        with self._lock:
+            region = self._regions.get((owner, name))
+            if region is None:
+                raise ValidationError(
+                    f"shared memory region '{name}' is not registered; register it with "
+                    "SystemSharedMemoryRegister first"
+                )
+            status = region.status
+            if offset < 0 or byte_size < 0 or offset + byte_size > status.byte_size:
+                raise ValidationError(
+                    f"shared memory region '{name}': bytes [{offset}, {offset + byte_size}) "
+                    f"are outside the region ({status.byte_size} bytes)"
+                )
+            size = os.fstat(region.fd).st_size
+            if size < status.offset + status.byte_size:
+                raise ValidationError(
+                    f"shared memory region '{name}': '{status.key}' was resized to {size} "
+                    f"bytes after it was registered ({status.offset} + {status.byte_size} "
+                    "needed); unregister it and register it again"
+                )
+            start = status.offset + offset
+            return memoryview(region.mapping)[start : start + byte_size]
+
+    def write(self, name: str, offset: int, data: bytes | memoryview, *, owner: str = "") -> int:
+        """Copy ``data`` into region ``name`` at ``offset``; returns the bytes written."""
+        payload = memoryview(data).cast("B")
+        self.view(name, offset, payload.nbytes, owner=owner)[:] = payload
+        return payload.nbytes
+
+
+def _release(region: _Region) -> None:
+    """Close a region's descriptor and mapping (the mapping lives on while views do)."""
+    try:
+        os.close(region.fd)
+    except OSError:
+        pass
+    try:
+        region.mapping.close()
+    except BufferError:  # a call still holds a view: unmapped when the last view goes
+        pass
