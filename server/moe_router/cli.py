@@ -1,4 +1,10 @@
-"""``moe-router serve | route | stats | bench | simulate``."""
+"""``moe-router serve | route | stats | bench | simulate``.
+
+Every mistake and every failure is one line on stderr and a non-zero exit, never a
+traceback: a bad argument or config exits 2 (as argparse does), a failed call or run
+exits 1. The commands import only what they need, so ``--help`` and the client
+commands stay fast.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,58 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
-__all__ = ["main"]
+from moe_router import __version__
+
+__all__ = ["main", "build_parser"]
+
+#: Exit status of a usage mistake (argparse's) and of a failed call or run.
+USAGE_ERROR, FAILED = 2, 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one line: ``moe-router route: --tokens: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _bounded_int(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _reexec_with_malloc_tuning(argv: Sequence[str]) -> None:
@@ -42,7 +97,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except (RouterConfigurationError, OSError) as exc:
         # A bad config or a taken port: one clear line, not a traceback.
         print(f"moe-router: {exc}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
 
 
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -57,17 +112,19 @@ def _cmd_route(args: argparse.Namespace) -> int:
     with _client(args) as client:
         described = {r.name: r for r in client.list_routers()}
         if args.router not in described:
-            print(
-                f"unknown router '{args.router}'; the server hosts {sorted(described)}",
-                file=sys.stderr,
-            )
-            return 2
+            raise _Failure(f"unknown router '{args.router}'; the server hosts "
+                           f"{sorted(described)}")
         dim = described[args.router].input_dim
         rng = np.random.default_rng(args.seed)
         hidden = rng.standard_normal((args.tokens, dim), dtype=np.float32)
+        payload: object = hidden
         if args.dtype == "float16":
-            hidden = hidden.astype(np.float16)
-        result = client.route(args.router, hidden, layer=args.layer)
+            payload = hidden.astype(np.float16)
+        elif args.dtype == "bfloat16":  # numpy has no bf16; torch is here on a server install
+            import torch
+
+            payload = torch.from_numpy(hidden).to(torch.bfloat16)
+        result = client.route(args.router, payload, layer=args.layer)
     if args.json:
         print(
             json.dumps(
@@ -118,6 +175,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from moe_router.analysis.placement import plan_placement
     from moe_router.analysis.simulator import RoutingSimulator
 
+    if args.top_k > args.experts:
+        raise _Usage(f"--top-k: must be <= --experts ({args.experts}), got {args.top_k}")
     sim = RoutingSimulator(args.experts, args.tokens, args.top_k, seed=args.seed)
     routing = sim.simulate_skewed(args.skew) if args.skew > 0 else sim.simulate_uniform()
     balance = sim.analyze_load_balance(routing)
@@ -125,14 +184,46 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     plan = plan_placement(
         balance["tokens_per_expert"], args.devices, redundant_slots=args.redundant
     )
-    print(
-        json.dumps(
-            {"load_balance": balance, "communication": cost, "placement": plan.to_dict()},
-            indent=2,
-            default=str,
+    if args.json:
+        print(
+            json.dumps(
+                {"load_balance": balance, "communication": cost, "placement": plan.to_dict()},
+                indent=2,
+                default=str,
+            )
         )
-    )
+        return 0
+    print(_simulation_summary(args, balance, cost, plan.to_dict()))
     return 0
+
+
+def _simulation_summary(args: argparse.Namespace, balance: dict, cost: dict,
+                        plan: dict) -> str:
+    """The simulation as a few readable lines (``--json`` gives every figure)."""
+    load = [int(x) for x in balance["tokens_per_expert"]]
+    lines = [
+        f"{args.tokens} tokens, top-{args.top_k} of {args.experts} experts, skew {args.skew}, "
+        f"{args.devices} devices",
+        f"load balance  Jain {_figure(balance, 'load_balance_score')}  "
+        f"max/mean {_figure(balance, 'max_mean_ratio')}  "
+        f"idle experts {_figure(balance, 'idle_experts')}  "
+        f"busiest expert {max(range(len(load)), key=load.__getitem__)} ({max(load)} tokens), "
+        f"idlest {min(range(len(load)), key=load.__getitem__)} ({min(load)} tokens)",
+    ]
+    scalars = {k: v for k, v in cost.items() if isinstance(v, (int, float))}
+    lines.append("all-to-all    " + "  ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()))
+    plan_scalars = {k: v for k, v in plan.items() if isinstance(v, (int, float))}
+    lines.append("placement     " + "  ".join(f"{k} {_fmt(v)}" for k, v in plan_scalars.items()))
+    return "\n".join(lines)
+
+
+def _figure(figures: dict, key: str) -> str:
+    value = figures.get(key)
+    return "-" if value is None else _fmt(value)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -143,66 +234,133 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="moe-router", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="moe-router", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"moe-router {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    options = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
-    p = sub.add_parser("serve", help="run the gRPC server")
-    p.add_argument(
-        "--config",
-        default=None,
-        help="config.yaml path (default: $DYNAMIC_MOE_CONFIG or the embedded default)",
-    )
-    p.add_argument("--port", type=int, default=None, help="gRPC port (0 picks a free one)")
-    p.add_argument("--host", default=None)
-    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    p = sub.add_parser("serve", help="run the gRPC server", **options)
+    p.add_argument("--config", default=None,
+                   help="config.yaml path (default: $DYNAMIC_MOE_CONFIG or the embedded one)")
+    p.add_argument("--port", type=_bounded_int(0), default=None,
+                   help="gRPC port, 0 picks a free one (default: server.port)")
+    p.add_argument("--host", default=None, help="address to listen on (default: server.host)")
+    p.add_argument("--device", default=None,
+                   help="auto, cpu, cuda or cuda:N (default: server.device)")
     p.set_defaults(func=_cmd_serve, reexec=True)
 
     for name, func, helptext in (
-        ("route", _cmd_route, "route random hidden states"),
-        ("stats", _cmd_stats, "print per-router statistics"),
+        ("route", _cmd_route, "route random hidden states through a running server"),
+        ("stats", _cmd_stats, "print a running server's per-router statistics"),
     ):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--target", default="127.0.0.1:50051")
-        p.add_argument("--api-key", default=None)
-        p.add_argument("--timeout", type=float, default=30.0)
-        p.add_argument("--router", default=None if name == "stats" else "mixtral")
+        p = sub.add_parser(name, help=helptext, **options)
+        p.add_argument("--target", default="127.0.0.1:50051", help="server address host:port")
+        p.add_argument("--api-key", default=None, help="API key, when the server needs one")
+        p.add_argument("--timeout", type=_positive_float, default=30.0,
+                       help="deadline of each call in seconds")
         if name == "route":
-            p.add_argument("--tokens", type=int, default=8)
-            p.add_argument("--layer", type=int, default=0)
-            p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-            p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--json", action="store_true")
+            p.add_argument("--router", default="mixtral", help="router name (see ListRouters)")
+            p.add_argument("--tokens", type=_bounded_int(1), default=8,
+                           help="tokens to route")
+            p.add_argument("--layer", type=_bounded_int(0), default=0, help="MoE layer")
+            p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                           default="float32", help="dtype of the hidden states sent")
+            p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+            p.add_argument("--json", action="store_true", help="print the answer as JSON")
+        else:
+            p.add_argument("--router", default=None, help="one router (default: all)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("simulate", help="simulate routing load, all-to-all cost, placement")
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--skew", type=float, default=1.0)
-    p.add_argument("--devices", type=int, default=8)
-    p.add_argument("--hidden-dim", type=int, default=4096)
-    p.add_argument("--redundant", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("simulate", help="simulate routing load, all-to-all cost, placement",
+                       **options)
+    p.add_argument("--experts", type=_bounded_int(1), default=64, help="experts E")
+    p.add_argument("--tokens", type=_bounded_int(1), default=4096, help="tokens routed")
+    p.add_argument("--top-k", type=_bounded_int(1), default=8, help="experts per token k")
+    p.add_argument("--skew", type=_non_negative_float, default=1.0,
+                   help="Zipf skew of expert popularity (0: uniform)")
+    p.add_argument("--devices", type=_bounded_int(1), default=8,
+                   help="devices the experts are placed on")
+    p.add_argument("--hidden-dim", type=_bounded_int(1), default=4096,
+                   help="hidden size, for the all-to-all bytes")
+    p.add_argument("--redundant", type=_bounded_int(0), default=0,
+                   help="redundant expert slots the placement may add")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--json", action="store_true", help="print every figure as JSON")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("bench", help="measure the service against its peers")
-    p.add_argument("--preset", choices=("default", "quick"), default="default")
+    p = sub.add_parser("bench", help="measure the service against its peers", **options)
+    p.add_argument("--preset", choices=("default", "quick"), default="default",
+                   help="what to measure and for how long")
     p.add_argument("--target", default=None, help="benchmark a running server instead")
-    p.add_argument("--output-dir", default="benchmark_results")
-    p.add_argument("--tokens", type=int, nargs="+", default=None,
+    p.add_argument("--output-dir", default="benchmark_results",
+                   help="where the report, its JSON twin and the plots go")
+    p.add_argument("--tokens", type=_bounded_int(1), nargs="+", default=None,
                    help="token counts per call (default: the preset's)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=None,
+    p.add_argument("--concurrency", type=_bounded_int(1), nargs="+", default=None,
                    help="concurrent calls (default: the preset's)")
-    p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=None)
-    p.add_argument("--duration", type=float, default=None, help="timed seconds per cell")
+    p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=None,
+                   help="dtypes of the hidden states (default: the preset's)")
+    p.add_argument("--duration", type=_positive_float, default=None,
+                   help="timed seconds per cell (default: the preset's)")
     p.set_defaults(func=_cmd_bench, reexec=True)
     return parser
+
+
+class _Usage(Exception):
+    """A mistake in the arguments that argparse cannot see (exit 2)."""
+
+
+class _Failure(Exception):
+    """A command that could not do its job (exit 1)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``moe-router`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if getattr(args, "reexec", False):
         _reexec_with_malloc_tuning(argv)
-    return int(args.func(args) or 0)
+    prog = f"moe-router {args.command}"
+    try:
+        return int(args.func(args) or 0)
+    except _Usage as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return FAILED
+    except Exception as exc:  # noqa: BLE001 - every failure is one line, never a traceback
+        print(f"{prog}: {_one_line(exc)}", file=sys.stderr)
+        return USAGE_ERROR if _is_usage(exc) else FAILED
+
+
+def _is_usage(exc: Exception) -> bool:
+    """Whether ``exc`` says the arguments were wrong (the server's or our own checks)."""
+    from moe_router.errors import RouterConfigurationError, ValidationError
+
+    if isinstance(exc, (RouterConfigurationError, ValidationError)):
+        return True
+    try:
+        from moe_router_client.errors import InvalidArgumentError, NotFoundError
+    except ImportError:  # pragma: no cover - the client ships with the server
+        return False
+    return isinstance(exc, (InvalidArgumentError, NotFoundError))
+
+
+def _one_line(exc: Exception) -> str:
+    """The error's message on one line: a client error's status and details, else str()."""
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    if code is not None and isinstance(details, str):
+        name = getattr(code, "name", str(code))
+        text = f"{name}: {details}"
+        if name == "UNAVAILABLE" and "connect" in details.lower():
+            text += " (is the server running at --target?)"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
