@@ -24,7 +24,7 @@ serve: install
 	env $(MALLOC_ENV) $(PY) -m moe_router serve --config $(CONFIG)
 
 test: install
-	$(PY) scripts/install_promtool.py || true
+	$(PY) scripts/install_prometheus.py || true
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: install
