@@ -1,21 +1,40 @@
-# One place for every set-up command. Override TORCH_SPEC on a GPU host, e.g.
-#   make test TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+# One place for every set-up command.
+#
+# torch: TORCH_INDEX says which build. The default is PyTorch's CPU wheel index, so
+# `make install` gets the CPU build (PyPI's torch is the CUDA build, several GB). On a
+# GPU host pick a CUDA index, for example
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# or PyPI itself (TORCH_INDEX=https://pypi.org/simple, the CUDA build of PyPI). torch is
+# installed alone from that index; its dependencies then come from PyPI with ours. Where
+# pip is configured with local wheels (find-links), a matching local torch wheel is taken
+# when the index cannot be reached. `make image` passes the same TORCH_INDEX to the build.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 CONFIG ?= config.yaml
 PY := $(VENV)/bin/python
+# Image: moe-router:<version>-<last part of TORCH_INDEX> (0.1.0-cpu, 0.1.0-cu128), built
+# by docker or podman, whichever is installed (CONTAINER_ENGINE=... to choose).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= moe-router
+IMAGE_TAG ?= $(VERSION)-$(notdir $(TORCH_INDEX))
+CONTAINER_ENGINE ?= $(shell command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 \
+	&& echo docker || (command -v podman >/dev/null 2>&1 && echo podman))
+# podman keeps HEALTHCHECK only in the Docker image format.
+IMAGE_FORMAT = $(if $(filter podman,$(CONTAINER_ENGINE)),--format docker,)
+BASE_IMAGE_ARG := $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE),)
 # glibc malloc tuned for large gRPC messages (README "Large messages"); the same values as
 # moe_router.config.environment.MALLOC_TUNING. glibc ignores an mmap threshold above 32 MiB.
 MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=67108864
 
-.PHONY: install serve test bench proto lint clean
+.PHONY: install serve test bench proto lint image clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[server,dev]'
+	$(PY) -m pip install -q --no-deps --index-url $(TORCH_INDEX) $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[server,bench,dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,6 +55,11 @@ proto: install
 lint: install
 	$(VENV)/bin/ruff check server client tests scripts
 	$(VENV)/bin/mypy server/moe_router client/moe_router_client
+
+image:
+	@test -n "$(CONTAINER_ENGINE)" || { echo "make image: neither docker (with a running daemon) nor podman is installed"; exit 2; }
+	$(CONTAINER_ENGINE) build $(IMAGE_FORMAT) $(BASE_IMAGE_ARG) \
+		--build-arg TORCH_INDEX=$(TORCH_INDEX) -t $(IMAGE):$(IMAGE_TAG) .
 
 clean:
 	rm -rf $(VENV) build *.egg-info benchmark_results

@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from moe_router.analysis.benchmark_results import (
     BenchmarkResult,
@@ -294,6 +293,8 @@ class DynamicMoEBenchmark:
         def emit(result: BenchmarkResult) -> None:
             produced.append(result)
             self.results.append(result)
+
+        from tqdm import tqdm  # the bench extra; imported here so the server needs no tqdm
 
         bar = tqdm(units, desc=description, disable=not self.show_progress, leave=False)
         try:
