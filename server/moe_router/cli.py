@@ -304,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=_positive_float, default=None,
                    help="timed seconds per cell (default: the preset's)")
     p.set_defaults(func=_cmd_bench, reexec=True)
+
+    from moe_router.doors.healthcheck import add_healthcheck_command
+
+    add_healthcheck_command(sub)
     return parser
 
 

@@ -13,6 +13,7 @@ from chain_backends import HIDDEN, FakeClock, FaultyBackend, TopKBackend, make_c
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from moe_router.chain.batcher import BatcherFigures
 from moe_router.chain.breaker import CircuitBreakerBackend
 from moe_router.chain.cache import CacheBackend
 from moe_router.chain.figures import RouterFigures
@@ -23,6 +24,7 @@ from moe_router.chain.metrics import (
 )
 from moe_router.chain.ratelimit import RateLimitBackend
 from moe_router.chain.request_stats import RequestStatsBackend
+from moe_router.config.schema import ExpertGranularity
 from moe_router.errors import BackendError, OverloadedError, ValidationError
 
 FAMILIES = {
@@ -49,8 +51,19 @@ FAMILIES = {
     "moe_router_rate_limited": "counter",
     "moe_router_load_balance_score": "gauge",
     "moe_router_aux_loss": "gauge",
+    "moe_router_z_loss": "gauge",
+    "moe_router_dropped_tokens": "counter",
+    "moe_router_layer_load_balance_score": "gauge",
+    "moe_router_queue_capacity": "gauge",
+    "process_resident_memory_bytes": "gauge",
+    "python_gc_collections": "counter",
+    "python_info": "gauge",
     "moe_router_build_info": "gauge",
 }
+
+
+QUEUE = BatcherFigures(queue_depth=0, max_queue_size=64, device_batches=0,
+                       avg_calls_per_batch=0.0)
 
 
 def _chain(metrics: RouterMetrics, name: str, inner, clock: FakeClock, **cache_kwargs):
@@ -61,7 +74,7 @@ def _chain(metrics: RouterMetrics, name: str, inner, clock: FakeClock, **cache_k
     limited = RateLimitBackend(cache, requests_per_hour=3600, burst=6, clock=clock)
     requests = RequestStatsBackend(limited, layers=1, experts=8)
     metrics.watch(name, lambda: RouterFigures(name, requests.stats(), cache=cache.stats(),
-                                              breaker=breaker.stats()))
+                                              breaker=breaker.stats(), batcher=QUEUE))
     return MetricsBackend(requests, router=name, metrics=metrics)
 
 
@@ -146,8 +159,10 @@ def test_cache_breaker_and_batch_families_move(traffic) -> None:
     assert value("moe_router_cache_evictions_total", {"router": "mixtral"}) == 2
     assert value("moe_router_cache_entries", {"router": "mixtral"}) == 1
     assert value("moe_router_cache_bytes", {"router": "mixtral"}) > 0
-    assert value("moe_router_breaker_state", {"router": "mixtral"}) == 0
-    assert value("moe_router_breaker_state", {"router": "flaky"}) == 1
+    assert value("moe_router_breaker_state", {"router": "mixtral", "state": "closed"}) == 1
+    assert value("moe_router_breaker_state", {"router": "mixtral", "state": "open"}) == 0
+    assert value("moe_router_breaker_state", {"router": "flaky", "state": "open"}) == 1
+    assert value("moe_router_breaker_state", {"router": "flaky", "state": "closed"}) == 0
     assert value("moe_router_breaker_transitions_total",
                  {"router": "flaky", "from": "CLOSED", "to": "OPEN"}) == 1
     assert value("moe_router_batch_size_tokens_sum", {"router": "mixtral"}) == 12
@@ -213,3 +228,39 @@ def test_http_server_on_port_zero_reports_its_port() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_losses_dropped_tokens_and_queue_capacity_are_exported(traffic) -> None:
+    registry, _ = traffic
+    value = registry.get_sample_value
+    assert value("moe_router_z_loss", {"router": "mixtral"}) > 0
+    assert value("moe_router_dropped_tokens_total", {"router": "mixtral"}) == 0
+    assert value("moe_router_queue_capacity", {"router": "mixtral"}) == 64
+    layer0 = value("moe_router_layer_load_balance_score", {"router": "mixtral", "layer": "0"})
+    assert 1 / 8 <= layer0 <= 1.0
+    assert value("process_resident_memory_bytes") > 0
+
+
+@pytest.mark.parametrize(("granularity", "series"), [
+    (ExpertGranularity.LAYER, 3 * 8 + 3), (ExpertGranularity.ROUTER, 8),
+    (ExpertGranularity.OFF, 0)])
+def test_expert_granularity_sets_the_series_count(granularity, series) -> None:
+    registry = CollectorRegistry()
+    metrics = RouterMetrics(registry, expert_granularity=granularity)
+    stage = RequestStatsBackend(TopKBackend(), layers=3, experts=8)
+    metrics.watch("r", lambda: RouterFigures("r", stage.stats()))
+    chain = MetricsBackend(stage, router="r", metrics=metrics)
+
+    async def run():
+        for layer in range(3):
+            await chain.route(make_call(router="r", layer=layer, seed_tensor=layer))
+
+    asyncio.run(run())
+    per_expert = [s for m in registry.collect()
+                  if m.name in ("moe_router_expert_tokens", "moe_router_layer_load_balance_score")
+                  for s in m.samples]
+    assert len(per_expert) == series
+    if granularity is ExpertGranularity.ROUTER:
+        assert {s.labels["layer"] for s in per_expert} == {"all"}
+        assert sum(s.value for s in per_expert) == 3 * 4 * 2
+    assert registry.get_sample_value("moe_router_load_balance_score", {"router": "r"}) > 0

@@ -174,6 +174,8 @@ ENV_CASES = [
     ("DYNAMIC_MOE_LOG_LEVEL", "warning", "server.log_level", "ERROR", "WARNING"),
     ("DYNAMIC_MOE_ENABLE_MONITORING", "no", "metrics.enabled", True, False),
     ("DYNAMIC_MOE_METRICS_PORT", "9191", "metrics.port", 9001, 9191),
+    ("DYNAMIC_MOE_METRICS_EXPERT_GRANULARITY", "router", "metrics.expert_granularity", "off",
+     "router"),
     ("DYNAMIC_MOE_HEALTH_PORT", "8181", "health.port", 8001, 8181),
     ("DYNAMIC_MOE_ENABLE_CACHING", "0", "cache.enabled", True, False),
     ("DYNAMIC_MOE_CACHE_SIZE", "77", "cache.cache_size", 5, 77),

@@ -128,8 +128,8 @@ def test_every_alert_is_unit_tested_firing():
 
 def test_promtool_unit_tests_can_fail(tmp_path):
     """A threshold moved past the test's input makes promtool fail: the tests bite."""
-    moved = ALERTS.read_text().replace("moe_router_queue_depth) > 819",
-                                       "moe_router_queue_depth) > 950")
+    moved = ALERTS.read_text().replace("(moe_router_queue_capacity) > 0.8",
+                                       "(moe_router_queue_capacity) > 0.95")
     assert moved != ALERTS.read_text()
     (tmp_path / "alerts.yml").write_text(moved)
     (tmp_path / "alerts_test.yml").write_text(ALERT_TESTS.read_text())

@@ -70,6 +70,7 @@ def test_create_server_hosts_every_router_and_serves_until_stopped(tmp_path: Pat
         ("a", 2, True), ("b", 1, False)]
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert 'moe_router_build_info{' in metrics and ready == 200
+    assert "_created" not in metrics and "process_resident_memory_bytes" in metrics
     assert running.health.draining
 
 

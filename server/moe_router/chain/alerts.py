@@ -36,7 +36,7 @@ class AlertFigures:
     avg_latency_ms: mean latency over the recent latency window.
     error_rate: failures (errors of our own) / calls over the last minute.
     load_balance_variance: population variance over experts of each expert's share of
-        the assignments answered, ``tokens_e / sum(tokens)``.
+        the assignments answered recently (``metrics.load_window_s``), ``tokens_e / sum``.
     memory_usage_mb: the process's resident memory.
     """
 
@@ -52,7 +52,7 @@ class AlertFigures:
         return cls(
             avg_latency_ms=latency.mean_ms if latency.samples else None,
             error_rate=requests.error_rate,
-            load_balance_variance=requests.load_share_variance,
+            load_balance_variance=requests.recent_load_share_variance,
             memory_usage_mb=rss_bytes / 2**20,
         )
 

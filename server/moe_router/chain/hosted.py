@@ -138,7 +138,8 @@ def build_chain(
         )
         chain = rate_limit
     request_stats = RequestStatsBackend(
-        chain, layers=len(hosted.layers), experts=first.num_experts
+        chain, layers=len(hosted.layers), experts=first.num_experts,
+        load_window_s=config.metrics.load_window_s,
     )
     chain = request_stats
     if metrics is not None:

@@ -21,7 +21,16 @@ from typing import Any
 
 import grpc
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -33,6 +42,7 @@ from prometheus_client.registry import Collector
 from moe_router.chain.backend import Backend, RouteCall, RouteResult
 from moe_router.chain.cache import output_nbytes
 from moe_router.chain.figures import RouterFigures
+from moe_router.config.schema import ExpertGranularity
 from moe_router.errors import OverloadedError
 from moe_router.status_mapping import status_code_for
 
@@ -59,7 +69,7 @@ REQUEST_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 #: Experts-per-token buckets (integers; dynamic routers vary between min and max).
 EXPERTS_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
 
-_BREAKER_STATE_VALUE = {"CLOSED": 0, "OPEN": 1, "HALF_OPEN": 2}
+_BREAKER_STATES = ("closed", "open", "half_open")
 
 #: Where the scrape reads one router's figures.
 FiguresSource = Callable[[], RouterFigures]
@@ -73,11 +83,22 @@ class MetricsFigures:
 
 
 class RouterMetrics:
-    """Every moe-router metric family, registered in ``registry``."""
+    """Every moe-router metric family, registered in ``registry``, plus the process, GC and
+    platform collectors.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    expert_granularity: how finely the per-expert load is exported (series per router):
+    ``layer``: ``moe_router_expert_tokens_total{layer, expert}`` L x E counters and
+    ``moe_router_layer_load_balance_score{layer}`` L gauges; ``router``: E counters with
+    ``layer="all"``; ``off``: none. The router-wide score and the experts-per-token
+    histogram are exported at every granularity.
+    """
+
+    def __init__(self, registry: CollectorRegistry, *,
+                 expert_granularity: ExpertGranularity = ExpertGranularity.LAYER) -> None:
         self.registry = registry
         r = registry
+        for collector in (ProcessCollector, GCCollector, PlatformCollector):
+            collector(registry=r)
         self.requests = Counter(
             "moe_router_requests_total", "Route calls by router and gRPC status code.",
             ["router", "code"], registry=r)
@@ -120,11 +141,14 @@ class RouterMetrics:
         self.aux_loss = Gauge(
             "moe_router_aux_loss", "Load-balancing aux loss of the last computed call.",
             ["router"], registry=r)
+        self.z_loss = Gauge(
+            "moe_router_z_loss", "Router z-loss of the last computed call.",
+            ["router"], registry=r)
         self.build_info = Gauge(
             "moe_router_build_info", "Build and runtime versions (value 1).",
             ["version", "device", "python_version", "torch_version", "grpc_version"],
             registry=r)
-        self._figures = _FiguresCollector()
+        self._figures = _FiguresCollector(expert_granularity)
         r.register(self._figures)
 
     def watch(self, router: str, figures: FiguresSource) -> None:
@@ -175,6 +199,8 @@ class RouterMetrics:
             self.compute_time.labels(router).observe(result.compute_time_us / 1e6)
             if output.aux_loss is not None:
                 self.aux_loss.labels(router).set(float(output.aux_loss.detach()))
+            if output.z_loss is not None:
+                self.z_loss.labels(router).set(float(output.z_loss.detach()))
 
 
 class MetricsBackend:
@@ -238,12 +264,13 @@ def _request_nbytes(call: RouteCall) -> int:
 
 
 class _FiguresCollector(Collector):
-    """Per-expert load, experts per token, load balance, cache and breaker families,
-    turned from each watched router's figures into families at scrape time."""
+    """Per-expert load, load balance, experts per token, dropped tokens, cache, breaker
+    and queue families, turned from each watched router's figures at scrape time."""
 
-    def __init__(self) -> None:
+    def __init__(self, granularity: ExpertGranularity) -> None:
         self._lock = threading.Lock()
         self._sources: dict[str, FiguresSource] = {}
+        self._granularity = granularity
 
     def watch(self, router: str, figures: FiguresSource) -> None:
         with self._lock:
@@ -253,38 +280,56 @@ class _FiguresCollector(Collector):
         with self._lock:
             sources = sorted(self._sources.items())
         figures = [source() for _, source in sources]
-        yield from _load_families(figures)
+        yield from _load_families(figures, self._granularity)
         yield from _stage_families(figures)
 
 
-def _load_families(figures: list[RouterFigures]) -> Iterator[Metric]:
+def _load_families(figures: list[RouterFigures],
+                   granularity: ExpertGranularity) -> Iterator[Metric]:
     expert = CounterMetricFamily(
-        "moe_router_expert_tokens_total", "Token assignments per expert.",
+        "moe_router_expert_tokens_total",
+        "Token assignments per expert (layer=\"all\" at router granularity).",
         labels=["router", "layer", "expert"])
+    layer_score = GaugeMetricFamily(
+        "moe_router_layer_load_balance_score",
+        "Jain's index of one layer's recent per-expert load: 1 even, 1/E one expert.",
+        labels=["router", "layer"])
     score = GaugeMetricFamily(
         "moe_router_load_balance_score",
-        "Jain's index of per-expert load over all layers: 1 even, 1/E one expert.",
+        "Jain's index of the recent per-expert load over all layers: 1 even, 1/E one expert.",
         labels=["router"])
     hist = HistogramMetricFamily(
         "moe_router_experts_per_token", "Experts each answered token was sent to.",
+        labels=["router"])
+    dropped = CounterMetricFamily(
+        "moe_router_dropped_tokens_total", "Token assignments dropped by expert capacity.",
         labels=["router"])
     for f in figures:
         requests = f.requests
         if not requests.requests:
             continue
-        for layer, counts in enumerate(requests.expert_load):
-            if any(counts):
-                for index, value in enumerate(counts):
-                    expert.add_metric([f.router, str(layer), str(index)], value)
-        if requests.assignments:
-            score.add_metric([f.router], requests.load_balance_score)
+        if granularity is ExpertGranularity.LAYER:
+            for layer, counts in enumerate(requests.expert_load):
+                if any(counts):
+                    for index, value in enumerate(counts):
+                        expert.add_metric([f.router, str(layer), str(index)], value)
+            for layer, balance in enumerate(requests.recent_layer_balance):
+                if balance is not None:
+                    layer_score.add_metric([f.router, str(layer)], balance)
+        elif granularity is ExpertGranularity.ROUTER and requests.assignments:
+            for index, value in enumerate(requests.tokens_per_expert):
+                expert.add_metric([f.router, "all", str(index)], value)
+        recent = requests.recent_load_balance_score
+        if recent is not None:
+            score.add_metric([f.router], recent)
         per_k = requests.experts_per_token
         if sum(per_k):
             buckets = [(_le(bound), float(sum(per_k[: int(bound) + 1])))
                        for bound in EXPERTS_BUCKETS]
             buckets.append(("+Inf", float(sum(per_k))))
             hist.add_metric([f.router], buckets, float(requests.assignments))
-    yield from (expert, score, hist)
+        dropped.add_metric([f.router], requests.dropped_tokens)
+    yield from (expert, layer_score, score, hist, dropped)
 
 
 def _stage_families(figures: list[RouterFigures]) -> Iterator[Metric]:
@@ -300,8 +345,11 @@ def _stage_families(figures: list[RouterFigures]) -> Iterator[Metric]:
     entries = GaugeMetricFamily("moe_router_cache_entries",
                                 "Entries in the response cache.", labels=labels)
     state = GaugeMetricFamily("moe_router_breaker_state",
-                              "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
-                              labels=labels)
+                              "Circuit breaker state: 1 for the state it is in, 0 for the others.",
+                              labels=["router", "state"])
+    capacity = GaugeMetricFamily(
+        "moe_router_queue_capacity",
+        "Calls the batcher's queue holds at most (batching.max_queue_size).", labels=labels)
     for f in figures:
         if f.cache is not None:
             hits.add_metric([f.router], f.cache.hit_count)
@@ -310,8 +358,12 @@ def _stage_families(figures: list[RouterFigures]) -> Iterator[Metric]:
             cache_bytes.add_metric([f.router], f.cache.bytes)
             entries.add_metric([f.router], f.cache.size)
         if f.breaker is not None:
-            state.add_metric([f.router], _BREAKER_STATE_VALUE[f.breaker.state.value])
-    yield from (hits, misses, evictions, cache_bytes, entries, state)
+            now = f.breaker.state.value.lower()
+            for name in _BREAKER_STATES:
+                state.add_metric([f.router, name], 1.0 if name == now else 0.0)
+        if f.batcher is not None:
+            capacity.add_metric([f.router], f.batcher.max_queue_size)
+    yield from (hits, misses, evictions, cache_bytes, entries, state, capacity)
 
 
 def _le(bound: float) -> str:

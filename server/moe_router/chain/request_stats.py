@@ -78,6 +78,7 @@ class RequestFigures:
     experts_per_token: tuple[int, ...]
     dropped_tokens: int
     durations: Durations = field(default_factory=lambda: Durations(0, 0, 0.0, 0, 0, 0.0))
+    recent_expert_load: tuple[tuple[int, ...], ...] = ()
 
     @property
     def tokens_per_expert(self) -> tuple[int, ...]:
@@ -109,21 +110,56 @@ class RequestFigures:
     @property
     def load_share_variance(self) -> float | None:
         """Population variance of each expert's share of the assignments (None before any)."""
-        load = np.asarray(self.tokens_per_expert, dtype=np.float64)
-        total = load.sum()
-        return float((load / total).var()) if total else None
+        return _share_variance(np.sum(self.expert_load, axis=0) if self.expert_load else ())
+
+    @property
+    def recent_load_balance_score(self) -> float | None:
+        """Jain's index over all layers of the recent window's load (None without traffic)."""
+        load = np.sum(self.recent_expert_load, axis=0) if self.recent_expert_load else ()
+        return _jain(load)
+
+    @property
+    def recent_load_share_variance(self) -> float | None:
+        """Variance of the experts' shares of the recent window's assignments."""
+        load = np.sum(self.recent_expert_load, axis=0) if self.recent_expert_load else ()
+        return _share_variance(load)
+
+    @property
+    def recent_layer_balance(self) -> tuple[float | None, ...]:
+        """Jain's index of each layer's recent load (None for a layer without traffic)."""
+        return tuple(_jain(layer) for layer in self.recent_expert_load)
+
+
+def _jain(load: object) -> float | None:
+    values = np.asarray(load, dtype=np.float64)
+    total = values.sum() if values.size else 0.0
+    return float(total * total / (values.size * (values * values).sum())) if total else None
+
+
+def _share_variance(load: object) -> float | None:
+    values = np.asarray(load, dtype=np.float64)
+    total = values.sum() if values.size else 0.0
+    return float((values / total).var()) if total else None
 
 
 class _ExpertLoad:
-    """Per-layer per-expert assignment counts and the experts-per-token histogram.
+    """Per-layer per-expert assignment counts, since start and over a recent window, and
+    the experts-per-token histogram.
 
-    One call adds with two torch ops under a lock: its [E] counts into its layer's row
-    and a bincount of its experts-per-token into the histogram.
+    The window is a ring of ``_BUCKETS`` [L, E] buckets of ``window_s / _BUCKETS``
+    seconds each. One call adds with three torch ops under a lock: its [E] counts into
+    its layer's row (total and current bucket) and a bincount of its experts per token.
     """
 
-    def __init__(self, layers: int, experts: int) -> None:
+    _BUCKETS = 10
+
+    def __init__(self, layers: int, experts: int, window_s: float) -> None:
         self._lock = threading.Lock()
         self._load = torch.zeros(layers, experts, dtype=torch.int64)
+        self._ring = torch.zeros(self._BUCKETS, layers, experts, dtype=torch.int64)
+        self._span_s = window_s / self._BUCKETS
+        self._current = 0
+        self._current_start = time.monotonic()
         self._per_k = torch.zeros(experts + 1, dtype=torch.int64)
         self._dropped = 0
 
@@ -135,14 +171,30 @@ class _ExpertLoad:
             minlength=self._per_k.numel(),
         )
         with self._lock:
+            self._advance(time.monotonic())
             self._load[layer].add_(counts)
+            self._ring[self._current, layer].add_(counts)
             self._per_k.add_(per_k[: self._per_k.numel()])
             self._dropped += int(output.dropped_tokens)
 
-    def snapshot(self) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...], int]:
+    def _advance(self, now: float) -> None:
+        """Move the ring to the bucket of ``now``, emptying the buckets passed (lock held)."""
+        steps = int((now - self._current_start) // self._span_s)
+        if steps <= 0:
+            return
+        for _ in range(min(steps, self._BUCKETS)):
+            self._current = (self._current + 1) % self._BUCKETS
+            self._ring[self._current].zero_()
+        self._current_start += steps * self._span_s
+
+    def snapshot(self) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...],
+                                tuple[int, ...], int]:
         with self._lock:
-            load, per_k, dropped = self._load.tolist(), self._per_k.tolist(), self._dropped
-        return tuple(tuple(row) for row in load), tuple(per_k), dropped
+            self._advance(time.monotonic())
+            load, recent = self._load.tolist(), self._ring.sum(0).tolist()
+            per_k, dropped = self._per_k.tolist(), self._dropped
+        return (tuple(tuple(row) for row in load), tuple(tuple(row) for row in recent),
+                tuple(per_k), dropped)
 
 
 class RequestStatsBackend:
@@ -150,6 +202,7 @@ class RequestStatsBackend:
 
     layers / experts: the router's geometry (the load is kept as an [L, E] tensor).
     window: how many recent latencies (and outcomes) are kept.
+    load_window_s: how much recent traffic the recent expert load covers.
     """
 
     def __init__(
@@ -159,12 +212,13 @@ class RequestStatsBackend:
         layers: int,
         experts: int,
         window: int = 4096,
+        load_window_s: float = 300.0,
     ) -> None:
         self.inner = inner
         self._lock = threading.Lock()
         self._latencies_ms: deque[float] = deque(maxlen=window)
         self._outcomes: deque[tuple[float, bool]] = deque(maxlen=window)  # (when, failed)
-        self._load = _ExpertLoad(layers, experts)
+        self._load = _ExpertLoad(layers, experts, load_window_s)
         self._requests = self._tokens = self._errors = self._failures = 0
         self._computed = self._queue_us = self._compute_us = 0
         self._latency_s = self._last_answer = 0.0
@@ -207,7 +261,7 @@ class RequestStatsBackend:
             durations = Durations(self._requests - self._errors, self._computed,
                                   self._latency_s, self._queue_us, self._compute_us,
                                   self._last_answer)
-        load, per_k, dropped = self._load.snapshot()
+        load, recent_load, per_k, dropped = self._load.snapshot()
         return RequestFigures(
             *counts,
             error_rate=sum(recent) / len(recent) if recent else None,
@@ -216,6 +270,7 @@ class RequestStatsBackend:
             experts_per_token=per_k,
             dropped_tokens=dropped,
             durations=durations,
+            recent_expert_load=recent_load,
         )
 
 

@@ -43,6 +43,7 @@ from moe_router.config.schema import (
     BenchmarkingConfig,
     BreakerConfig,
     CacheConfig,
+    ExpertGranularity,
     FaultSpec,
     HealthConfig,
     LogLevel,
@@ -108,6 +109,7 @@ __all__ = [
     "RoutingStrategy",
     "Mechanism",
     "WeightsInit",
+    "ExpertGranularity",
     "LogLevel",
 ]
 

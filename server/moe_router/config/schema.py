@@ -30,6 +30,7 @@ __all__ = [
     "ALIASES",
     "LogLevel",
     "RouterKind",
+    "ExpertGranularity",
     "WeightsInit",
     "ServerConfig",
     "MetricsConfig",
@@ -70,6 +71,15 @@ RouterKind = RoutingMethod
 """Which router class a RouterSpec builds (``kind`` in config.yaml): the one kind enum,
 :class:`moe_router.routing.RoutingMethod`, whose table (class, keys, description) is
 :data:`moe_router.routing.kinds.ROUTER_KINDS`."""
+
+
+class ExpertGranularity(str, Enum):
+    """How finely the per-expert load is exported to Prometheus (series per router:
+    ``layer`` L x E counters + L scores, ``router`` E counters, ``off`` none)."""
+
+    LAYER = "layer"
+    ROUTER = "router"
+    OFF = "off"
 
 
 class WeightsInit(str, Enum):
@@ -145,6 +155,12 @@ class MetricsConfig:
     host: str = _field("127.0.0.1", "Listen address of the metrics endpoint.")
     port: int = _field(9090, "Metrics port; 0 picks a free one.", env="DYNAMIC_MOE_METRICS_PORT",
                        lo=0, hi=65535)
+    expert_granularity: ExpertGranularity = _field(
+        ExpertGranularity.LAYER,
+        "Per-expert load series: layer (L x E per router), router (E), or off.",
+        env="DYNAMIC_MOE_METRICS_EXPERT_GRANULARITY")
+    load_window_s: float = _field(
+        300.0, "Seconds of traffic the recent load-balance figures cover.", gt=0)
 
 
 @dataclass(frozen=True, kw_only=True)
