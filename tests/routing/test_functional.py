@@ -155,3 +155,14 @@ def test_pad_selection_moves_real_slots_first():
     # The 0.9 sat on a padded slot: it becomes 0.
     torch.testing.assert_close(out_w, _t([[0.6, 0.4, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
     assert counts.tolist() == [2, 1, 0]
+
+
+def test_top_k_mask_picks_the_same_set_as_topk_lowest_index_ties_included():
+    gen = torch.Generator().manual_seed(0)
+    levels = _t([0.1, 0.3, 0.3, 0.7])  # few values: many ties at the k-th place
+    for k in (1, 2, 3, 5, 8):
+        values = levels[torch.randint(0, 4, (64, 8), generator=gen)]
+        expected = torch.zeros(64, 8, dtype=torch.bool)
+        expected.scatter_(1, F.topk_lowest_index(values, k)[1], True)
+        assert torch.equal(F.top_k_mask(values, k), expected)
+        assert F.top_k_mask(values, k).sum(-1).tolist() == [k] * 64

@@ -188,12 +188,13 @@ class RouterBase(nn.Module, ABC):
         """Capacity, losses, padding, counts and statistics for one call's selection.
 
         Order (Megatron-core's ``TopKRouter.routing``): the aux loss counts the
-        assignments of :meth:`aux_loss_indices`, taken BEFORE any dropping, so dropping
-        never changes it; ``tokens_per_expert`` and the statistics count what was kept.
+        assignments of the selection (or :meth:`aux_loss_counts`) BEFORE any dropping,
+        so dropping never changes it; ``tokens_per_expert`` and the statistics count
+        what was kept.
         """
         cfg = self.config
         indices, weights = selection.indices, selection.weights
-        aux_indices = self.aux_loss_indices(selection)
+        aux_counts = self.aux_loss_counts(selection)
         drops = cfg.drops_tokens and not self.couples_tokens
         dropped = 0
         expert_tokens = expert_token_weights = None
@@ -214,14 +215,13 @@ class RouterBase(nn.Module, ABC):
         else:
             indices_i32, weights_f32, num_per_token = F.pad_selection(indices, weights)
             counts = F.tokens_per_expert(indices_i32, self.num_experts)
-        if type(self).compute_aux_loss is RouterBase.compute_aux_loss:
-            aux_counts = (
-                counts if aux_indices is indices else F.tokens_per_expert(aux_indices,
-                                                                          self.num_experts)
-            )
-            aux_loss = F.aux_loss_from_counts(selection.probs, aux_counts, self.k_range[1])
+        if type(self).compute_aux_loss is not RouterBase.compute_aux_loss:
+            aux_loss = self.compute_aux_loss(selection.probs, selection.indices)
         else:
-            aux_loss = self.compute_aux_loss(selection.probs, aux_indices)
+            if aux_counts is None:  # the selection's own, before dropping
+                aux_counts = counts if not drops else F.tokens_per_expert(
+                    selection.indices, self.num_experts)
+            aux_loss = F.aux_loss_from_counts(selection.probs, aux_counts, self.k_range[1])
         z_loss = self.compute_z_loss(logits)
         self.update_stats(counts, num_per_token, dropped, assignments)
         extras = dict(selection.extras)
@@ -245,14 +245,15 @@ class RouterBase(nn.Module, ABC):
             **extras,
         )
 
-    def aux_loss_indices(self, selection: Selection) -> torch.Tensor:
-        """The [T, k] assignments the aux loss counts (f_i), before any dropping.
+    def aux_loss_counts(self, selection: Selection) -> torch.Tensor | None:
+        """Per-expert assignment counts [E] the aux loss's f_i uses, or None for the
+        router's own selection before any dropping (the default).
 
-        Here the router's own selection; a router whose selection is steered by more
-        than the probabilities (groups, a bias) overrides this with Megatron's plain
-        top-k of the probabilities over all experts (``config.aux_loss_assignments``).
+        A router whose selection is steered by more than the probabilities (groups, a
+        bias) overrides this with Megatron's plain top-k of the probabilities over all
+        experts (``config.aux_loss_assignments``).
         """
-        return selection.indices
+        return None
 
     def validate(
         self, hidden_states: torch.Tensor, name: str | None = None

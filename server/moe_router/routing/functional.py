@@ -19,6 +19,7 @@ __all__ = [
     "gate_block_rows",
     "score",
     "topk_lowest_index",
+    "top_k_mask",
     "renormalize",
     "compute_aux_loss",
     "aux_loss_from_counts",
@@ -98,6 +99,20 @@ def topk_lowest_index(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     """
     sorted_values, sorted_indices = torch.sort(values, dim=-1, descending=True, stable=True)
     return sorted_values[..., :k], sorted_indices[..., :k]
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Which entries a top-k along the last dim picks, ties to the lower index: bool [..., E].
+
+    The same set as :func:`topk_lowest_index` without sorting every row: the k-th
+    largest value v per row (``torch.topk``), every entry above v, and the lowest-index
+    entries equal to v that are still needed. O(E) per row after the top-k.
+    """
+    kth = torch.topk(values, k, dim=-1).values[..., -1:]
+    above = values > kth
+    needed = k - above.sum(dim=-1, keepdim=True)
+    equal = values == kth
+    return above | (equal & (torch.cumsum(equal, dim=-1) <= needed))
 
 
 def renormalize(weights: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:

@@ -112,12 +112,12 @@ class GroupedTopKRouter(RouterBase):
         probs = scores if cfg.scoring is ScoringFunction.SOFTMAX else F.renormalize(scores)
         return Selection(indices, weights, probs, {})
 
-    def aux_loss_indices(self, selection: Selection) -> torch.Tensor:
-        """Megatron's plain top-k of the probabilities [T, E] over all experts (ties to the
-        lower index), or the selection itself under ``aux_loss_assignments: selected``
-        or when groups and bias change nothing (one group, no bias)."""
+    def aux_loss_counts(self, selection: Selection) -> torch.Tensor | None:
+        """Megatron's plain top-k of the probabilities [T, E] over all experts (ties to
+        the lower index), counted per expert [E]; None (the selection itself) under
+        ``aux_loss_assignments: selected`` or when groups and bias change nothing."""
         cfg = self.config
         plain = cfg.n_group == 1 and not self.use_correction_bias
         if plain or cfg.aux_loss_assignments is AuxLossAssignments.SELECTED:
-            return selection.indices
-        return F.topk_lowest_index(selection.probs, cfg.top_k)[1]
+            return None
+        return F.top_k_mask(selection.probs, cfg.top_k).sum(dim=0)
