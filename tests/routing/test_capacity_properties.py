@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -162,3 +163,27 @@ def test_per_token_routers_without_capacity_are_batch_invariant(kind, sizes, see
                 assert torch.equal(indices, alone.expert_indices)
                 torch.testing.assert_close(weights, alone.expert_weights, rtol=0, atol=1e-6)
             torch.testing.assert_close(many.aux_loss, alone.aux_loss, rtol=0, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "capacity",
+    [dict(capacity_factor=1.0), dict(capacity_factor=1.25, drop_policy="position"),
+     dict(expert_capacity=3, capacity_priority="slot"),
+     dict(expert_capacity=2, capacity_scope="sequence", capacity_priority="slot",
+          drop_policy="position", renormalize_after_drop=True)],
+)
+def test_cpu_and_cuda_drop_the_same_assignments(capacity):
+    router = TopKRouter(RouterConfig(hidden_size=32, num_experts=16, top_k=4,
+                                     pad_to_capacity=True, **capacity)).eval()
+    x = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        on_cpu = router(x)
+        on_gpu = router.to("cuda")(x.to("cuda")).to("cpu")
+    assert on_cpu.dropped_tokens == on_gpu.dropped_tokens > 0
+    assert torch.equal(on_cpu.expert_indices, on_gpu.expert_indices)
+    assert torch.equal(on_cpu.expert_tokens, on_gpu.expert_tokens)
+    torch.testing.assert_close(on_cpu.expert_weights, on_gpu.expert_weights, rtol=1e-4,
+                               atol=1e-5)
+    torch.testing.assert_close(on_cpu.aux_loss, on_gpu.aux_loss, rtol=1e-5, atol=1e-6)
