@@ -80,6 +80,13 @@ class RouteResult:
     """float32 ``[tokens, experts * slots]`` (Soft MoE), else None."""
     combine_weights: Any | None
     """float32 ``[tokens, experts * slots]`` (Soft MoE), else None."""
+    expert_tokens: Any | None
+    """int32 ``[experts, groups * capacity]`` (routers with ``pad_to_capacity``), else
+    None: the flat token indices each expert processes, each capacity group's columns
+    in token order, padded with -1."""
+    expert_token_weights: Any | None
+    """float32 ``[experts, groups * capacity]``: the combine weight of each of those
+    (token, expert) pairs, 0 where padded; None without ``pad_to_capacity``."""
     info: RouteInfo
 
 
@@ -188,7 +195,8 @@ class RouterInfo:
     """False for routers whose decision couples tokens (batched per request only)."""
 
 
-_OPTIONAL_TENSORS = ("complexity_scores", "router_logits", "dispatch_weights", "combine_weights")
+_OPTIONAL_TENSORS = ("complexity_scores", "router_logits", "dispatch_weights", "combine_weights",
+                     "expert_tokens", "expert_token_weights")
 
 
 def route_result_from_proto(response: pb.RouteResponse, as_torch: bool = False) -> RouteResult:

@@ -418,6 +418,25 @@ def test_tls_files_resolve_against_the_config_directory(tmp_path: Path) -> None:
     assert tls.client_ca_file == tmp_path / "tls" / "ca.pem"
 
 
+def test_capacity_options_reach_the_router_config(tmp_path: Path) -> None:
+    config = load_text(tmp_path, textwrap.dedent("""\
+        routers:
+          - {name: switch, kind: top_k, input_dim: 16, num_experts: 8, top_k: 1,
+             renormalize: false, expert_capacity: 4, capacity_scope: sequence,
+             drop_policy: position, pad_to_capacity: true}
+          - {name: nllb, kind: top_k, input_dim: 16, num_experts: 8, capacity_factor: 1.0,
+             capacity_priority: slot, renormalize_after_drop: true}
+          - {name: v3, kind: grouped_top_k, input_dim: 16, num_experts: 8, n_group: 2,
+             topk_group: 1, aux_loss_assignments: selected}
+    """))
+    switch, nllb, v3 = (spec.router_config() for spec in config.routers)
+    assert (switch.expert_capacity, switch.capacity_scope.value, switch.pad_to_capacity) == (
+        4, "sequence", True)
+    assert switch.capacity_factor is None and switch.drops_tokens
+    assert (nllb.capacity_priority.value, nllb.renormalize_after_drop) == ("slot", True)
+    assert v3.aux_loss_assignments.value == "selected" and not v3.drops_tokens
+
+
 # --------------------------------------------------------------------------- every error
 R = "routers:\n  - {name: r, kind: top_k, input_dim: 16, num_experts: 8"  # + extra keys + "}"
 
@@ -498,6 +517,21 @@ BAD_CONFIGS = [
     (R + ", min_experts: 2}\n", "routers[0].min_experts: is not used by kind 'top_k'"),
     (R + ", fault: {slow_ms: 1}}\n", "routers[0].fault: is not used by kind 'top_k'"),
     (R + ", capacity_factor: -1}\n", "routers[0].capacity_factor: must be > 0 or None"),
+    (R + ", capacity_factor: 1.0, expert_capacity: 4}\n",
+     "routers[0].expert_capacity: give capacity_factor or expert_capacity, not both"),
+    (R + ", expert_capacity: 0}\n", "routers[0].expert_capacity: must be >= 1, got 0"),
+    (R + ", pad_to_capacity: true}\n", "routers[0].pad_to_capacity: only applies with a "
+     "capacity; set capacity_factor or expert_capacity, or remove this key"),
+    (R + ", expert_capacity: 4, capacity_scope: batch}\n",
+     "routers[0].capacity_scope: must be one of 'call', 'sequence', got 'batch'"),
+    (R + ", expert_capacity: 4, capacity_priority: token}\n",
+     "routers[0].capacity_priority: must be one of 'expert', 'slot'"),
+    (R + ", expert_capacity: 4, renormalize: false, renormalize_after_drop: true}\n",
+     "routers[0].renormalize_after_drop: needs renormalize: true"),
+    (R + ", aux_loss_assignments: selected}\n",
+     "routers[0].aux_loss_assignments: is not used by kind 'top_k' (only by grouped_top_k)"),
+    (R.replace("top_k", "expert_choice") + ", expert_capacity: 4}\n",
+     "routers[0].expert_capacity: is not used by kind 'expert_choice'"),
     (R.replace("top_k", "grouped_top_k") + ", n_group: 3}\n",
      "routers[0].n_group: must divide num_experts (8), got 3"),
     (R.replace("top_k", "grouped_top_k") + ", n_group: 4, topk_group: 5}\n",

@@ -9,7 +9,7 @@ import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moe_router.routing import functional as F
-from moe_router.routing.router_config import DropPolicy, ScoringFunction
+from moe_router.routing.router_config import ScoringFunction
 
 
 def _t(values, dtype=torch.float32) -> torch.Tensor:
@@ -134,72 +134,6 @@ def test_z_loss_by_hand():
     assert float(F.compute_z_loss(torch.zeros(0, 3))) == 0.0
 
 
-# ----------------------------------------------------------------- capacity
-@pytest.mark.parametrize(
-    ("tokens", "k", "experts", "factor", "expected"),
-    [(10, 2, 4, 1.0, 5), (10, 2, 4, 1.25, 7), (8, 1, 16, 1.0, 1), (64, 8, 16, 2.0, 64)],
-)
-def test_expert_capacity(tokens: int, k: int, experts: int, factor: float, expected: int):
-    assert F.expert_capacity(tokens, k, experts, factor) == expected
-
-
-def _one_hot_probs(indices: torch.Tensor, values: list[float], num_experts: int) -> torch.Tensor:
-    probs = torch.zeros(indices.shape[0], num_experts)
-    probs.scatter_(1, indices[:, :1].clamp(min=0), _t(values).unsqueeze(1))
-    return probs
-
-
-def test_apply_capacity_probs_policy_keeps_highest_then_earliest():
-    indices = torch.tensor([[0], [0], [0], [1], [0]])
-    weights = _t([[0.5], [0.9], [0.9], [1.0], [0.9]])
-    probs = _one_hot_probs(indices, [0.5, 0.9, 0.9, 1.0, 0.9], num_experts=4)
-    kept, kept_w, dropped = F.apply_capacity(indices, weights, probs, 2, DropPolicy.PROBS)
-    # Expert 0 has tokens 0 (.5), 1, 2, 4 (.9 each): keeps tokens 1 and 2 (tie -> earlier).
-    assert kept.flatten().tolist() == [-1, 0, 0, 1, -1]
-    assert kept_w.flatten().tolist() == pytest.approx([0.0, 0.9, 0.9, 1.0, 0.0])
-    assert dropped == 2
-
-
-def test_apply_capacity_position_policy_keeps_earliest():
-    indices = torch.tensor([[0], [0], [0], [1], [0]])
-    weights = _t([[0.5], [0.9], [0.9], [1.0], [0.9]])
-    probs = _one_hot_probs(indices, [0.5, 0.9, 0.9, 1.0, 0.9], num_experts=4)
-    kept, _, dropped = F.apply_capacity(indices, weights, probs, 2, DropPolicy.POSITION)
-    assert kept.flatten().tolist() == [0, 0, -1, 1, -1]
-    assert dropped == 2
-
-
-def test_apply_capacity_leaves_padding_alone_and_orders_k_slots():
-    indices = torch.tensor([[2, -1], [2, 3], [3, 2]])
-    weights = _t([[1.0, 0.0], [0.6, 0.4], [0.7, 0.3]])
-    probs = torch.zeros(3, 4)
-    kept, _, dropped = F.apply_capacity(indices, weights, probs, 1, DropPolicy.POSITION)
-    # Expert 2 keeps token 0, expert 3 keeps token 1's slot 1; padding is not counted.
-    assert kept.tolist() == [[2, -1], [-1, 3], [-1, -1]]
-    assert dropped == 3
-
-
-@pytest.mark.parametrize("policy", [DropPolicy.PROBS, DropPolicy.POSITION])
-def test_apply_capacity_sixteen_experts(policy: DropPolicy):
-    # Tokens 2e and 2e+1 both go to expert e (e < 8); odd tokens have the higher prob.
-    indices = (torch.arange(16) // 2).unsqueeze(1)
-    values = [0.3 if t % 2 == 0 else 0.6 for t in range(16)]
-    probs = _one_hot_probs(indices, values, num_experts=16)
-    kept, _, dropped = F.apply_capacity(indices, _t(values).unsqueeze(1), probs, 1, policy)
-    survivors = (kept.flatten() >= 0).nonzero().flatten().tolist()
-    first = 1 if policy is DropPolicy.PROBS else 0
-    assert survivors == list(range(first, 16, 2))
-    assert dropped == 8
-
-
-def test_apply_capacity_large_enough_drops_nothing():
-    indices = torch.tensor([[0, 1], [1, 0]])
-    weights = _t([[0.6, 0.4], [0.5, 0.5]])
-    probs = torch.ones(2, 4)
-    kept, kept_w, dropped = F.apply_capacity(indices, weights, probs, 2, DropPolicy.PROBS)
-    assert torch.equal(kept, indices) and torch.equal(kept_w, weights) and dropped == 0
-
-
 # ----------------------------------------------------------------- balance score and padding
 def test_load_balance_score():
     assert F.load_balance_score(torch.tensor([5, 5, 5, 5])) == 1.0
@@ -221,3 +155,14 @@ def test_pad_selection_moves_real_slots_first():
     # The 0.9 sat on a padded slot: it becomes 0.
     torch.testing.assert_close(out_w, _t([[0.6, 0.4, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
     assert counts.tolist() == [2, 1, 0]
+
+
+def test_top_k_mask_picks_the_same_set_as_topk_lowest_index_ties_included():
+    gen = torch.Generator().manual_seed(0)
+    levels = _t([0.1, 0.3, 0.3, 0.7])  # few values: many ties at the k-th place
+    for k in (1, 2, 3, 5, 8):
+        values = levels[torch.randint(0, 4, (64, 8), generator=gen)]
+        expected = torch.zeros(64, 8, dtype=torch.bool)
+        expected.scatter_(1, F.topk_lowest_index(values, k)[1], True)
+        assert torch.equal(F.top_k_mask(values, k), expected)
+        assert F.top_k_mask(values, k).sum(-1).tolist() == [k] * 64

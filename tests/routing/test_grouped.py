@@ -27,7 +27,7 @@ def _identity_router(num_experts: int, use_correction_bias: bool = False, **conf
     return router
 
 
-def _v3_config(num_experts: int = 256, hidden: int = 32) -> RouterConfig:
+def _v3_config(num_experts: int = 256, hidden: int = 32, **extra) -> RouterConfig:
     return RouterConfig(
         hidden_size=hidden,
         num_experts=num_experts,
@@ -38,6 +38,7 @@ def _v3_config(num_experts: int = 256, hidden: int = 32) -> RouterConfig:
         scoring=ScoringFunction.SIGMOID,
         renormalize=True,
         routed_scaling_factor=2.5,
+        **extra,
     )
 
 
@@ -194,13 +195,22 @@ def test_deepseek_shapes_match_a_per_token_reference(version: str):
         torch.testing.assert_close(out.expert_weights.sum(-1), torch.full((24,), 2.5))
 
 
-def test_sigmoid_aux_loss_uses_normalised_scores():
-    router = GroupedTopKRouter(_v3_config(num_experts=32), use_correction_bias=True)
+def test_sigmoid_aux_loss_uses_normalised_scores_and_megatrons_plain_top_k():
+    """Megatron's aux loss counts a plain top-k of the normalised sigmoid scores over
+    all experts (no groups, no bias); ``selected`` counts the grouped choice instead."""
     x = torch.randn(10, 32, generator=torch.Generator().manual_seed(3))
+    router = GroupedTopKRouter(_v3_config(num_experts=32), use_correction_bias=True)
     out = router(x)
     probs = F.renormalize(torch.sigmoid(out.router_logits))
+    plain = F.topk_lowest_index(probs, 8)[1]
+    assert not torch.equal(plain.sort(-1).values, out.expert_indices.long().sort(-1).values)
+    torch.testing.assert_close(out.aux_loss, F.compute_aux_loss(probs, plain, 8))
+    selected = GroupedTopKRouter(
+        _v3_config(num_experts=32, aux_loss_assignments="selected"), use_correction_bias=True
+    )
+    selected.load_state_dict(router.state_dict())
     torch.testing.assert_close(
-        out.aux_loss, F.compute_aux_loss(probs, out.expert_indices.long(), 8)
+        selected(x).aux_loss, F.compute_aux_loss(probs, out.expert_indices.long(), 8)
     )
 
 

@@ -82,12 +82,15 @@ def test_router_logits_and_z_loss_are_reported():
 
 def test_capacity_factor_drops_over_capacity_assignments():
     # 4 tokens, all prefer expert 0 (k=1, E=2): capacity ceil(4*1/2*1.0) = 2.
-    router = _identity_router(2, top_k=1, capacity_factor=1.0)
-    out = router(torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0], [4.0, 0.0]]))
+    # Without renormalisation the final weight is the softmax probability, so the
     # "probs" policy keeps the two most confident tokens (1 and 3).
+    router = _identity_router(2, top_k=1, capacity_factor=1.0, renormalize=False)
+    out = router(torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0], [4.0, 0.0]]))
     assert out.expert_indices.flatten().tolist() == [-1, 0, -1, 0]
     assert out.num_experts_per_token.tolist() == [0, 1, 0, 1]
-    assert out.expert_weights.flatten().tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert out.expert_weights.flatten().tolist() == pytest.approx(
+        [0.0, _sigmoid(3.0), 0.0, _sigmoid(4.0)]
+    )
     assert out.dropped_tokens == 2
     assert out.tokens_per_expert.tolist() == [2, 0]
     assert router.couples_tokens_now

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoe_router/v1/router.proto\x12\rmoe_router.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.moe_router.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc0\x02\n\x0cRouteRequest\x12\x0e\n\x06router\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12,\n\rhidden_states\x18\x03 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12\x30\n\x11\x61ttention_weights\x18\x04 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12%\n\x06logits\x18\x05 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12(\n\tgradients\x18\x06 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12\x1c\n\x14return_router_logits\x18\x07 \x01(\x08\x12\x12\n\nskip_cache\x18\x08 \x01(\x08\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\n \x01(\tB\x07\n\x05_seed\"\xb0\x02\n\x0bRoutingInfo\x12\x15\n\x08\x61ux_loss\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x13\n\x06z_loss\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x19\n\x11tokens_per_expert\x18\x03 \x03(\x03\x12\x16\n\x0e\x64ropped_tokens\x18\x04 \x01(\x03\x12\x16\n\x0erouter_version\x18\x05 \x01(\t\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12\x16\n\x0e\x62\x61tch_requests\x18\x07 \x01(\x05\x12\x14\n\x0c\x62\x61tch_tokens\x18\x08 \x01(\x03\x12\x15\n\rqueue_time_us\x18\t \x01(\x03\x12\x17\n\x0f\x63ompute_time_us\x18\n \x01(\x03\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\r\n\x05layer\x18\x0c \x01(\x05\x42\x0b\n\t_aux_lossB\t\n\x07_z_loss\"\x8e\x03\n\rRouteResponse\x12-\n\x0e\x65xpert_indices\x18\x01 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12-\n\x0e\x65xpert_weights\x18\x02 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12\x34\n\x15num_experts_per_token\x18\x03 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12\x30\n\x11\x63omplexity_scores\x18\x04 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12,\n\rrouter_logits\x18\x05 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12(\n\x04info\x18\x06 \x01(\x0b\x32\x1a.moe_router.v1.RoutingInfo\x12/\n\x10\x64ispatch_weights\x18\x07 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12.\n\x0f\x63ombine_weights\x18\x08 \x01(\x0b\x32\x15.moe_router.v1.Tensor\"\x1e\n\x0cStatsRequest\x12\x0e\n\x06router\x18\x01 \x01(\t\"b\n\x0eLatencySummary\x12\x0e\n\x06p50_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x0f\n\x07mean_ms\x18\x04 \x01(\x01\x12\x0f\n\x07samples\x18\x05 \x01(\x03\"\xaf\x01\n\nCacheStats\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x10\n\x08max_size\x18\x02 \x01(\x03\x12\x11\n\thit_count\x18\x03 \x01(\x03\x12\x12\n\nmiss_count\x18\x04 \x01(\x03\x12\x10\n\x08hit_rate\x18\x05 \x01(\x01\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\x01\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12\x11\n\tmax_bytes\x18\x08 \x01(\x03\x12\x11\n\tevictions\x18\t \x01(\x03\"\x8f\x01\n\x0c\x42reakerStats\x12\r\n\x05state\x18\x01 \x01(\t\x12\x14\n\x0c\x66\x61ilure_rate\x18\x02 \x01(\x01\x12\x16\n\x0eslow_call_rate\x18\x03 \x01(\x01\x12\x16\n\x0erejected_calls\x18\x04 \x01(\x03\x12\x13\n\x0btransitions\x18\x05 \x01(\x03\x12\x15\n\rretry_after_s\x18\x06 \x01(\x01\"5\n\tLayerLoad\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x03\"\xbc\x03\n\x0bRouterStats\x12\x0e\n\x06router\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x03\x12\x19\n\x11tokens_per_expert\x18\x05 \x03(\x03\x12\x1a\n\x12load_balance_score\x18\x06 \x01(\x01\x12\x16\n\x0eusage_variance\x18\x07 \x01(\x01\x12\x18\n\x10most_used_expert\x18\x08 \x01(\x05\x12\x19\n\x11least_used_expert\x18\t \x01(\x05\x12\x1d\n\x15\x61vg_experts_per_token\x18\n \x01(\x01\x12\x16\n\x0e\x64ropped_tokens\x18\x0b \x01(\x03\x12.\n\x07latency\x18\x0c \x01(\x0b\x32\x1d.moe_router.v1.LatencySummary\x12(\n\x05\x63\x61\x63he\x18\r \x01(\x0b\x32\x19.moe_router.v1.CacheStats\x12,\n\x07\x62reaker\x18\x0e \x01(\x0b\x32\x1b.moe_router.v1.BreakerStats\x12(\n\x06layers\x18\x0f \x03(\x0b\x32\x18.moe_router.v1.LayerLoad\"<\n\rStatsResponse\x12+\n\x07routers\x18\x01 \x03(\x0b\x32\x1a.moe_router.v1.RouterStats\"\x0f\n\rHealthRequest\"\\\n\x0cRouterHealth\x12\x0e\n\x06router\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.moe_router.v1.ServingStatus\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x9f\x01\n\x0eHealthResponse\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.moe_router.v1.ServingStatus\x12,\n\x07routers\x18\x02 \x03(\x0b\x32\x1b.moe_router.v1.RouterHealth\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\"\x14\n\x12ListRoutersRequest\"\xe6\x01\n\x11RouterDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x05\x12\x0e\n\x06layers\x18\x04 \x01(\x05\x12\x11\n\tinput_dim\x18\x05 \x01(\x05\x12\r\n\x05min_k\x18\x06 \x01(\x05\x12\r\n\x05max_k\x18\x07 \x01(\x05\x12-\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x08 \x03(\x0e\x32\x14.moe_router.v1.DType\x12\x0f\n\x07version\x18\t \x01(\t\x12\x1f\n\x17\x62\x61tches_across_requests\x18\n \x01(\x08\"H\n\x13ListRoutersResponse\x12\x31\n\x07routers\x18\x01 \x03(\x0b\x32 .moe_router.v1.RouterDescription*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05*[\n\rServingStatus\x12\x1e\n\x1aSERVING_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x12\x0c\n\x08\x44\x45GRADED\x10\x03\x32\x82\x03\n\rRouterService\x12\x42\n\x05Route\x12\x1b.moe_router.v1.RouteRequest\x1a\x1c.moe_router.v1.RouteResponse\x12L\n\x0bRouteStream\x12\x1b.moe_router.v1.RouteRequest\x1a\x1c.moe_router.v1.RouteResponse(\x01\x30\x01\x12\x42\n\x05Stats\x12\x1b.moe_router.v1.StatsRequest\x1a\x1c.moe_router.v1.StatsResponse\x12\x45\n\x06Health\x12\x1c.moe_router.v1.HealthRequest\x1a\x1d.moe_router.v1.HealthResponse\x12T\n\x0bListRouters\x12!.moe_router.v1.ListRoutersRequest\x1a\".moe_router.v1.ListRoutersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoe_router/v1/router.proto\x12\rmoe_router.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.moe_router.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc0\x02\n\x0cRouteRequest\x12\x0e\n\x06router\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12,\n\rhidden_states\x18\x03 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12\x30\n\x11\x61ttention_weights\x18\x04 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12%\n\x06logits\x18\x05 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12(\n\tgradients\x18\x06 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12\x1c\n\x14return_router_logits\x18\x07 \x01(\x08\x12\x12\n\nskip_cache\x18\x08 \x01(\x08\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\n \x01(\tB\x07\n\x05_seed\"\xb0\x02\n\x0bRoutingInfo\x12\x15\n\x08\x61ux_loss\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x13\n\x06z_loss\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x19\n\x11tokens_per_expert\x18\x03 \x03(\x03\x12\x16\n\x0e\x64ropped_tokens\x18\x04 \x01(\x03\x12\x16\n\x0erouter_version\x18\x05 \x01(\t\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12\x16\n\x0e\x62\x61tch_requests\x18\x07 \x01(\x05\x12\x14\n\x0c\x62\x61tch_tokens\x18\x08 \x01(\x03\x12\x15\n\rqueue_time_us\x18\t \x01(\x03\x12\x17\n\x0f\x63ompute_time_us\x18\n \x01(\x03\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\r\n\x05layer\x18\x0c \x01(\x05\x42\x0b\n\t_aux_lossB\t\n\x07_z_loss\"\xf1\x03\n\rRouteResponse\x12-\n\x0e\x65xpert_indices\x18\x01 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12-\n\x0e\x65xpert_weights\x18\x02 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12\x34\n\x15num_experts_per_token\x18\x03 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12\x30\n\x11\x63omplexity_scores\x18\x04 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12,\n\rrouter_logits\x18\x05 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12(\n\x04info\x18\x06 \x01(\x0b\x32\x1a.moe_router.v1.RoutingInfo\x12/\n\x10\x64ispatch_weights\x18\x07 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12.\n\x0f\x63ombine_weights\x18\x08 \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12,\n\rexpert_tokens\x18\t \x01(\x0b\x32\x15.moe_router.v1.Tensor\x12\x33\n\x14\x65xpert_token_weights\x18\n \x01(\x0b\x32\x15.moe_router.v1.Tensor\"\x1e\n\x0cStatsRequest\x12\x0e\n\x06router\x18\x01 \x01(\t\"b\n\x0eLatencySummary\x12\x0e\n\x06p50_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x0f\n\x07mean_ms\x18\x04 \x01(\x01\x12\x0f\n\x07samples\x18\x05 \x01(\x03\"\xaf\x01\n\nCacheStats\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x10\n\x08max_size\x18\x02 \x01(\x03\x12\x11\n\thit_count\x18\x03 \x01(\x03\x12\x12\n\nmiss_count\x18\x04 \x01(\x03\x12\x10\n\x08hit_rate\x18\x05 \x01(\x01\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\x01\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12\x11\n\tmax_bytes\x18\x08 \x01(\x03\x12\x11\n\tevictions\x18\t \x01(\x03\"\x8f\x01\n\x0c\x42reakerStats\x12\r\n\x05state\x18\x01 \x01(\t\x12\x14\n\x0c\x66\x61ilure_rate\x18\x02 \x01(\x01\x12\x16\n\x0eslow_call_rate\x18\x03 \x01(\x01\x12\x16\n\x0erejected_calls\x18\x04 \x01(\x03\x12\x13\n\x0btransitions\x18\x05 \x01(\x03\x12\x15\n\rretry_after_s\x18\x06 \x01(\x01\"5\n\tLayerLoad\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x03\"\xbc\x03\n\x0bRouterStats\x12\x0e\n\x06router\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x03\x12\x19\n\x11tokens_per_expert\x18\x05 \x03(\x03\x12\x1a\n\x12load_balance_score\x18\x06 \x01(\x01\x12\x16\n\x0eusage_variance\x18\x07 \x01(\x01\x12\x18\n\x10most_used_expert\x18\x08 \x01(\x05\x12\x19\n\x11least_used_expert\x18\t \x01(\x05\x12\x1d\n\x15\x61vg_experts_per_token\x18\n \x01(\x01\x12\x16\n\x0e\x64ropped_tokens\x18\x0b \x01(\x03\x12.\n\x07latency\x18\x0c \x01(\x0b\x32\x1d.moe_router.v1.LatencySummary\x12(\n\x05\x63\x61\x63he\x18\r \x01(\x0b\x32\x19.moe_router.v1.CacheStats\x12,\n\x07\x62reaker\x18\x0e \x01(\x0b\x32\x1b.moe_router.v1.BreakerStats\x12(\n\x06layers\x18\x0f \x03(\x0b\x32\x18.moe_router.v1.LayerLoad\"<\n\rStatsResponse\x12+\n\x07routers\x18\x01 \x03(\x0b\x32\x1a.moe_router.v1.RouterStats\"\x0f\n\rHealthRequest\"\\\n\x0cRouterHealth\x12\x0e\n\x06router\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.moe_router.v1.ServingStatus\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x9f\x01\n\x0eHealthResponse\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.moe_router.v1.ServingStatus\x12,\n\x07routers\x18\x02 \x03(\x0b\x32\x1b.moe_router.v1.RouterHealth\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\"\x14\n\x12ListRoutersRequest\"\xe6\x01\n\x11RouterDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x05\x12\x0e\n\x06layers\x18\x04 \x01(\x05\x12\x11\n\tinput_dim\x18\x05 \x01(\x05\x12\r\n\x05min_k\x18\x06 \x01(\x05\x12\r\n\x05max_k\x18\x07 \x01(\x05\x12-\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x08 \x03(\x0e\x32\x14.moe_router.v1.DType\x12\x0f\n\x07version\x18\t \x01(\t\x12\x1f\n\x17\x62\x61tches_across_requests\x18\n \x01(\x08\"H\n\x13ListRoutersResponse\x12\x31\n\x07routers\x18\x01 \x03(\x0b\x32 .moe_router.v1.RouterDescription*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05*[\n\rServingStatus\x12\x1e\n\x1aSERVING_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x12\x0c\n\x08\x44\x45GRADED\x10\x03\x32\x82\x03\n\rRouterService\x12\x42\n\x05Route\x12\x1b.moe_router.v1.RouteRequest\x1a\x1c.moe_router.v1.RouteResponse\x12L\n\x0bRouteStream\x12\x1b.moe_router.v1.RouteRequest\x1a\x1c.moe_router.v1.RouteResponse(\x01\x30\x01\x12\x42\n\x05Stats\x12\x1b.moe_router.v1.StatsRequest\x1a\x1c.moe_router.v1.StatsResponse\x12\x45\n\x06Health\x12\x1c.moe_router.v1.HealthRequest\x1a\x1d.moe_router.v1.HealthResponse\x12T\n\x0bListRouters\x12!.moe_router.v1.ListRoutersRequest\x1a\".moe_router.v1.ListRoutersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moe_router.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2774
-  _globals['_DTYPE']._serialized_end=2866
-  _globals['_SERVINGSTATUS']._serialized_start=2868
-  _globals['_SERVINGSTATUS']._serialized_end=2959
+  _globals['_DTYPE']._serialized_start=2873
+  _globals['_DTYPE']._serialized_end=2965
+  _globals['_SERVINGSTATUS']._serialized_start=2967
+  _globals['_SERVINGSTATUS']._serialized_end=3058
   _globals['_TENSOR']._serialized_start=45
   _globals['_TENSOR']._serialized_end=119
   _globals['_ROUTEREQUEST']._serialized_start=122
@@ -42,33 +42,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTINGINFO']._serialized_start=445
   _globals['_ROUTINGINFO']._serialized_end=749
   _globals['_ROUTERESPONSE']._serialized_start=752
-  _globals['_ROUTERESPONSE']._serialized_end=1150
-  _globals['_STATSREQUEST']._serialized_start=1152
-  _globals['_STATSREQUEST']._serialized_end=1182
-  _globals['_LATENCYSUMMARY']._serialized_start=1184
-  _globals['_LATENCYSUMMARY']._serialized_end=1282
-  _globals['_CACHESTATS']._serialized_start=1285
-  _globals['_CACHESTATS']._serialized_end=1460
-  _globals['_BREAKERSTATS']._serialized_start=1463
-  _globals['_BREAKERSTATS']._serialized_end=1606
-  _globals['_LAYERLOAD']._serialized_start=1608
-  _globals['_LAYERLOAD']._serialized_end=1661
-  _globals['_ROUTERSTATS']._serialized_start=1664
-  _globals['_ROUTERSTATS']._serialized_end=2108
-  _globals['_STATSRESPONSE']._serialized_start=2110
-  _globals['_STATSRESPONSE']._serialized_end=2170
-  _globals['_HEALTHREQUEST']._serialized_start=2172
-  _globals['_HEALTHREQUEST']._serialized_end=2187
-  _globals['_ROUTERHEALTH']._serialized_start=2189
-  _globals['_ROUTERHEALTH']._serialized_end=2281
-  _globals['_HEALTHRESPONSE']._serialized_start=2284
-  _globals['_HEALTHRESPONSE']._serialized_end=2443
-  _globals['_LISTROUTERSREQUEST']._serialized_start=2445
-  _globals['_LISTROUTERSREQUEST']._serialized_end=2465
-  _globals['_ROUTERDESCRIPTION']._serialized_start=2468
-  _globals['_ROUTERDESCRIPTION']._serialized_end=2698
-  _globals['_LISTROUTERSRESPONSE']._serialized_start=2700
-  _globals['_LISTROUTERSRESPONSE']._serialized_end=2772
-  _globals['_ROUTERSERVICE']._serialized_start=2962
-  _globals['_ROUTERSERVICE']._serialized_end=3348
+  _globals['_ROUTERESPONSE']._serialized_end=1249
+  _globals['_STATSREQUEST']._serialized_start=1251
+  _globals['_STATSREQUEST']._serialized_end=1281
+  _globals['_LATENCYSUMMARY']._serialized_start=1283
+  _globals['_LATENCYSUMMARY']._serialized_end=1381
+  _globals['_CACHESTATS']._serialized_start=1384
+  _globals['_CACHESTATS']._serialized_end=1559
+  _globals['_BREAKERSTATS']._serialized_start=1562
+  _globals['_BREAKERSTATS']._serialized_end=1705
+  _globals['_LAYERLOAD']._serialized_start=1707
+  _globals['_LAYERLOAD']._serialized_end=1760
+  _globals['_ROUTERSTATS']._serialized_start=1763
+  _globals['_ROUTERSTATS']._serialized_end=2207
+  _globals['_STATSRESPONSE']._serialized_start=2209
+  _globals['_STATSRESPONSE']._serialized_end=2269
+  _globals['_HEALTHREQUEST']._serialized_start=2271
+  _globals['_HEALTHREQUEST']._serialized_end=2286
+  _globals['_ROUTERHEALTH']._serialized_start=2288
+  _globals['_ROUTERHEALTH']._serialized_end=2380
+  _globals['_HEALTHRESPONSE']._serialized_start=2383
+  _globals['_HEALTHRESPONSE']._serialized_end=2542
+  _globals['_LISTROUTERSREQUEST']._serialized_start=2544
+  _globals['_LISTROUTERSREQUEST']._serialized_end=2564
+  _globals['_ROUTERDESCRIPTION']._serialized_start=2567
+  _globals['_ROUTERDESCRIPTION']._serialized_end=2797
+  _globals['_LISTROUTERSRESPONSE']._serialized_start=2799
+  _globals['_LISTROUTERSRESPONSE']._serialized_end=2871
+  _globals['_ROUTERSERVICE']._serialized_start=3061
+  _globals['_ROUTERSERVICE']._serialized_end=3447
 # @@protoc_insertion_point(module_scope)

@@ -96,7 +96,7 @@ class RoutingInfo(_message.Message):
     def __init__(self, aux_loss: _Optional[float] = ..., z_loss: _Optional[float] = ..., tokens_per_expert: _Optional[_Iterable[int]] = ..., dropped_tokens: _Optional[int] = ..., router_version: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., batch_requests: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., queue_time_us: _Optional[int] = ..., compute_time_us: _Optional[int] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("expert_indices", "expert_weights", "num_experts_per_token", "complexity_scores", "router_logits", "info", "dispatch_weights", "combine_weights")
+    __slots__ = ("expert_indices", "expert_weights", "num_experts_per_token", "complexity_scores", "router_logits", "info", "dispatch_weights", "combine_weights", "expert_tokens", "expert_token_weights")
     EXPERT_INDICES_FIELD_NUMBER: _ClassVar[int]
     EXPERT_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,8 @@ class RouteResponse(_message.Message):
     INFO_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     COMBINE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKEN_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     expert_indices: Tensor
     expert_weights: Tensor
     num_experts_per_token: Tensor
@@ -113,7 +115,9 @@ class RouteResponse(_message.Message):
     info: RoutingInfo
     dispatch_weights: Tensor
     combine_weights: Tensor
-    def __init__(self, expert_indices: _Optional[_Union[Tensor, _Mapping]] = ..., expert_weights: _Optional[_Union[Tensor, _Mapping]] = ..., num_experts_per_token: _Optional[_Union[Tensor, _Mapping]] = ..., complexity_scores: _Optional[_Union[Tensor, _Mapping]] = ..., router_logits: _Optional[_Union[Tensor, _Mapping]] = ..., info: _Optional[_Union[RoutingInfo, _Mapping]] = ..., dispatch_weights: _Optional[_Union[Tensor, _Mapping]] = ..., combine_weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    expert_tokens: Tensor
+    expert_token_weights: Tensor
+    def __init__(self, expert_indices: _Optional[_Union[Tensor, _Mapping]] = ..., expert_weights: _Optional[_Union[Tensor, _Mapping]] = ..., num_experts_per_token: _Optional[_Union[Tensor, _Mapping]] = ..., complexity_scores: _Optional[_Union[Tensor, _Mapping]] = ..., router_logits: _Optional[_Union[Tensor, _Mapping]] = ..., info: _Optional[_Union[RoutingInfo, _Mapping]] = ..., dispatch_weights: _Optional[_Union[Tensor, _Mapping]] = ..., combine_weights: _Optional[_Union[Tensor, _Mapping]] = ..., expert_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., expert_token_weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("router",)

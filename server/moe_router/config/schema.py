@@ -19,6 +19,9 @@ from moe_router.routing.dynamic import RoutingStrategy
 from moe_router.routing.estimators import EstimatorName
 from moe_router.routing.kinds import RoutingMethod, kind_entry, kinds_using
 from moe_router.routing.router_config import (
+    AuxLossAssignments,
+    CapacityPriority,
+    CapacityScope,
     DropPolicy,
     GroupScore,
     RouterConfig,
@@ -368,9 +371,29 @@ class RouterSpec:
     capacity_factor: float | None = _field(None, "Per-expert capacity ceil(T*k/E*factor); "
                                            "null for none.",
                                            kinds=kinds_using("capacity_factor"))
-    drop_policy: DropPolicy = _field(DropPolicy.PROBS, "Over capacity, keep highest probs "
-                                     "or earliest positions.",
+    drop_policy: DropPolicy = _field(DropPolicy.PROBS, "Over capacity, keep the highest "
+                                     "final weights (Megatron) or the earliest tokens.",
                                      kinds=kinds_using("drop_policy"))
+    expert_capacity: int | None = _field(None, "Absolute capacity per expert (Switch/NLLB "
+                                         "expert_capacity); not with capacity_factor.", lo=1,
+                                         kinds=kinds_using("expert_capacity"))
+    capacity_scope: CapacityScope = _field(CapacityScope.CALL, "call | sequence: capacity "
+                                           "over all tokens, or per sequence (Switch).",
+                                           kinds=kinds_using("capacity_scope"))
+    capacity_priority: CapacityPriority = _field(CapacityPriority.EXPERT, "expert (Megatron) "
+                                                 "| slot: first choices before second ones "
+                                                 "(GShard, Switch, NLLB-MoE).",
+                                                 kinds=kinds_using("capacity_priority"))
+    renormalize_after_drop: bool = _field(False, "Renormalise the kept weights after "
+                                          "dropping (NLLB-MoE).",
+                                          kinds=kinds_using("renormalize_after_drop"))
+    pad_to_capacity: bool = _field(False, "Answer expert_tokens [E, capacity], -1 padded "
+                                   "(Megatron's pad_to_capacity).",
+                                   kinds=kinds_using("pad_to_capacity"))
+    aux_loss_assignments: AuxLossAssignments = _field(AuxLossAssignments.TOP_K, "top_k "
+                                                      "(Megatron) | selected: what f_i of "
+                                                      "the aux loss counts.",
+                                                      kinds=kinds_using("aux_loss_assignments"))
     tokens_per_expert: int | None = _field(None, "Fixed expert-choice capacity; null derives "
                                            "it from capacity_factor.", lo=1,
                                            kinds=kinds_using("tokens_per_expert"))

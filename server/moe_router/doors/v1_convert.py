@@ -125,6 +125,9 @@ def result_to_response(result: RouteResult, call: RouteCall) -> pb.RouteResponse
         response.dispatch_weights.CopyFrom(to_wire(out.dispatch_weights.float()))
     if out.combine_weights is not None:
         response.combine_weights.CopyFrom(to_wire(out.combine_weights.float()))
+    if out.expert_tokens is not None and out.expert_token_weights is not None:
+        response.expert_tokens.CopyFrom(to_wire(out.expert_tokens.to(torch.int32)))
+        response.expert_token_weights.CopyFrom(to_wire(out.expert_token_weights.float()))
     return response
 
 

@@ -22,8 +22,8 @@ from torch import nn
 
 from moe_router.errors import RouterConfigurationError, ValidationError
 from moe_router.layers.dispatch import run_experts_grouped
-from moe_router.routing import functional as F
 from moe_router.routing.base import FLOAT_DTYPES, RouterBase
+from moe_router.routing.capacity import apply_capacity, expert_capacity
 from moe_router.routing.output import RouterOutput
 from moe_router.routing.router_config import DropPolicy
 
@@ -141,7 +141,7 @@ class MoELayer(nn.Module):
         num_tokens = flat.shape[0]
         indices = routing.expert_indices.reshape(num_tokens, -1)
         weights = routing.expert_weights.reshape(num_tokens, -1)
-        capacity = F.expert_capacity(
+        capacity = expert_capacity(
             num_tokens, self.router.k_range[1], self.num_experts, self.expert_capacity_factor
         )
         indices, weights, capacity_dropped = self.apply_capacity(indices, weights, capacity)
@@ -262,16 +262,10 @@ class SparseMoELayer(MoELayer):
         self, indices: torch.Tensor, weights: torch.Tensor, capacity: int
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Drop each expert's lowest-weight assignments beyond ``capacity``; count them."""
-        num_tokens, _ = indices.shape
         valid = indices >= 0
-        # Priority matrix [T, E]: each assignment's weight; padding goes to a spare column.
-        column = torch.where(valid, indices.long(), self.num_experts)
-        priority = torch.zeros(num_tokens, self.num_experts + 1, dtype=torch.float32,
-                               device=indices.device)
-        priority.scatter_(1, column, weights.detach().float())
-        kept_indices, kept_weights, dropped = F.apply_capacity(
-            indices.long(), weights, priority[:, : self.num_experts], capacity, DropPolicy.PROBS
-        )
+        kept_indices, kept_weights, dropped = apply_capacity(
+            indices.long(), weights, capacity, DropPolicy.PROBS, num_experts=self.num_experts
+        )[:3]
         fully_dropped = int(((kept_indices < 0).all(dim=-1) & valid.any(dim=-1)).sum())
         with self._stats_lock:
             self._dropped_assignments += dropped

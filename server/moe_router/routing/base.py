@@ -1,6 +1,7 @@
 """RouterBase: the shared routing pipeline; each router supplies only its selection step.
 
 validate -> logits (fp32) -> select (subclass) -> capacity -> losses -> stats -> RouterOutput
+(the aux loss is taken from the selection before capacity drops anything, as Megatron-core).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from moe_router.errors import ValidationError
+from moe_router.routing import capacity
 from moe_router.routing import functional as F
 from moe_router.routing.output import RouterOutput, Selection
 from moe_router.routing.router_config import RouterConfig
@@ -79,7 +81,7 @@ class RouterBase(nn.Module, ABC):
     @property
     def couples_tokens_now(self) -> bool:
         """True when calls must not be merged: token-coupled router or capacity dropping."""
-        return self.couples_tokens or self.config.capacity_factor is not None
+        return self.couples_tokens or self.config.drops_tokens
 
     def version(self) -> str:
         """A short hash of the router's class, config and parameters (names its answers)."""
@@ -183,17 +185,27 @@ class RouterBase(nn.Module, ABC):
     def _finish(
         self, logits: torch.Tensor, selection: Selection, lead: tuple[int, ...]
     ) -> RouterOutput:
-        """Capacity, losses, padding, counts and statistics for one call's selection."""
+        """Capacity, losses, padding, counts and statistics for one call's selection.
+
+        Order (Megatron-core's ``TopKRouter.routing``): the aux loss counts the
+        assignments of the selection (or :meth:`aux_loss_counts`) BEFORE any dropping,
+        so dropping never changes it; ``tokens_per_expert`` and the statistics count
+        what was kept.
+        """
+        cfg = self.config
         indices, weights = selection.indices, selection.weights
+        aux_counts = self.aux_loss_counts(selection)
+        drops = cfg.drops_tokens and not self.couples_tokens
         dropped = 0
-        cf = self.config.capacity_factor
-        if cf is not None and not self.couples_tokens:
-            capacity = F.expert_capacity(logits.shape[0], self.k_range[1], self.num_experts, cf)
-            indices, weights, dropped = F.apply_capacity(
-                indices, weights, selection.probs, capacity, self.config.drop_policy
+        expert_tokens = expert_token_weights = None
+        if drops:
+            kept = capacity.drop_for_config(
+                indices, weights, selection.probs, cfg, lead, self.k_range[1]
             )
+            indices, weights, dropped = kept.indices, kept.weights, kept.dropped
+            expert_tokens, expert_token_weights = kept.expert_tokens, kept.expert_token_weights
         assignments = None
-        if self.fixed_k and cf is None:  # every slot is real: no padding to sort out
+        if self.fixed_k and not drops:  # every slot is real: no padding to sort out
             indices_i32, weights_f32 = indices.to(torch.int32), weights.to(torch.float32)
             num_per_token = torch.full(
                 indices.shape[:1], indices.shape[1], dtype=torch.int32, device=indices.device
@@ -203,10 +215,13 @@ class RouterBase(nn.Module, ABC):
         else:
             indices_i32, weights_f32, num_per_token = F.pad_selection(indices, weights)
             counts = F.tokens_per_expert(indices_i32, self.num_experts)
-        if type(self).compute_aux_loss is RouterBase.compute_aux_loss:
-            aux_loss = F.aux_loss_from_counts(selection.probs, counts, self.k_range[1])
+        if type(self).compute_aux_loss is not RouterBase.compute_aux_loss:
+            aux_loss = self.compute_aux_loss(selection.probs, selection.indices)
         else:
-            aux_loss = self.compute_aux_loss(selection.probs, indices)
+            if aux_counts is None:  # the selection's own, before dropping
+                aux_counts = counts if not drops else F.tokens_per_expert(
+                    selection.indices, self.num_experts)
+            aux_loss = F.aux_loss_from_counts(selection.probs, aux_counts, self.k_range[1])
         z_loss = self.compute_z_loss(logits)
         self.update_stats(counts, num_per_token, dropped, assignments)
         extras = dict(selection.extras)
@@ -222,9 +237,23 @@ class RouterBase(nn.Module, ABC):
             aux_loss=aux_loss,
             z_loss=z_loss,
             complexity_scores=None if complexity is None else complexity.reshape(lead),
+            expert_tokens=None if expert_tokens is None else expert_tokens.to(torch.int32),
+            expert_token_weights=(
+                None if expert_token_weights is None else expert_token_weights.float()
+            ),
             info=info,
             **extras,
         )
+
+    def aux_loss_counts(self, selection: Selection) -> torch.Tensor | None:
+        """Per-expert assignment counts [E] the aux loss's f_i uses, or None for the
+        router's own selection before any dropping (the default).
+
+        A router whose selection is steered by more than the probabilities (groups, a
+        bias) overrides this with Megatron's plain top-k of the probabilities over all
+        experts (``config.aux_loss_assignments``).
+        """
+        return None
 
     def validate(
         self, hidden_states: torch.Tensor, name: str | None = None

@@ -10,6 +10,7 @@ import torch
 from moe_router.errors import RouterConfigurationError
 from moe_router.routing import functional as F
 from moe_router.routing.base import RouterBase
+from moe_router.routing.capacity import expert_capacity
 from moe_router.routing.output import Selection
 from moe_router.routing.router_config import RouterConfig, ScoringFunction
 
@@ -73,7 +74,7 @@ class ExpertChoiceRouter(RouterBase):
             capacity = self.tokens_per_expert
         else:
             factor = 1.0 if self.config.capacity_factor is None else self.config.capacity_factor
-            capacity = F.expert_capacity(num_tokens, 1, self.num_experts, factor)
+            capacity = expert_capacity(num_tokens, 1, self.num_experts, factor)
         return min(capacity, num_tokens)
 
     def select(

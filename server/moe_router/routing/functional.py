@@ -4,15 +4,14 @@ Vocabulary (as Megatron's moe_utils): ``logits`` are raw gate outputs [T, E];
 ``scores`` are logits after softmax/sigmoid; ``probs`` are the per-expert
 probabilities the aux loss uses; ``indices``/``weights`` are the [T, k] selection.
 All functions are pure: no I/O, no globals, vectorised over tokens and experts.
+Token dropping (capacity) has its own module, :mod:`moe_router.routing.capacity`.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from moe_router.routing.router_config import DropPolicy, ScoringFunction
+from moe_router.routing.router_config import ScoringFunction
 
 __all__ = [
     "GATE_MAX_BLOCK_ROWS",
@@ -20,13 +19,12 @@ __all__ = [
     "gate_block_rows",
     "score",
     "topk_lowest_index",
+    "top_k_mask",
     "renormalize",
     "compute_aux_loss",
     "aux_loss_from_counts",
     "compute_seq_aux_loss",
     "compute_z_loss",
-    "expert_capacity",
-    "apply_capacity",
     "tokens_per_expert",
     "load_balance_score",
     "pad_selection",
@@ -103,6 +101,20 @@ def topk_lowest_index(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     return sorted_values[..., :k], sorted_indices[..., :k]
 
 
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Which entries a top-k along the last dim picks, ties to the lower index: bool [..., E].
+
+    The same set as :func:`topk_lowest_index` without sorting every row: the k-th
+    largest value v per row (``torch.topk``), every entry above v, and the lowest-index
+    entries equal to v that are still needed. O(E) per row after the top-k.
+    """
+    kth = torch.topk(values, k, dim=-1).values[..., -1:]
+    above = values > kth
+    needed = k - above.sum(dim=-1, keepdim=True)
+    equal = values == kth
+    return above | (equal & (torch.cumsum(equal, dim=-1) <= needed))
+
+
 def renormalize(weights: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
     """Rescale [T, k] weights so each row sums to 1 (HF ``norm_topk_prob``; DeepSeek adds eps)."""
     return weights / (weights.sum(dim=-1, keepdim=True) + eps)
@@ -165,52 +177,6 @@ def compute_z_loss(logits: torch.Tensor) -> torch.Tensor:
     if logits.shape[0] == 0:
         return logits.new_zeros((), dtype=torch.float32)
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
-
-
-def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Assignments one expert may keep: ceil(T * k / E * capacity_factor)."""
-    return int(math.ceil(num_tokens * top_k / num_experts * capacity_factor))
-
-
-def apply_capacity(
-    indices: torch.Tensor,
-    weights: torch.Tensor,
-    probs: torch.Tensor,
-    capacity: int,
-    policy: DropPolicy,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Drop the assignments each expert cannot take (capacity per expert).
-
-    indices/weights: [T, k]; probs: [T, E] (ranks assignments under ``probs`` policy).
-    ``probs`` keeps each expert's highest-probability assignments (ties: earlier token);
-    ``position`` keeps the earliest tokens (token order, then k slot).
-    Returns (indices with dropped slots set to -1, weights zeroed there, dropped count).
-    """
-    num_tokens, k = indices.shape
-    flat_expert = indices.reshape(-1)
-    valid = flat_expert >= 0
-    num_experts = probs.shape[-1]
-    order = torch.arange(flat_expert.numel(), device=indices.device)
-    if policy is DropPolicy.PROBS:
-        gathered = probs.gather(1, indices.clamp(min=0)).reshape(-1)
-        order = torch.sort(-gathered, stable=True).indices
-    # Group by expert (padding last), keeping the priority order inside each group.
-    expert_of = torch.where(valid, flat_expert, num_experts)[order]
-    by_expert = torch.sort(expert_of, stable=True)
-    grouped = order[by_expert.indices]
-    counts = torch.bincount(by_expert.values, minlength=num_experts + 1)
-    starts = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(grouped.numel(), device=indices.device) - starts[by_expert.values]
-    rank = torch.empty_like(rank_sorted)
-    rank[grouped] = rank_sorted
-    keep = (rank < capacity) | ~valid
-    dropped = int((~keep).sum())
-    keep = keep.reshape(num_tokens, k)
-    return (
-        torch.where(keep, indices, torch.full_like(indices, -1)),
-        torch.where(keep, weights, torch.zeros_like(weights)),
-        dropped,
-    )
 
 
 def load_balance_score(counts: torch.Tensor) -> float:

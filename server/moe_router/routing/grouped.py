@@ -10,7 +10,12 @@ from moe_router.errors import RouterConfigurationError
 from moe_router.routing import functional as F
 from moe_router.routing.base import RouterBase
 from moe_router.routing.output import Selection
-from moe_router.routing.router_config import GroupScore, RouterConfig, ScoringFunction
+from moe_router.routing.router_config import (
+    AuxLossAssignments,
+    GroupScore,
+    RouterConfig,
+    ScoringFunction,
+)
 
 __all__ = ["GroupedTopKRouter"]
 
@@ -34,6 +39,11 @@ class GroupedTopKRouter(RouterBase):
     vLLM do, so no expert of a dropped group is ever chosen, even when every biased
     score is negative (transformers 4.x filled them with 0.0 instead, which lets such
     experts win over negative biased scores). Ties go to the lower group / expert index.
+
+    Aux loss: by default (``aux_loss_assignments: top_k``) its f_i counts a plain top-k
+    of the unbiased probabilities over all experts, as Megatron-core's
+    ``compute_routing_scores_for_aux_loss`` and the DeepSeek-V3 paper's balance loss do;
+    ``selected`` counts the group-limited, bias-steered experts actually chosen.
 
     DeepSeek-V3: E=256, n_group=8, topk_group=4, k=8, sigmoid, TOP2_SUM, renormalize,
     scale 2.5, ``use_correction_bias=True``. DeepSeek-V2: E=160, n_group=8,
@@ -101,3 +111,13 @@ class GroupedTopKRouter(RouterBase):
         weights = weights * cfg.routed_scaling_factor
         probs = scores if cfg.scoring is ScoringFunction.SOFTMAX else F.renormalize(scores)
         return Selection(indices, weights, probs, {})
+
+    def aux_loss_counts(self, selection: Selection) -> torch.Tensor | None:
+        """Megatron's plain top-k of the probabilities [T, E] over all experts (ties to
+        the lower index), counted per expert [E]; None (the selection itself) under
+        ``aux_loss_assignments: selected`` or when groups and bias change nothing."""
+        cfg = self.config
+        plain = cfg.n_group == 1 and not self.use_correction_bias
+        if plain or cfg.aux_loss_assignments is AuxLossAssignments.SELECTED:
+            return None
+        return F.top_k_mask(selection.probs, cfg.top_k).sum(dim=0)

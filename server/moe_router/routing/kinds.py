@@ -162,6 +162,9 @@ def _import_class(path: str) -> type[Any]:
 _K = RoutingMethod
 _TOP_K_CONFIG = frozenset({"top_k", "scoring", "renormalize", "routed_scaling_factor",
                            "capacity_factor", "drop_policy"})
+# Token dropping beyond the factor: Switch/NLLB-MoE rules and Megatron's padded lists.
+_TOP_K_CONFIG |= {"expert_capacity", "capacity_scope", "capacity_priority",
+                  "renormalize_after_drop", "pad_to_capacity"}
 _DYNAMIC_ARGUMENTS = {
     name: name
     for name in ("min_experts", "max_experts", "complexity_estimator", "routing_strategy",
@@ -178,7 +181,8 @@ _ROWS = (
     RouterKindEntry(
         _K.GROUPED_TOP_K, "moe_router.routing.grouped:GroupedTopKRouter",
         "Group-limited top-k: experts only from the best groups (DeepSeek-V2/V3).",
-        config_fields=_TOP_K_CONFIG | {"n_group", "topk_group", "group_score"},
+        config_fields=_TOP_K_CONFIG | {"n_group", "topk_group", "group_score",
+                                       "aux_loss_assignments"},
         arguments={"use_correction_bias": "use_correction_bias"},
     ),
     RouterKindEntry(

@@ -40,6 +40,15 @@ class RouterOutput:
     complexity_scores:     float32 [...]         dynamic routers only
     dispatch_weights:      float32 [T, E*slots]  Soft MoE only (softmax over tokens per slot)
     combine_weights:       float32 [T, E*slots]  Soft MoE only (softmax over slots per token)
+    expert_tokens:         int32   [E, G*C]      with pad_to_capacity only: the tokens each
+                           expert processes, as flat token indices (row of the input
+                           reshaped to [T, D]); capacity group g (a sequence under
+                           capacity_scope ``sequence``, else the whole call, G=1) in
+                           columns g*C .. g*C+C-1, in token order, padded with -1. The
+                           expert-centric view of the same kept assignments, in fixed
+                           shapes for expert-parallel dispatchers.
+    expert_token_weights:  float32 [E, G*C]      the combine weight of each of those
+                           (token, expert) pairs, 0 where padded
     """
 
     expert_indices: torch.Tensor
@@ -53,6 +62,8 @@ class RouterOutput:
     complexity_scores: torch.Tensor | None = None
     dispatch_weights: torch.Tensor | None = None
     combine_weights: torch.Tensor | None = None
+    expert_tokens: torch.Tensor | None = None
+    expert_token_weights: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -94,4 +105,6 @@ _TENSOR_FIELDS = (
     "complexity_scores",
     "dispatch_weights",
     "combine_weights",
+    "expert_tokens",
+    "expert_token_weights",
 )
