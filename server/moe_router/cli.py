@@ -238,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"moe-router {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    options = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    defaults = argparse.ArgumentDefaultsHelpFormatter  # every flag's help shows its default
 
-    p = sub.add_parser("serve", help="run the gRPC server", **options)
+    p = sub.add_parser("serve", help="run the gRPC server", formatter_class=defaults)
     p.add_argument("--config", default=None,
                    help="config.yaml path (default: $DYNAMIC_MOE_CONFIG or the embedded one)")
     p.add_argument("--port", type=_bounded_int(0), default=None,
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("route", _cmd_route, "route random hidden states through a running server"),
         ("stats", _cmd_stats, "print a running server's per-router statistics"),
     ):
-        p = sub.add_parser(name, help=helptext, **options)
+        p = sub.add_parser(name, help=helptext, formatter_class=defaults)
         p.add_argument("--target", default="127.0.0.1:50051", help="server address host:port")
         p.add_argument("--api-key", default=None, help="API key, when the server needs one")
         p.add_argument("--timeout", type=_positive_float, default=30.0,
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("simulate", help="simulate routing load, all-to-all cost, placement",
-                       **options)
+                       formatter_class=defaults)
     p.add_argument("--experts", type=_bounded_int(1), default=64, help="experts E")
     p.add_argument("--tokens", type=_bounded_int(1), default=4096, help="tokens routed")
     p.add_argument("--top-k", type=_bounded_int(1), default=8, help="experts per token k")
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("bench", help="measure the service against its peers", **options)
+    p = sub.add_parser("bench", help="measure the service against its peers", formatter_class=defaults)
     p.add_argument("--preset", choices=("default", "quick"), default="default",
                    help="what to measure and for how long")
     p.add_argument("--target", default=None, help="benchmark a running server instead")

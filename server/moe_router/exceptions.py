@@ -11,6 +11,7 @@ either module catch the same errors. The seed's ``MemoryError`` is importable by
 from __future__ import annotations
 
 from moe_router.errors import (
+    AlreadyExistsError,
     AuthenticationError,
     BackendError,
     CircuitOpenError,
@@ -34,6 +35,7 @@ MemoryError = RouterMemoryError  # noqa: A001 - the seed's name, by explicit imp
 
 # The names of moe_router.errors.__all__ (a test keeps the two lists equal).
 __all__ = [
+    "AlreadyExistsError",
     "DynamicMoEError",
     "RouterConfigurationError",
     "ComplexityEstimationError",

@@ -411,9 +411,9 @@ def test_metrics_scrape_has_every_family_moving(served: Served, client, fault_di
     text = scrape(served.server.metrics_port)
     scraped = samples(text)
 
-    assert value(while_open, "moe_router_breaker_state", router="faulty") == 1
-    assert value(scraped, "moe_router_breaker_state", router="faulty") == 0
-    assert value(scraped, "moe_router_breaker_state", router="mixtral") == 0
+    assert value(while_open, "moe_router_breaker_state", router="faulty", state="open") == 1
+    assert value(scraped, "moe_router_breaker_state", router="faulty", state="open") == 0
+    assert value(scraped, "moe_router_breaker_state", router="mixtral", state="closed") == 1
     for old, new in (("CLOSED", "OPEN"), ("OPEN", "HALF_OPEN"), ("HALF_OPEN", "CLOSED")):
         edge = {"router": "faulty", "from": old, "to": new}
         assert value(scraped, "moe_router_breaker_transitions_total", **edge) >= 1, edge
