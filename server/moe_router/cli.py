@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrent calls (default: the preset's)")
     p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--duration", type=float, default=None, help="timed seconds per cell")
+    p.add_argument("--compare", nargs="+", metavar="JSON", default=None,
+                   help="OLD.json: after the run, print what got faster or slower than that "
+                   "run's service_bench.json; OLD.json NEW.json: compare two without running")
     p.set_defaults(func=_cmd_bench, reexec=True)
     return parser
 
