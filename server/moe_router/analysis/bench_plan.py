@@ -161,8 +161,9 @@ def _members(values: Sequence[Any], enum: type[_Member], name: str) -> tuple[_Me
 
 PRESETS: dict[str, BenchPlan] = {
     "default": BenchPlan(),
-    "quick": BenchPlan(tokens=(1, 256), concurrency=(1, 16), warmup_s=0.1, duration_s=0.4,
-                       inprocess_s=0.3, malloc_duration_s=0.5, malloc_rounds=1),
+    "quick": BenchPlan(tokens=(1, 256), dtypes=(WireDtype.FLOAT32,), concurrency=(1, 16),
+                       warmup_s=0.1, duration_s=0.4, rounds=2, inprocess_s=0.3,
+                       malloc_duration_s=0.5, malloc_rounds=1),
 }
 
 

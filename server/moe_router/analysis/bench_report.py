@@ -136,9 +136,11 @@ def _header(report: BenchReport) -> list[str]:
              f"{m.get('device_name', m['device'])}, service device "
              f"{m.get('service_device', '-')}; malloc variables: {malloc}",
              f"- **Noise**: 1-min load average {start:.2f} at start, {end:.2f} at end on "
-             f"{m['cores']} cores. Servers, clients and peers share the machine with any other "
-             f"work on it: the ratios compare figures measured side by side in this run (a "
-             f"neighbour slows both sides), but single cells, and p99 above all, are noisy.",
+             f"{m['cores']} cores; the run took {m.get('wall_s', 0):.0f} s, "
+             f"{m.get('startup_s', 0):.0f} s of it starting the servers. Servers, clients "
+             f"and peers share the machine with any other work on it: the ratios compare "
+             f"figures measured side by side in this run (a neighbour slows both sides), but "
+             f"single cells, and p99 above all, are noisy.",
              f"- Method: Route over loopback {served}; clients in {plan.client_procs} "
              f"separate processes (closed loop); per cell {plan.warmup_s} s warmup + "
              f"{plan.duration_s} s timed in {plan.rounds} rounds, the doors and the echo "
@@ -152,7 +154,7 @@ def _header(report: BenchReport) -> list[str]:
     return lines
 
 
-def _targets_section(outcomes: list[TargetOutcome]) -> list[str]:
+def _targets_section(outcomes: list[TargetOutcome], machine: dict[str, Any]) -> list[str]:
     rows = []
     for o in outcomes:
         t = o.target
@@ -163,7 +165,11 @@ def _targets_section(outcomes: list[TargetOutcome]) -> list[str]:
     judged = [o for o in outcomes if o.passed is not None]
     summary = (f"{sum(bool(o.passed) for o in judged)} of {len(judged)} measured cases pass; "
                f"{len(outcomes) - len(judged)} targets not measured.")
-    return ["## Targets (issue 10)", "", summary, "",
+    noise = (f"Ratios of figures measured side by side in this run, on a machine shared with "
+             f"other work (1-min load average {machine['load_average_1m']:.2f} on "
+             f"{machine['cores']} cores at start): a single cell can move by tens of percent "
+             f"from one run to the next; `--compare` says which moves are beyond that.")
+    return ["## Targets (issue 10)", "", summary, "", noise, "",
             *_table(["target", "case", "measured", "bound", "result"], rows)]
 
 
@@ -277,7 +283,7 @@ def report_to_markdown(report: BenchReport) -> str:
     question, the plots drawn, and any notes."""
     figures = report.figures()
     ratios = {r.key: r.value for r in derived_ratios(figures)}
-    lines = _header(report) + _targets_section(report.targets())
+    lines = _header(report) + _targets_section(report.targets(), report.machine)
     lines += _grpc_section(figures, ratios) + _floors_section(figures, ratios)
     lines += _inprocess_section(figures, ratios) + _colocated_section(report, figures, ratios)
     lines += _malloc_section(report, figures, ratios)

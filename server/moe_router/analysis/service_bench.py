@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -342,9 +343,11 @@ def run_bench(plan: BenchPlan, target: str | None = None, command: str = "moe-ro
         report.notes.append("ours is built from the bench's config entry, not from the "
                             f"running server's config at {target}")
     run = _Run(plan, report, device)
+    began = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="moe-router-bench-") as workdir:
             run.start(target, Path(workdir))
+            report.machine["startup_s"] = time.monotonic() - began
             run.sweep()
             run.malloc_test()
     except KeyboardInterrupt:
@@ -352,6 +355,7 @@ def run_bench(plan: BenchPlan, target: str | None = None, command: str = "moe-ro
     finally:
         run.stop()
         report.machine["load_average_1m_end"] = load_average()
+        report.machine["wall_s"] = time.monotonic() - began
     return report
 
 
