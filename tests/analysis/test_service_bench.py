@@ -26,7 +26,7 @@ from moe_router.analysis import service_bench
 from moe_router.analysis.bench_plan import PRESETS, Transport
 from moe_router.analysis.bench_report import write_report
 from moe_router.analysis.bench_targets import TARGETS
-from moe_router.analysis.inprocess_bench import hosted_router, plain_route
+from moe_router.analysis.inprocess_bench import hosted_router, intra_op_threads, plain_route
 from moe_router.analysis.load_client import LoadClientPool, LoadSpec, TransportUnavailable
 from moe_router.analysis.load_worker import transport_unavailable
 from moe_router.analysis.service_bench import (
@@ -126,6 +126,15 @@ def test_ours_is_the_router_the_server_builds_from_the_same_entry(tmp_path: Path
                       torch.device("cpu"))
 
 
+def test_the_in_process_peers_run_on_the_threads_asked_and_leave_them_as_they_were() -> None:
+    before = torch.get_num_threads()
+    with intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    with intra_op_threads(0):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+
+
 # --------------------------------------------------------------------- plan
 @pytest.mark.parametrize(("arguments", "named"), [
     ({"tokens": (0,)}, "tokens"),
@@ -137,6 +146,7 @@ def test_ours_is_the_router_the_server_builds_from_the_same_entry(tmp_path: Path
     ({"duration_s": 0.0}, "duration_s"),
     ({"client_procs": 0}, "client_procs"),
     ({"colocated_client": "NoModule"}, "colocated_client"),
+    ({"inprocess_threads": -1}, "inprocess_threads"),
 ])
 def test_plan_names_the_bad_argument(arguments: dict, named: str) -> None:
     with pytest.raises(ValidationError, match=named):

@@ -100,6 +100,14 @@ class BenchPlan:
     The malloc test sends ``malloc_message_bytes`` each way for ``malloc_duration_s`` per
     variant and round. ``colocated_client`` is the co-located door's client class
     (``module:Name``, see :mod:`moe_router.analysis.load_worker`).
+
+    ``inprocess_threads``: torch intra-op threads of the in-process peers (0: torch's
+    default). 1 by default: on a shared machine two OpenMP threads stall at every parallel
+    region while another process holds a core, so the figure measured the neighbours (on
+    the 2-core development machine at load 5, a 16 x 4096 fp32 gate matmul took 24-62 ms
+    on two threads and 0.04-0.05 ms on one, and ours / plain at 256 tokens read 22x in
+    one run and 62x in the next); one thread is also how a serving stack's own calling
+    thread would route in-process.
     """
 
     routers: tuple[BenchRouter, ...] = (MIXTRAL, DEEPSEEK_V3)
@@ -112,6 +120,7 @@ class BenchPlan:
     warmup_s: float = 0.3
     duration_s: float = 1.2
     inprocess_s: float = 1.0
+    inprocess_threads: int = 1
     malloc_message_bytes: int = 16 * 1024 * 1024
     malloc_duration_s: float = 1.5
     malloc_rounds: int = 2
@@ -135,6 +144,10 @@ class BenchPlan:
         for name in ("max_concurrent_tokens", "malloc_message_bytes", "malloc_rounds",
                      "rounds", "client_procs"):
             _positive_ints((getattr(self, name),), name)
+        if isinstance(self.inprocess_threads, bool) or not isinstance(
+                self.inprocess_threads, int) or self.inprocess_threads < 0:
+            raise ValidationError(f"inprocess_threads: must be an integer >= 0 (0: torch's "
+                                  f"default), got {self.inprocess_threads!r}")
         if ":" not in self.colocated_client:
             raise ValidationError(f"colocated_client: must be 'module:ClassName', got "
                                   f"{self.colocated_client!r}")

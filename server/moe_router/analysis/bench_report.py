@@ -128,6 +128,8 @@ def _header(report: BenchReport) -> list[str]:
               f"to the running server at {report.target} (its own config; every call sets "
               f"skip_cache)")
     start, end = m["load_average_1m"], m.get("load_average_1m_end", m["load_average_1m"])
+    threads = (f"{plan.inprocess_threads} torch thread(s)" if plan.inprocess_threads else
+               f"torch's default threads ({m.get('torch_threads', '?')})")
     lines = ["# moe-router service benchmark", "",
              f"- Date: {report.date}", f"- Command: `{report.command}`",
              f"- Machine: {m['cores']} cores ({m['cpu']}), {m['os']}; Python {m['python']}, "
@@ -148,7 +150,8 @@ def _header(report: BenchReport) -> list[str]:
              f"bytes each way; **ours** = the router module the server hosts, built from the "
              f"same config entry, called in-process; **plain** = hand-written eager PyTorch "
              f"routing; **matmul** = `x.float() @ W.T` alone; in-process peers timed in turns "
-             f"for at least {plan.inprocess_s} s.", ""]
+             f"for at least {plan.inprocess_s} s on {threads} (the server keeps its own "
+             f"settings).", ""]
     if report.interrupted:
         lines += ["> Interrupted: the tables hold the measurements completed before Ctrl-C.", ""]
     return lines

@@ -18,7 +18,8 @@ selection math itself.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,8 @@ from moe_router.errors import ValidationError
 from moe_router.routing.base import RouterBase
 from moe_router.routing.kinds import RoutingMethod
 
-__all__ = ["INPROCESS_PEERS", "InprocessRun", "hosted_router", "plain_route", "run_inprocess",
-           "time_interleaved"]
+__all__ = ["INPROCESS_PEERS", "InprocessRun", "hosted_router", "intra_op_threads", "plain_route",
+           "run_inprocess", "time_interleaved"]
 
 INPROCESS_PEERS = ("ours", "plain", "matmul")
 """The benchmark names of the in-process peers, in the order they are timed."""
@@ -110,10 +111,29 @@ class InprocessRun:
     disagreement: str | None
 
 
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` (0: left as it is) while inside."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_inprocess(spec: BenchRouter, router: RouterBase, dtype: WireDtype, tokens: int,
-                  min_time_s: float, device: torch.device) -> InprocessRun:
+                  min_time_s: float, device: torch.device, threads: int = 0) -> InprocessRun:
     """Time our ``router``, :func:`plain_route` with its gate weights, and the bare matmul
-    on ``tokens`` seeded hidden states [tokens, D] in ``dtype`` on ``device``."""
+    on ``tokens`` seeded hidden states [tokens, D] in ``dtype`` on ``device``, on
+    ``threads`` intra-op threads (0: torch's default)."""
+    with intra_op_threads(threads):
+        return _run_inprocess(spec, router, dtype, tokens, min_time_s, device)
+
+
+def _run_inprocess(spec: BenchRouter, router: RouterBase, dtype: WireDtype, tokens: int,
+                   min_time_s: float, device: torch.device) -> InprocessRun:
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, spec.input_dim, generator=gen).to(device)
     x = x.to(torch.bfloat16) if dtype is WireDtype.BFLOAT16 else x

@@ -229,7 +229,8 @@ class _Run:
                    tokens: int) -> None:
         base = {"router": spec.name, "dtype": dtype.value, "tokens": tokens,
                 "dim": spec.input_dim, "device": str(self.device)}
-        run = run_inprocess(spec, router, dtype, tokens, self.plan.inprocess_s, self.device)
+        run = run_inprocess(spec, router, dtype, tokens, self.plan.inprocess_s, self.device,
+                            self.plan.inprocess_threads)
         if run.disagreement is not None:
             self.report.notes.append(run.disagreement)
         p50 = {}
