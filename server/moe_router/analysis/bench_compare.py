@@ -21,7 +21,10 @@ very runs. A change is marked faster or slower only when
 - and, for a p50 of which both runs stored a ~95% interval of the median
   (``p50_low_ms``/``p50_high_ms``), the two intervals do not overlap.
 
-So about one floor figure in ten is itself marked: the machine moved that much.
+So about one floor figure in ten is itself marked: the machine moved that much. Where
+the two runs measured the floors differently (another machine, another
+``inprocess_threads``), the floors' moves are not noise; the threshold then comes out
+large, and the header line says so in figures.
 """
 
 from __future__ import annotations

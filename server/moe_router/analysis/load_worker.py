@@ -140,10 +140,10 @@ def transport_unavailable(transport: str, client_class: str = COLOCATED_CLIENT_C
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        return f"co-located door not measured: cannot import {module_name} ({exc})"
+        return f"cannot import {module_name} ({exc})"
     if not name or not hasattr(module, name):
-        return (f"co-located door not measured: {module_name} has no {name or '(no name)'} "
-                f"(the shared-memory client is not built on this branch)")
+        return (f"{module_name} has no {name or '(no name)'} (the shared-memory client is "
+                f"not built on this branch)")
     return None
 
 

@@ -154,7 +154,7 @@ class _Run:
 
     def _skip(self, transport: Transport, reason: str) -> None:
         self.report.skipped[transport.value] = reason
-        self._say(reason)
+        self._say(f"{transport.value} door not measured: {reason}")
 
     def _spawn(self, command: list[str], env: dict[str, str], label: str) -> ListeningProcess:
         child = ListeningProcess(command, env, label)
