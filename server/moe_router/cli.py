@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("bench", help="measure the service against its peers", formatter_class=defaults)
+    p = sub.add_parser("bench", help="measure the service against its peers",
+                       formatter_class=defaults)
     p.add_argument("--preset", choices=("default", "quick"), default="default",
                    help="what to measure and for how long")
     p.add_argument("--target", default=None, help="benchmark a running server instead")
@@ -303,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtypes of the hidden states (default: the preset's)")
     p.add_argument("--duration", type=_positive_float, default=None,
                    help="timed seconds per cell (default: the preset's)")
+    p.add_argument("--compare", nargs="+", metavar="JSON", default=None,
+                   help="OLD.json: after the run, print what got faster or slower than that "
+                   "run's service_bench.json; OLD.json NEW.json: compare two without running")
     p.set_defaults(func=_cmd_bench, reexec=True)
 
     from moe_router.doors.healthcheck import add_healthcheck_command

@@ -1,23 +1,16 @@
-"""Load-generating client processes of ``moe-router bench``, and the pool that drives them.
+"""The parent side of ``moe-router bench``'s load clients: the worker pool and child servers.
 
-Each worker is a separate interpreter (so clients never share the measured server's, or
-each other's, GIL) running grpc.aio closed-loop callers: ``concurrency`` coroutines, each
-sending its next call as soon as the last one answered, over one channel per target.
-Workers build their own request (seeded random hidden states, never shipped over the
-pipe), warm up until a start instant the parent chose, time calls until an end instant,
-and report every call's (start, end) on the shared monotonic clock; the parent turns
-them into latencies and a throughput over the span all of them cover.
-
-Parent and worker talk in JSON lines over the worker's stdin/stdout:
-``prepare`` (a :class:`LoadSpec`) -> ``{"request_bytes"}``, then ``go`` -> the calls.
-A worker exits when its stdin closes, so a vanished parent leaves nothing behind.
+:class:`LoadClientPool` keeps ``procs`` worker processes
+(:mod:`moe_router.analysis.load_worker`, one interpreter each, so clients never share
+the measured server's, or each other's, GIL) and spreads a run's concurrency over them;
+it turns the (start, end) of every timed call into latencies and a throughput over the
+span all of them cover. :class:`ListeningProcess` is a child server (the service or an
+echo) that announces ``listening on HOST:PORT``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import queue
 import re
 import subprocess
@@ -25,43 +18,23 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-__all__ = ["ListeningProcess", "LoadClientPool", "LoadResult", "LoadSpec", "child_process_kwargs",
-           "python_file_command", "route_response_bytes"]
+from moe_router.analysis import load_worker
+from moe_router.analysis.load_worker import LoadSpec, Transport, transport_unavailable
 
-ROUTE_METHOD = "/moe_router.v1.RouterService/Route"
-_CALL_TIMEOUT_S = 300.0
-_MAX_CONSECUTIVE_ERRORS = 20
-_MIN_TIMED_CALLS = 3  # per caller, past the end instant if need be (100 MB requests)
-_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+__all__ = ["ListeningProcess", "LoadClientPool", "LoadResult", "LoadSpec", "Transport",
+           "TransportUnavailable", "child_process_kwargs", "python_file_command",
+           "route_response_bytes", "transport_unavailable"]
+
 _LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
 
-Method = Literal["route", "echo"]
 
-
-@dataclass(frozen=True)
-class LoadSpec:
-    """What every call of a load run sends.
-
-    method: ``route`` calls the service's Route; ``echo`` sends the same serialized
-    RouteRequest to the echo server, asking for ``response_bytes`` back. The request
-    holds ``tokens x dim`` seeded standard-normal hidden states in ``dtype`` (float32 or
-    bfloat16), with ``skip_cache`` set; ``payload_bytes`` > 0 sends that many raw bytes
-    instead (echo only, for the large-message test).
-    """
-
-    target: str
-    method: Method
-    router: str = ""
-    tokens: int = 1
-    dim: int = 1
-    dtype: str = "float32"
-    response_bytes: int = 0
-    payload_bytes: int = 0
-    seed: int = 0
+class TransportUnavailable(RuntimeError):
+    """The workers cannot drive the spec's transport here; the message is the one-line why."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +57,18 @@ class LoadResult:
         """Successful timed calls."""
         return len(self.latencies_ms)
 
+    @classmethod
+    def merged(cls, runs: Sequence[LoadResult]) -> LoadResult:
+        """One result of several runs of the same spec (rounds of one cell): latencies
+        together, spans and errors summed."""
+        if not runs:
+            raise ValueError("runs: needs at least one run")
+        return cls(latencies_ms=[ms for r in runs for ms in r.latencies_ms],
+                   span_s=sum(r.span_s for r in runs), errors=sum(r.errors for r in runs),
+                   request_bytes=runs[0].request_bytes,
+                   response_bytes=max(r.response_bytes for r in runs),
+                   first_error=next((r.first_error for r in runs if r.first_error), ""))
+
 
 def route_response_bytes(tokens: int, top_k: int, num_experts: int) -> int:
     """Serialized size of a typical RouteResponse for ``tokens`` tokens (no optional tensors):
@@ -105,133 +90,6 @@ def route_response_bytes(tokens: int, top_k: int, num_experts: int) -> int:
     return response.ByteSize()
 
 
-# --------------------------------------------------------------------- worker side
-def _build_request(spec: LoadSpec) -> tuple[Any, Any]:
-    """(request, serializer): a RouteRequest and its SerializeToString, or raw bytes."""
-    if spec.payload_bytes > 0:
-        return bytes(spec.payload_bytes), None
-    import numpy as np
-
-    from moe_router_client.tensors import to_wire
-    from moe_router_client.v1 import router_pb2 as pb
-
-    hidden = np.random.default_rng(spec.seed).standard_normal((spec.tokens, spec.dim),
-                                                              dtype=np.float32)
-    request = pb.RouteRequest(router=spec.router, layer=0, skip_cache=True)
-    if spec.dtype == "bfloat16":  # the upper half of each float32 is its bf16 pattern
-        to_wire((hidden.view(np.uint32) >> 16).astype(np.uint16), dtype=pb.BFLOAT16,
-                out=request.hidden_states)
-    else:
-        to_wire(hidden, out=request.hidden_states)
-    return request, pb.RouteRequest.SerializeToString
-
-
-class _Worker:
-    """One worker process: a channel per target, the last prepared request, the drive loop."""
-
-    def __init__(self) -> None:
-        import grpc
-
-        self._grpc = grpc
-        self._channels: dict[str, Any] = {}
-        self._request_key: tuple[Any, ...] | None = None
-        self._request: Any = None
-        self._serializer: Any = None
-        self._call: Any = None
-        self._metadata: tuple[tuple[str, str], ...] = ()
-
-    def prepare(self, spec: LoadSpec, echo_method: str, echo_key: str) -> dict[str, Any]:
-        key = (spec.router, spec.tokens, spec.dim, spec.dtype, spec.payload_bytes, spec.seed)
-        if key != self._request_key:
-            self._request = None  # let the old one go before building the new one
-            self._request, self._serializer = _build_request(spec)
-            self._request_key = key
-        channel = self._channels.get(spec.target)
-        if channel is None:
-            channel = self._channels[spec.target] = self._grpc.aio.insecure_channel(
-                spec.target, options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])
-        if spec.method == "route":
-            from moe_router_client.v1 import router_pb2 as pb
-
-            self._call = channel.unary_unary(ROUTE_METHOD, request_serializer=self._serializer,
-                                             response_deserializer=pb.RouteResponse.FromString)
-            self._metadata = ()
-        else:
-            self._call = channel.unary_unary(echo_method, request_serializer=self._serializer)
-            self._metadata = ((echo_key, str(spec.response_bytes)),)
-        size = len(self._request) if self._serializer is None else self._request.ByteSize()
-        return {"request_bytes": size}
-
-    async def go(self, concurrency: int, warmup_until: float, measure_until: float
-                 ) -> dict[str, Any]:
-        starts: list[float] = []
-        ends: list[float] = []
-        errors: list[str] = []
-        response_bytes = [0]
-
-        async def one_call() -> float | None:
-            start = time.monotonic()
-            try:
-                response = await self._call(self._request, timeout=_CALL_TIMEOUT_S,
-                                            metadata=self._metadata)
-            except self._grpc.aio.AioRpcError as exc:
-                errors.append(f"{exc.code().name}: {exc.details()}")
-                return None
-            if not response_bytes[0]:
-                response_bytes[0] = (len(response) if isinstance(response, bytes)
-                                     else response.ByteSize())
-            return start
-
-        async def caller() -> None:
-            failures = 0
-            while failures < _MAX_CONSECUTIVE_ERRORS:  # warm up, at least one call
-                failures = 0 if await one_call() is not None else failures + 1
-                if time.monotonic() >= warmup_until:
-                    break
-            timed = 0
-            while failures < _MAX_CONSECUTIVE_ERRORS and (timed < _MIN_TIMED_CALLS
-                                                          or time.monotonic() < measure_until):
-                start = await one_call()
-                if start is None:
-                    failures += 1
-                    continue
-                failures = 0
-                starts.append(start)
-                ends.append(time.monotonic())
-                timed += 1
-
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        return {"starts": starts, "ends": ends, "errors": len(errors),
-                "first_error": errors[0] if errors else "", "response_bytes": response_bytes[0]}
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-
-
-async def _worker_main() -> None:
-    worker = _Worker()
-    loop = asyncio.get_running_loop()
-    try:
-        while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
-            if not line:
-                return
-            message = json.loads(line)
-            if message["op"] == "prepare":
-                reply = worker.prepare(LoadSpec(**message["spec"]), message["echo_method"],
-                                       message["echo_key"])
-            else:
-                reply = await worker.go(message["concurrency"], message["warmup_until"],
-                                        message["measure_until"])
-            sys.stdout.write(json.dumps(reply) + "\n")
-            sys.stdout.flush()
-    finally:
-        await worker.close()
-
-
-# --------------------------------------------------------------------- parent side
 def python_file_command(path: str | Path, *args: str) -> list[str]:
     """Run a module's file as ``__main__`` without importing its package (``-m`` would load
     ``moe_router.analysis`` and torch into a process that needs neither)."""
@@ -298,8 +156,8 @@ class _WorkerProcess:
     def __init__(self, env: dict[str, str] | None) -> None:
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            python_file_command(__file__), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self.log, text=True, env=env, **child_process_kwargs())
+            python_file_command(load_worker.__file__), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, **child_process_kwargs())
         self.replies: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -364,7 +222,10 @@ class LoadClientPool:
     def run(self, spec: LoadSpec, concurrency: int, warmup_s: float, duration_s: float
             ) -> LoadResult:
         """``concurrency`` closed-loop callers of ``spec`` for ``warmup_s`` + ``duration_s``
-        (every caller makes at least one warmup call and three timed calls)."""
+        (every caller makes at least one warmup call and three timed calls).
+
+        Raises :class:`TransportUnavailable` when the workers cannot drive
+        ``spec.transport`` here (the co-located client missing), before any call."""
         if concurrency < 1:
             raise ValueError(f"concurrency: must be >= 1, got {concurrency}")
         used = self._workers[:min(concurrency, len(self._workers))]
@@ -373,10 +234,17 @@ class LoadClientPool:
         deadline = time.monotonic() + self.job_timeout_s
         from moe_router.analysis.echo_server import ECHO_METHOD, RESPONSE_BYTES_KEY
 
-        for worker in used:  # the worker imports nothing of ours but the client package
+        for worker in used:
             worker.send({"op": "prepare", "spec": asdict(spec), "echo_method": ECHO_METHOD,
                          "echo_key": RESPONSE_BYTES_KEY})
-        request_bytes = [w.receive(deadline)["request_bytes"] for w in used][0]
+        prepared = [w.receive(deadline) for w in used]
+        for reply in prepared:
+            if "unavailable" in reply:
+                raise TransportUnavailable(reply["unavailable"])
+            if "error" in reply:
+                raise RuntimeError(f"a load client could not prepare {spec.transport} "
+                                   f"calls: {reply['error']}")
+        request_bytes = prepared[0]["request_bytes"]
         warmup_until = time.monotonic() + warmup_s
         for worker, share in zip(used, shares, strict=True):
             worker.send({"op": "go", "concurrency": share, "warmup_until": warmup_until,
@@ -406,10 +274,3 @@ class LoadClientPool:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-
-if __name__ == "__main__":
-    try:
-        asyncio.run(_worker_main())
-    except KeyboardInterrupt:
-        pass
-    os._exit(0)  # skip grpc's atexit teardown: the parent only waits for the exit

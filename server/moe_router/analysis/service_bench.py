@@ -1,19 +1,24 @@
-"""``moe-router bench``: the running gRPC service measured against its peers in one run.
+"""``moe-router bench``: every door of the service measured against its floors in one run.
 
 For each router (Mixtral-like top-2 of 8 at D=4096, DeepSeek-V3-like grouped top-8 of
-256 at D=7168), input dtype and token count it times:
+256 at D=7168), input dtype and token count (1, 16, 256, 2048 by default) it times,
+side by side:
 
-- **service**: Route over loopback from separate client processes (grpc.aio, closed
-  loop, 1..N concurrent calls), cache off so every call computes, batching on;
-- **echo**: the transport floor, a bare grpc.aio server carrying the same bytes each way;
-- **eager**: the routing a user writes in-process (``x.float() @ W.T``, softmax or the
-  DeepSeek grouped selection, top-k, renormalise);
-- **matmul**: the gate matmul alone, the compute floor;
+- **grpc**: Route through the gRPC door over loopback from separate client processes
+  (closed loop, 1, 4, 16 callers), cache off so every call computes, batching on;
+- **echo**: the transport floor, a bare grpc.aio server carrying the same bytes each way
+  (and "echo + matmul", the floor of a call that must also do the gate matmul);
+- **colocated**: Route through the shared-memory door for callers on the same host, from
+  the same client processes (a client kind of :mod:`~moe_router.analysis.load_worker`;
+  skipped, with its one-line reason, while ``moe_router_client`` has no such client);
+- **ours**, **plain**, **matmul**: in-process, our router (the module the server hosts),
+  hand-written PyTorch routing and the bare gate matmul
+  (:mod:`~moe_router.analysis.inprocess_bench`);
 
-and reports p50/p95/p99, requests/s, tokens/s, MB/s and the ratios service/echo,
-service/eager, eager/matmul; then the glibc malloc tuning
-(``moe_router.config.environment.MALLOC_TUNING``) on 16 MiB echo messages. Output: a
-Markdown report printed and saved with a JSON twin.
+then the glibc malloc tuning on 16 MiB echoes. A progress bar over the cells runs on
+stderr. Output: the Markdown report (targets of issue 10 first) printed and saved with
+its JSON twin and PNG plots of the ratios; ``--compare OLD.json`` then prints what got
+faster or slower (:mod:`~moe_router.analysis.bench_compare`).
 
 What is measured is :mod:`~moe_router.analysis.bench_plan`; what was found and its report
 are :mod:`~moe_router.analysis.bench_report`; this module runs the children and the
@@ -23,10 +28,10 @@ sweep. Child processes get this process's environment through
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,12 +40,16 @@ from typing import Any
 import grpc
 import torch
 import yaml
+from tqdm import tqdm
 
 from moe_router.analysis import echo_server
+from moe_router.analysis.bench_compare import compare_reports, comparison_to_text
+from moe_router.analysis.bench_figures import median_interval
 from moe_router.analysis.bench_plan import (
     PRESETS,
     BenchPlan,
     BenchRouter,
+    Transport,
     WireDtype,
     service_config,
 )
@@ -52,99 +61,46 @@ from moe_router.analysis.bench_report import (
     write_report,
 )
 from moe_router.analysis.benchmark_results import latency_metrics
+from moe_router.analysis.inprocess_bench import hosted_router, run_inprocess
 from moe_router.analysis.load_client import (
     ListeningProcess,
     LoadClientPool,
     LoadResult,
     LoadSpec,
+    TransportUnavailable,
     python_file_command,
     route_response_bytes,
+    transport_unavailable,
 )
 from moe_router.config.environment import child_environment
 from moe_router.errors import ValidationError
-from moe_router.routing.kinds import RoutingMethod
+from moe_router.routing.base import RouterBase
 
-__all__ = ["BenchPlan", "BenchReport", "BenchRouter", "PRESETS", "WireDtype", "eager_route",
-           "report_to_markdown", "run_bench", "run_from_cli", "write_report"]
+__all__ = ["BenchPlan", "BenchReport", "BenchRouter", "PRESETS", "WireDtype", "run_bench",
+           "run_from_cli"]
 
-
-# --------------------------------------------------------------------- in-process peers
-def eager_route(x: torch.Tensor, weight: torch.Tensor, spec: BenchRouter,
-                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The routing a user writes in plain eager PyTorch: x [T, D] -> (weights, indices) [T, k].
-
-    Top-k: softmax of ``x.float() @ W.T``, top-k, renormalised. Grouped (DeepSeek-V3):
-    sigmoid scores, selection on scores + bias [E] among the ``topk_group`` groups with the
-    best top-2 sums, weights from the unbiased scores, renormalised, times the scale.
-    """
-    logits = x.float() @ weight.T  # [T, E]
-    if spec.kind is RoutingMethod.TOP_K:
-        weights, indices = logits.softmax(dim=-1).topk(spec.top_k, dim=-1)
-        return weights / weights.sum(dim=-1, keepdim=True), indices
-    scores = logits.sigmoid()
-    choice = scores if bias is None else scores + bias
-    grouped = choice.view(x.shape[0], spec.n_group, -1)  # [T, G, E/G]
-    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
-    kept = group_scores.topk(spec.topk_group, dim=-1).indices
-    group_mask = torch.zeros_like(group_scores).scatter_(1, kept, 1.0)
-    expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(x.shape[0], -1)
-    indices = choice.masked_fill(expert_mask == 0, float("-inf")).topk(spec.top_k, dim=-1).indices
-    weights = scores.gather(1, indices)
-    return weights / weights.sum(dim=-1, keepdim=True) * spec.routed_scaling_factor, indices
+CUDA_IPC_SKIP = "the bench has no CUDA IPC client kind yet (the co-located door's CUDA path)"
 
 
-def _time_interleaved(calls: dict[str, Callable[[], object]], min_time_s: float,
-                      device: torch.device, min_calls: int = 3) -> dict[str, list[float]]:
-    """Latencies (ms) of each call, taken in turns (so a noisy neighbour hits all alike)
-    after one warmup each, for ``min_time_s`` in all and at least ``min_calls`` each."""
-    def timed(fn: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) * 1e3
-
-    latencies: dict[str, list[float]] = {name: [] for name in calls}
-    with torch.inference_mode():
-        for fn in calls.values():
-            timed(fn)
-        stop = time.perf_counter() + min_time_s
-        while len(latencies[next(iter(calls))]) < min_calls or time.perf_counter() < stop:
-            for name, fn in calls.items():
-                latencies[name].append(timed(fn))
-    return latencies
-
-
-def _inprocess_peers(spec: BenchRouter, dtype: WireDtype, tokens: int, plan: BenchPlan,
-                     device: torch.device) -> dict[str, list[float]]:
-    """Latencies (ms) of the eager routing and of the bare gate matmul."""
-    gen = torch.Generator().manual_seed(tokens)
-    weight = (torch.randn(spec.num_experts, spec.input_dim, generator=gen)
-              / spec.input_dim ** 0.5).to(device)
-    bias = (0.01 * torch.randn(spec.num_experts, generator=gen)).to(device)
-    x = torch.randn(tokens, spec.input_dim, generator=gen).to(device)
-    x = x.to(torch.bfloat16) if dtype is WireDtype.BFLOAT16 else x
-    x32 = x.float()
-    return _time_interleaved({"eager": lambda: eager_route(x, weight, spec, bias),
-                              "matmul": lambda: x32 @ weight.T}, plan.inprocess_s, device)
-
-
-def _load_metrics(run: LoadResult, tokens: int) -> dict[str, float]:
-    lat = latency_metrics(run.latencies_ms, tokens)
-    per_s = run.calls / run.span_s
+def _latency_figures(latencies_ms: list[float], tokens: int) -> dict[str, float]:
+    lat = latency_metrics(latencies_ms, tokens)
+    low, high = median_interval(latencies_ms)
     return {"p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "p99_ms": lat["p99_ms"],
-            "mean_ms": lat["mean_ms"], "requests_per_s": per_s, "tokens_per_s": per_s * tokens,
+            "mean_ms": lat["mean_ms"], "p50_low_ms": low, "p50_high_ms": high,
+            "tokens_per_s": lat["tokens_per_s"], "calls": float(len(latencies_ms))}
+
+
+def _load_figures(run: LoadResult, tokens: int) -> dict[str, float]:
+    per_s = run.calls / run.span_s
+    return {**_latency_figures(run.latencies_ms, tokens), "requests_per_s": per_s,
+            "tokens_per_s": per_s * tokens,
             "mb_per_s": per_s * (run.request_bytes + run.response_bytes) / 1e6,
-            "calls": float(run.calls), "request_bytes": float(run.request_bytes),
+            "request_bytes": float(run.request_bytes),
             "response_bytes": float(run.response_bytes)}
 
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 class _Run:
-    """One bench run's state: the children, the client pool, the report being filled."""
+    """One bench run's state: the children, the client pool, the bar, the report."""
 
     def __init__(self, plan: BenchPlan, report: BenchReport, device: torch.device) -> None:
         self.plan, self.report, self.device = plan, report, device
@@ -152,19 +108,24 @@ class _Run:
         self.pool: LoadClientPool | None = None
         self.service_target: str | None = None
         self.echo_target = ""
+        self.config_path = Path()
         self.response_bytes: dict[tuple[str, int], int] = {}
         self.unhosted: set[str] = set()
+        self.doors: list[Transport] = []
+        self.bar: Any = None
 
+    # ----------------------------------------------------------------- children
     def start(self, target: str | None, workdir: Path) -> None:
         """Start the service (unless ``target``), the echo servers and the client pool
-        together, so their start-ups overlap."""
+        together, so their start-ups overlap; then see which doors can be measured."""
         echo = python_file_command(echo_server.__file__)
+        self.config_path = workdir / "service_bench.yaml"
+        self.config_path.write_text(yaml.safe_dump(service_config(self.plan), sort_keys=False))
         service = None
         if target is None:
-            config = workdir / "service_bench.yaml"
-            config.write_text(yaml.safe_dump(service_config(self.plan), sort_keys=False))
             service = self._spawn([sys.executable, "-m", "moe_router", "serve", "--config",
-                                   str(config)], child_environment(), "the moe-router server")
+                                   str(self.config_path)], child_environment(),
+                                  "the moe-router server")
         self.malloc = {tuned: self._spawn(echo, child_environment(malloc_tuning=tuned),
                                           f"echo (tuned={tuned})")
                        for tuned in (False, True)}
@@ -177,7 +138,23 @@ class _Run:
         except (RuntimeError, grpc.RpcError) as exc:
             self.service_target = None
             self.report.notes.append(f"service not measured: {exc}")
-            _progress(f"service not measured: {exc}")
+            self.report.skipped["grpc"] = self.report.skipped["colocated"] = \
+                "the service did not start"
+        self.doors = [t for t in self.plan.transports if self._door_ready(t)]
+        if self.device.type == "cuda":
+            self.report.skipped["cuda_ipc"] = CUDA_IPC_SKIP
+
+    def _door_ready(self, transport: Transport) -> bool:
+        if self.service_target is None:
+            return False
+        reason = transport_unavailable(transport.value, self.plan.colocated_client)
+        if reason is not None:
+            self._skip(transport, reason)
+        return reason is None
+
+    def _skip(self, transport: Transport, reason: str) -> None:
+        self.report.skipped[transport.value] = reason
+        self._say(f"{transport.value} door not measured: {reason}")
 
     def _spawn(self, command: list[str], env: dict[str, str], label: str) -> ListeningProcess:
         child = ListeningProcess(command, env, label)
@@ -195,10 +172,10 @@ class _Run:
             if info is None or info.input_dim != spec.input_dim:
                 self.unhosted.add(spec.name)
                 self.report.notes.append(f"service has no router '{spec.name}' of dim "
-                                         f"{spec.input_dim}: its service rows are missing")
+                                         f"{spec.input_dim}: its door rows are missing")
 
     def stop(self) -> None:
-        """Stop the clients and every child server."""
+        """Stop the clients and every child server, and close the bar."""
         for child in self.children:  # signal them all first: they wind down together
             if child.proc.poll() is None:
                 child.proc.terminate()
@@ -206,74 +183,126 @@ class _Run:
             self.pool.close()
         for child in self.children:
             child.stop()
+        if self.bar is not None:
+            self.bar.close()
+
+    # ----------------------------------------------------------------- sweep
+    def _say(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def _step(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(1)
+
+    def _cell_count(self) -> int:
+        plan, count = self.plan, 0
+        for spec in plan.routers:
+            doors = 0 if spec.name in self.unhosted else len(self.doors)
+            for tokens in plan.tokens:
+                count += len(plan.dtypes) * (1 + len(plan.levels(tokens)) * (1 + doors)
+                                             * plan.rounds)
+        if self.device.type == "cuda":
+            count += len(plan.routers) * len(plan.dtypes) * len(plan.gpu_tokens)
+        return count + 2 * plan.malloc_rounds
 
     def sweep(self) -> None:
-        """In-process peers, then service and echo at each concurrency, per cell."""
+        """Per cell: the in-process peers, then the doors and the echo at each level."""
         plan = self.plan
+        self.bar = tqdm(total=self._cell_count(), desc="moe-router bench", unit="cell",
+                        file=sys.stderr, dynamic_ncols=True)
         for spec in plan.routers:
+            router = hosted_router(spec, self.config_path, self.device)
             for dtype in plan.dtypes:
                 for tokens in plan.tokens:
-                    self._cell(spec, dtype, tokens)
+                    self._inprocess(spec, router, dtype, tokens)
+                    for level in plan.levels(tokens):
+                        self._doors(spec, dtype, tokens, level)
+                if self.device.type == "cuda":
+                    for tokens in plan.gpu_tokens:
+                        self._inprocess(spec, router, dtype, tokens)
 
-    def _cell(self, spec: BenchRouter, dtype: WireDtype, tokens: int) -> None:
-        plan, report = self.plan, self.report
+    def _inprocess(self, spec: BenchRouter, router: RouterBase, dtype: WireDtype,
+                   tokens: int) -> None:
         base = {"router": spec.name, "dtype": dtype.value, "tokens": tokens,
-                "dim": spec.input_dim}
-        peers = _inprocess_peers(spec, dtype, tokens, plan, self.device)
+                "dim": spec.input_dim, "device": str(self.device)}
+        run = run_inprocess(spec, router, dtype, tokens, self.plan.inprocess_s, self.device,
+                            self.plan.inprocess_threads)
+        if run.disagreement is not None:
+            self.report.notes.append(run.disagreement)
         p50 = {}
-        for kind, latencies in peers.items():
-            metrics = latency_metrics(latencies, tokens)
-            p50[kind] = metrics["p50_ms"]
-            report.add({"benchmark": kind, **base, "device": str(self.device)},
-                       {k: metrics[k] for k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms",
-                                                "tokens_per_s")} | {"calls": len(latencies)})
-        report.add({"benchmark": "compute_ratio", **base},
-                   {"eager_over_matmul": p50["eager"] / p50["matmul"]})
-        _progress(f"{spec.name} {dtype.value} T={tokens}: eager p50 {p50['eager']:.3f} ms, "
-                  f"matmul p50 {p50['matmul']:.3f} ms")
-        for level in plan.levels(tokens):
-            service = None
-            if self.service_target is not None and spec.name not in self.unhosted:
-                service = self._load(spec, dtype, tokens, level, "route")
-            echo = self._load(spec, dtype, tokens, level, "echo")
-            if service is not None and echo is not None:
-                ratios = {"service_over_echo_p50": service["p50_ms"] / echo["p50_ms"],
-                          "echo_over_service_throughput":
-                              echo["requests_per_s"] / service["requests_per_s"]}
-                if level == 1:
-                    ratios["service_over_eager_p50"] = service["p50_ms"] / p50["eager"]
-                report.add({"benchmark": "service_ratio", **base, "concurrency": level}, ratios)
+        for name, latencies in run.latencies.items():
+            figures = _latency_figures(latencies, tokens)
+            p50[name] = figures["p50_ms"]
+            self.report.add({"benchmark": name, **base}, figures)
+        self._say(f"{spec.name} {dtype.value} T={tokens}: " + ", ".join(
+            f"{name} p50 {ms:.4f} ms" for name, ms in p50.items()))
+        self._step(f"{spec.name} {dtype.value} T={tokens} in-process")
 
-    def _load(self, spec: BenchRouter, dtype: WireDtype, tokens: int, level: int,
-              method: str) -> dict[str, float] | None:
-        assert self.pool is not None
-        route = method == "route"
+    def _doors(self, spec: BenchRouter, dtype: WireDtype, tokens: int, level: int) -> None:
+        """gRPC Route, the echo of its bytes, then the other doors, taking turns for
+        ``plan.rounds`` rounds; each door's rounds make one result."""
+        plan = self.plan
+        doors: list[tuple[str, Transport]] = [("echo", Transport.GRPC)]
+        if spec.name not in self.unhosted:
+            doors = [(d.value, d) for d in self.doors if d is Transport.GRPC] + doors + \
+                [(d.value, d) for d in self.doors if d is not Transport.GRPC]
+        parts: dict[str, list[LoadResult]] = {name: [] for name, _ in doors}
+        for round_ in range(plan.rounds):
+            for name, transport in doors:
+                if transport not in self.doors and name != "echo":
+                    continue  # found unavailable in an earlier round
+                label = f"{name} {spec.name} {dtype.value} T={tokens} c={level}"
+                try:
+                    run = self.pool.run(  # type: ignore[union-attr]
+                        self._spec(spec, dtype, tokens, name, transport), level,
+                        plan.warmup_s if round_ == 0 else 0.0, plan.duration_s / plan.rounds)
+                except TransportUnavailable as exc:  # the workers see what we did not
+                    self.doors.remove(transport)
+                    self._skip(transport, str(exc))
+                    continue
+                finally:
+                    self._step(f"{label} round {round_ + 1}/{plan.rounds}")
+                if name == Transport.GRPC.value and run.response_bytes:
+                    self.response_bytes[(spec.name, tokens)] = run.response_bytes
+                parts[name].append(run)
+        for name, transport in doors:
+            if parts[name]:
+                self._record(spec, dtype, tokens, level, name, transport,
+                             LoadResult.merged(parts[name]))
+
+    def _spec(self, spec: BenchRouter, dtype: WireDtype, tokens: int, name: str,
+              transport: Transport) -> LoadSpec:
+        route = name != "echo"
         response = self.response_bytes.get((spec.name, tokens)) or \
             route_response_bytes(tokens, spec.top_k, spec.num_experts)
-        load = LoadSpec(target=(self.service_target or "") if route else self.echo_target,
+        return LoadSpec(target=(self.service_target or "") if route else self.echo_target,
                         method="route" if route else "echo", router=spec.name, tokens=tokens,
-                        dim=spec.input_dim, dtype=dtype.value, response_bytes=response)
-        run = self.pool.run(load, level, self.plan.warmup_s, self.plan.duration_s)
-        kind = "service" if route else "echo"
-        params = {"benchmark": kind, "router": spec.name, "dtype": dtype.value, "tokens": tokens,
-                  "dim": spec.input_dim, "concurrency": level}
+                        dim=spec.input_dim, dtype=dtype.value, response_bytes=response,
+                        transport=transport.value, client_class=self.plan.colocated_client)
+
+    def _record(self, spec: BenchRouter, dtype: WireDtype, tokens: int, level: int, name: str,
+                transport: Transport, run: LoadResult) -> None:
+        label = f"{name} {spec.name} {dtype.value} T={tokens} c={level}"
         if run.errors:
-            self.report.notes.append(f"{kind} {spec.name} {dtype.value} T={tokens} c={level}: "
-                                     f"{run.errors} failed calls, first: {run.first_error}")
+            self.report.notes.append(f"{label}: {run.errors} failed calls, first: "
+                                     f"{run.first_error}")
         if not run.calls or run.span_s <= 0:
-            _progress(f"  {kind} c={level}: no successful call ({run.first_error})")
-            return None
-        if route:
-            self.response_bytes[(spec.name, tokens)] = run.response_bytes
-        metrics = _load_metrics(run, tokens)
-        self.report.add(params, metrics)
-        _progress(f"  {kind:<7} c={level:<3} p50 {metrics['p50_ms']:8.3f} ms  "
-                  f"{metrics['requests_per_s']:9.1f} req/s  {metrics['mb_per_s']:8.1f} MB/s")
-        return metrics
+            self._say(f"  {label}: no successful call ({run.first_error})")
+            return
+        figures = _load_figures(run, tokens)
+        self.report.add({"benchmark": name, "transport": transport.value, "router": spec.name,
+                         "dtype": dtype.value, "tokens": tokens, "dim": spec.input_dim,
+                         "concurrency": level}, figures)
+        self._say(f"  {name:<9} c={level:<3} p50 {figures['p50_ms']:8.3f} ms  "
+                  f"p99 {figures['p99_ms']:8.3f} ms  {figures['requests_per_s']:9.1f} req/s")
 
     def malloc_test(self) -> None:
         """Echo throughput of ``malloc_message_bytes`` each way, server with and without the
-        malloc tuning, alternating rounds; reports MB/s of each and their ratio."""
+        malloc tuning, alternating rounds; reports MB/s of each."""
         assert self.pool is not None
         plan = self.plan
         runs: dict[bool, list[LoadResult]] = {False: [], True: []}
@@ -283,6 +312,7 @@ class _Run:
                                 payload_bytes=plan.malloc_message_bytes,
                                 response_bytes=plan.malloc_message_bytes)
                 runs[tuned].append(self.pool.run(spec, 1, plan.warmup_s, plan.malloc_duration_s))
+                self._step(f"malloc tuned={tuned}")
         mb_per_s = {}
         for tuned, parts in runs.items():
             calls = sum(p.calls for p in parts)
@@ -292,15 +322,12 @@ class _Run:
                 return
             mb_per_s[tuned] = calls * 2 * plan.malloc_message_bytes / seconds / 1e6
             latencies = [ms for p in parts for ms in p.latencies_ms]
-            self.report.add({"benchmark": "malloc", "malloc_tuning": "on" if tuned else "off",
-                             "message_bytes": plan.malloc_message_bytes, "concurrency": 1},
+            self.report.add({"benchmark": "malloc_tuned" if tuned else "malloc_untuned",
+                             "message_bytes": plan.malloc_message_bytes},
                             {"mb_per_s": mb_per_s[tuned], "requests_per_s": calls / seconds,
                              "p50_ms": latency_metrics(latencies, 1)["p50_ms"],
                              "calls": float(calls)})
-        self.report.add({"benchmark": "malloc_ratio",
-                         "message_bytes": plan.malloc_message_bytes},
-                        {"tuned_over_untuned_throughput": mb_per_s[True] / mb_per_s[False]})
-        _progress(f"malloc tuning, {plan.malloc_message_bytes >> 20} MiB echo: "
+        self._say(f"malloc tuning, {plan.malloc_message_bytes >> 20} MiB echo: "
                   f"{mb_per_s[False]:.0f} -> {mb_per_s[True]:.0f} MB/s")
 
 
@@ -313,10 +340,15 @@ def run_bench(plan: BenchPlan, target: str | None = None, command: str = "moe-ro
     report = BenchReport(command=command,
                          date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                          machine=machine_facts(device), plan=plan, target=target)
+    if target is not None:
+        report.notes.append("ours is built from the bench's config entry, not from the "
+                            f"running server's config at {target}")
     run = _Run(plan, report, device)
+    began = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="moe-router-bench-") as workdir:
             run.start(target, Path(workdir))
+            report.machine["startup_s"] = time.monotonic() - began
             run.sweep()
             run.malloc_test()
     except KeyboardInterrupt:
@@ -324,28 +356,57 @@ def run_bench(plan: BenchPlan, target: str | None = None, command: str = "moe-ro
     finally:
         run.stop()
         report.machine["load_average_1m_end"] = load_average()
+        report.machine["wall_s"] = time.monotonic() - began
     return report
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValidationError(f"--compare: cannot read {path} as a bench JSON twin: "
+                              f"{exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValidationError(f"--compare: {path} is not a bench JSON twin (no 'results' "
+                              f"list); expected service_bench.json of a moe-router bench run")
+    return data
 
 
 def run_from_cli(args: Any) -> int:
     """``moe-router bench``: the preset, with ``--tokens/--concurrency/--dtypes/--duration``
-    overrides; prints the Markdown, writes both files; exit 130 after Ctrl-C, 2 on bad flags."""
+    overrides; prints the Markdown, writes the report, its JSON twin and plots; with
+    ``--compare OLD.json`` prints what changed against OLD (``--compare OLD NEW`` compares
+    two twins without running). Exit 130 after Ctrl-C, 2 on bad flags."""
     overrides: dict[str, Any] = {}
     for name in ("tokens", "concurrency", "dtypes"):
         if getattr(args, name, None):
             overrides[name] = tuple(getattr(args, name))
     if getattr(args, "duration", None) is not None:
         overrides["duration_s"] = args.duration
+    compare = list(getattr(args, "compare", None) or [])
     try:
         plan = replace(PRESETS[args.preset], **overrides)
+        if len(compare) > 2:
+            raise ValidationError(f"--compare: takes OLD.json [NEW.json], got {compare}")
+        old = _read_json(compare[0]) if compare else None
+        new = _read_json(compare[1]) if len(compare) == 2 else None
     except ValidationError as exc:
         print(f"moe-router bench: {exc}", file=sys.stderr)
         return 2
+    if old is not None and new is not None:
+        print(comparison_to_text(*compare_reports(old, new), old, new))
+        return 0
     argv = sys.argv[1:]
     command = "moe-router " + " ".join(argv) if argv[:1] == ["bench"] else \
         f"moe-router bench --preset {args.preset}"
     report = run_bench(plan, target=args.target, command=command)
     md, js = write_report(report, args.output_dir)
     print(report_to_markdown(report))
-    _progress(f"wrote {md} and {js}")
+    print(f"wrote {md}, {js} and {len(report.plots)} plots", file=sys.stderr)
+    if old is not None:
+        new = report.to_dict()
+        text = comparison_to_text(*compare_reports(old, new), old, new)
+        (Path(args.output_dir) / "service_bench_compare.txt").write_text(text + "\n",
+                                                                          encoding="utf-8")
+        print(text)
     return 130 if report.interrupted else 0
