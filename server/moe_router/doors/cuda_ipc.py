@@ -93,7 +93,7 @@ def open_cuda_tensor(
             torch.Tensor, torch.Size(shape), tuple(ref.stride), ref.tensor_offset,
             torch.storage.TypedStorage, t_dtype, ref.device, ref.handle,
             ref.storage_size_bytes, ref.storage_offset_bytes, False,
-            ref.ref_counter_handle, ref.ref_counter_offset, ref.event_handle,
+            ref.ref_counter_handle or None, ref.ref_counter_offset, ref.event_handle or None,
             ref.event_sync_required,
         )
     except (RuntimeError, ValueError, TypeError) as exc:
