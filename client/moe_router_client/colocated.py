@@ -165,9 +165,10 @@ class CoLocatedClient:
     the default. ``api_key``: as for RouterClient (sent once per connection). ``timeout``:
     default deadline per call in seconds. ``max_connections``: concurrent calls at most
     (each has its own connection and regions). ``fallback``: use gRPC when the door is not
-    there (else raise UnavailableError). ``inline_limit``: at most this many bytes of
-    inputs go inside the control message instead of the input region (default: the
-    server's). ``grpc_options``: extra RouterClient arguments for the fallback.
+    there (else raise UnavailableError). ``inline_limit``: inputs of at most this many bytes
+    go inside the control message instead of the input region (up to the server's
+    limit, 64 KiB; 0 by default: measured no faster than the region, README "The
+    co-located door"). ``grpc_options``: extra RouterClient arguments for the fallback.
     """
 
     def __init__(
@@ -179,7 +180,7 @@ class CoLocatedClient:
         timeout: float | None = None,
         max_connections: int = 8,
         fallback: bool = True,
-        inline_limit: int | None = None,
+        inline_limit: int = 0,
         **grpc_options: Any,
     ) -> None:
         self._path = Path(socket_path) if socket_path is not None else local_socket_path(target)
@@ -360,7 +361,7 @@ class AsyncCoLocatedClient:
         self._path = path
         self._api_key = options.get("api_key")
         self._timeout = options.get("timeout")
-        self._inline_limit = options.get("inline_limit")
+        self._inline_limit = options.get("inline_limit", 0)
         self._descriptions: dict[str, wire.Description] = {}
         self._idle: list[_AsyncConnection] = []
         self._slots = asyncio.Semaphore(options.get("max_connections", 8))
@@ -376,7 +377,7 @@ class AsyncCoLocatedClient:
         timeout: float | None = None,
         max_connections: int = 8,
         fallback: bool = True,
-        inline_limit: int | None = None,
+        inline_limit: int = 0,
         **grpc_options: Any,
     ) -> AsyncCoLocatedClient:
         """A client on the door when it answers, else on gRPC (unless ``fallback=False``)."""

@@ -123,7 +123,8 @@ class Welcome:
     device: str
     """Where the server routes (``cpu``, ``cuda:0``): CUDA IPC needs a CUDA server."""
     inline_limit: int
-    """Hidden states of at most this many bytes go inline in ROUTE."""
+    """Inputs of at most this many bytes may go inline in ROUTE (the server's receive
+    buffer bounds it)."""
     version: int = PROTOCOL_VERSION
 
 

@@ -122,7 +122,7 @@ class Session:
         api_key: str | None,
         descriptions: MutableMapping[str, wire.Description],
         *,
-        inline_limit: int | None = None,
+        inline_limit: int = 0,
     ) -> None:
         self.api_key = api_key or ""
         self.descriptions = descriptions  # shared by a client's sessions
@@ -198,7 +198,7 @@ class Session:
         """
         description = yield from self._describe(router)
         assert self.welcome is not None
-        budget = self.welcome.inline_limit if self._inline_limit is None else self._inline_limit
+        budget = min(self._inline_limit, self.welcome.inline_limit)
         placed: list[tuple[str, int, tuple[int, ...], Any]] = []  # name, dtype, shape, data
         cuda_refs: dict[str, wire.CudaIpcRef] = {}
         for name, value in (("hidden_states", hidden_states), *extra_inputs.items()):

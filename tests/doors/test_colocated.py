@@ -102,12 +102,12 @@ def test_default_socket_path_is_found_from_the_grpc_target(server: InProcessServ
     assert local_socket_path(f"10.1.2.3:{server.port}") is None
 
 
-@pytest.mark.parametrize("inline_limit", [None, 0], ids=["inline", "region"])
+@pytest.mark.parametrize("inline_limit", [65536, 0], ids=["inline", "region"])
 @pytest.mark.parametrize("router,dim", [("mixtral", 64), ("deepseek", 32), ("soft", 32),
                                         ("expert-choice", 32), ("dynamic", 32)])
 def test_every_router_answers_the_bits_route_answers(
     server: InProcessServer, grpc_client: RouterClient, router: str, dim: int,
-    inline_limit: int | None,
+    inline_limit: int,
 ) -> None:
     with CoLocatedClient(server.target, timeout=30, inline_limit=inline_limit) as client:
         for seed, shape in enumerate([(1, dim), (7, dim), (2, 3, dim)]):
@@ -154,7 +154,7 @@ def test_regions_are_reused_across_layers_and_grow_when_a_call_needs_more(
 ) -> None:
     regions = server.running.colocated.regions
     before = len(regions)
-    with CoLocatedClient(server.target, timeout=30, inline_limit=0) as client:
+    with CoLocatedClient(server.target, timeout=30) as client:
         for tokens in (1, 4, 1, 300, 2, 1500, 3):  # 64 KiB regions, then two growths
             for layer in (0, 1):
                 x = hidden((tokens, 64), tokens + layer)
@@ -282,7 +282,7 @@ def test_regions_of_the_door_are_the_oip_doors_regions(
     client.route("mixtral", hidden((1, 64), 8), skip_cache=True)
     with triton.InferenceServerClient(server.target) as oip:
         names = set(oip.get_system_shared_memory_status(as_json=True).get("regions", {}))
-    assert any(name.startswith("colocated-") and name.endswith("-outputs-0") for name in names)
+    assert any(name.startswith("colocated-") and "-outputs-" in name for name in names), names
 
 
 CHILD = """

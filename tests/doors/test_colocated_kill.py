@@ -29,7 +29,7 @@ CLIENT = """
 import sys, time
 import numpy as np
 from moe_router_client import CoLocatedClient
-client = CoLocatedClient(sys.argv[1], socket_path=sys.argv[2], fallback=False, inline_limit=0)
+client = CoLocatedClient(sys.argv[1], socket_path=sys.argv[2], fallback=False)
 x = np.ones((64, 64), np.float32)
 client.route("mixtral", x)
 print("routed", flush=True)

@@ -83,8 +83,9 @@ __all__ = ["INLINE_LIMIT_BYTES", "MAX_CONNECTIONS", "CoLocatedDoor", "prepare_so
 log = logging.getLogger("moe_router.doors.colocated")
 
 INLINE_LIMIT_BYTES = 64 * 1024
-"""Hidden states up to this size may travel inside the ROUTE datagram instead of a region
-(measured: see the README's co-located section)."""
+"""Inputs up to this size may travel inside the ROUTE datagram instead of a region (the
+WELCOME says so). Clients do not by default: 1 x 4096 fp32 measured the same either way
+(p10 1115 us inline, 1104 us region, 3000 interleaved calls), so one path is used."""
 MAX_CONNECTIONS = 256
 _RECEIVE_BYTES = INLINE_LIMIT_BYTES + 64 * 1024  # one datagram: inline bytes + the refs
 _PEERCRED = struct.Struct("3i")
