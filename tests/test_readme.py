@@ -1,6 +1,6 @@
 """The README's Python examples run as written (in-process ones here, the client ones,
-RouterClient's, tritonclient's and CoLocatedClient's, against the real server, started in this process, on
-the default config)."""
+RouterClient's, tritonclient's and CoLocatedClient's, against the real server, started in
+this process, on the default config)."""
 
 from __future__ import annotations
 

@@ -157,8 +157,10 @@ def encode(message: Message) -> bytes:
                  | (_HAS_TIMEOUT if message.timeout_s is not None else 0))
         fixed = _ROUTE.pack(flags, message.layer, message.seed or 0,
                             message.timeout_s or 0.0, len(message.tensors))
-        parts = [head, fixed, _str(message.router), _str(message.request_id),
-                 _region(message.output), *(_tensor(t) for t in message.tensors)]
+        parts: list[bytes | memoryview] = [
+            head, fixed, _str(message.router), _str(message.request_id),
+            _region(message.output), *(_tensor(t) for t in message.tensors),
+        ]
         parts += [t.data for t in message.tensors if t.place is None]
         return b"".join(parts)
     if isinstance(message, Routed):

@@ -25,8 +25,8 @@ from moe_router_client import (
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
-    RouteResult,
     RouterClient,
+    RouteResult,
     UnavailableError,
 )
 from moe_router_client.colocated import local_socket_path

@@ -126,9 +126,10 @@ def prepare_socket_path(path: Path, *, default_directory: bool) -> None:
         ) from exc
     mode = stat.S_IMODE(info.st_mode)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a directory"
         raise RouterConfigurationError(
             f"colocated.socket_path: {directory} must be a directory of uid {uid} (the "
-            f"server's user), found uid {info.st_uid}{'' if stat.S_ISDIR(info.st_mode) else ', not a directory'}"
+            f"server's user), found {kind} of uid {info.st_uid}"
         )
     if mode & (0o077 if default_directory else 0o022):
         raise RouterConfigurationError(
@@ -322,7 +323,7 @@ class CoLocatedDoor:
                 return
             if isinstance(message, wire.Register):
                 handed, fds = fds, []  # _register owns them from here (keeps or closes)
-                answer = self._register(connection, message, handed)
+                answer: wire.Message = self._register(connection, message, handed)
             elif isinstance(message, wire.Unregister):
                 answer = self._unregister(connection, message)
             elif isinstance(message, wire.Describe):

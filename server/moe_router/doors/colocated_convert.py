@@ -136,7 +136,7 @@ def result_to_routed(
         )
     view = regions.view(target.name, target.offset, needed, owner=owner)
     for ref, (_, _, array) in zip(refs, arrays, strict=True):
-        view[ref.offset : ref.offset + ref.nbytes] = memoryview(array).cast("B")
+        view[ref.offset : ref.offset + ref.nbytes] = array.reshape(-1).view(np.uint8).data
     out = result.output
     return wire.Routed(
         seq=message.seq,
