@@ -94,6 +94,13 @@ def test_nothing_but_hello_before_hello(keyed: InProcessServer) -> None:
     door.close()
 
 
+def test_one_identity_per_connection(keyed: InProcessServer) -> None:
+    door = RawDoor(door_path(keyed), KEY_A)
+    assert "already accepted" in invalid(door.call(wire.Hello(0, KEY_B, os.getpid())))
+    assert isinstance(door.call(wire.Describe(0, "mixtral")), wire.Description)
+    door.close()
+
+
 def test_rate_limit_is_one_bucket_per_key_across_both_doors(tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.yaml", small_routers()[:1],
                           security={"api_key_required": True, "rate_limit": 60})  # burst 1

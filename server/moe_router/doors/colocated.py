@@ -348,6 +348,9 @@ class CoLocatedDoor:
 
     # ------------------------------------------------------------------ requests
     def _hello(self, connection: _Connection, message: wire.Hello) -> None:
+        if connection.owner is not None:  # its regions belong to the identity it has
+            raise ValidationError("HELLO was already accepted on this connection; open "
+                                  "another connection for another API key")
         if message.version != wire.PROTOCOL_VERSION:
             raise ValidationError(f"protocol version {message.version}; this server speaks "
                                   f"{wire.PROTOCOL_VERSION} (upgrade the client)")
