@@ -29,10 +29,12 @@ from moe_router.routing.kinds import RoutingMethod
 from moe_router.status_mapping import status_entry_for, to_status
 from moe_router_client import colocated_wire as wire
 from moe_router_client.tensors import TensorCodecError, from_parts, to_parts
+from moe_router_client.v1 import router_pb2 as pb
 
 __all__ = ["route_to_call", "result_to_routed", "error_to_message", "describe"]
 
 _OPTIONAL_OUTPUTS = wire.OUTPUT_NAMES[3:]
+_HOST_DTYPES = {torch.int32: pb.INT32, torch.float32: pb.FLOAT32}
 
 
 def _tensor(
@@ -98,7 +100,8 @@ def route_to_call(
 
 
 def _outputs(result: RouteResult, call: RouteCall) -> list[tuple[str, int, np.ndarray]]:
-    """(name, wire dtype, contiguous array) of every output, as Route encodes them."""
+    """(name, wire dtype, contiguous array) of every output, as Route encodes them (the
+    outputs are host int32 / float32 tensors: their numpy views, no codec detour)."""
     out = result.output
     arrays = []
     for name in wire.OUTPUT_NAMES:
@@ -107,7 +110,11 @@ def _outputs(result: RouteResult, call: RouteCall) -> list[tuple[str, int, np.nd
             continue
         if name in _OPTIONAL_OUTPUTS:
             tensor = tensor.float()  # as Route sends them
-        dtype, _, array = to_parts(tensor)
+        dtype = _HOST_DTYPES.get(tensor.dtype) if tensor.device.type == "cpu" else None
+        if dtype is None:  # anything else takes the codec's general path
+            dtype, _, array = to_parts(tensor)
+        else:
+            array = np.ascontiguousarray(tensor.detach().numpy())
         arrays.append((name, dtype, array))
     return arrays
 
