@@ -6,7 +6,8 @@ Starts ``moe-router serve`` (the default config's ``mixtral``: 4096 wide, 8 expe
 top-2, CPU) in a child process, then times closed-loop calls from here, p50 in
 microseconds, each case side by side with our router called in this process on the same
 weights: 1 token fp32 (through the input region, and inline in the control message), and
-2048 x 4096 bf16. ``skip_cache`` on every call, so each one routes.
+2048 x 4096 bf16. The paths are called in turn, round after round, so that each sees the
+same load. ``skip_cache`` on every call, so each one routes.
 """
 
 from __future__ import annotations
@@ -38,15 +39,19 @@ CONFIG = {
 }
 
 
-def p50_us(call: Callable[[], object], calls: int) -> float:
-    for _ in range(max(10, calls // 10)):
-        call()
-    samples = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(samples)
+def interleaved_p50_us(calls: list[Callable[[], object]], rounds: int) -> list[float]:
+    """p50 of each callable, called in turn round after round (so that every one sees
+    the same load on a shared machine)."""
+    for _ in range(max(5, rounds // 10)):
+        for call in calls:
+            call()
+    samples: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for call, times in zip(calls, samples, strict=True):
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1e6)
+    return [statistics.median(times) for times in samples]
 
 
 def main() -> int:
@@ -76,13 +81,19 @@ def main() -> int:
                     RouterClient(target) as grpc_client:
                 assert door.transport == "colocated"
                 for name, x in cases:
-                    calls = args.calls if x.shape[0] == 1 else max(20, args.calls // 10)
-                    with torch.inference_mode():
-                        local = p50_us(lambda x=x: router(x), calls)
-                    figures = [p50_us(lambda c=c, x=x: c.route("mixtral", x, skip_cache=True),
-                                      calls) for c in (door, inline, grpc_client)]
-                    print(f"{name:<18} {local:11.0f} {figures[0]:9.0f} {figures[1]:12.0f} "
-                          f"{figures[2]:9.0f}")
+                    rounds = args.calls if x.shape[0] == 1 else max(20, args.calls // 10)
+
+                    def local(x: torch.Tensor = x) -> object:
+                        with torch.inference_mode():
+                            return router(x)
+
+                    paths = [local] + [
+                        lambda c=c, x=x: c.route("mixtral", x, skip_cache=True)
+                        for c in (door, inline, grpc_client)
+                    ]
+                    figures = interleaved_p50_us(paths, rounds)
+                    print(f"{name:<18} {figures[0]:11.0f} {figures[1]:9.0f} {figures[2]:12.0f} "
+                          f"{figures[3]:9.0f}")
         finally:
             server.terminate()
             server.wait(30)
