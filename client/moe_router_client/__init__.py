@@ -6,11 +6,15 @@
         result = client.route("mixtral", hidden_states, layer=3)  # [T, D] numpy or torch
         result.expert_indices, result.expert_weights               # [T, k_max]
 
+On the server's host, ``CoLocatedClient`` (and ``AsyncCoLocatedClient``) route the same
+calls through shared memory and a unix socket, falling back to gRPC elsewhere.
+
 Importing this package never imports torch: the codec imports it only when it is given a
 torch tensor or asked for torch output (``as_torch=True``).
 """
 
 from moe_router_client.client import AsyncRouterClient, RouterClient
+from moe_router_client.colocated import AsyncCoLocatedClient, CoLocatedClient
 from moe_router_client.errors import (
     DeadlineExceededError,
     InternalError,
@@ -40,6 +44,8 @@ __all__ = [
     # clients
     "RouterClient",
     "AsyncRouterClient",
+    "CoLocatedClient",
+    "AsyncCoLocatedClient",
     # results
     "RouteResult",
     "RouteInfo",

@@ -324,8 +324,8 @@ def _torch_from_bytes(
     if _BIG_ENDIAN_HOST:  # into native order: one copy, into a writable buffer
         swapped = np.frombuffer(data, dtype=_LE_NUMPY[dtype]).byteswap()
         return torch.frombuffer(swapped.data, dtype=t_dtype).reshape(shape)
-    if isinstance(data, bytearray):
-        return torch.frombuffer(data, dtype=t_dtype).reshape(shape)
+    if isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly):
+        return torch.frombuffer(data, dtype=t_dtype).reshape(shape)  # writable: no warning
     with warnings.catch_warnings():
         # Documented above: the view is read-only by contract, not by flag.
         warnings.filterwarnings("ignore", message=_TORCH_READONLY_WARNING, category=UserWarning)

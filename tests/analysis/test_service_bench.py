@@ -38,14 +38,14 @@ from moe_router.analysis.service_bench import (
 from moe_router.errors import ValidationError
 from moe_router.routing import GroupedTopKRouter, RouterConfig, RoutingMethod, TopKRouter
 
-GRPC_STAND_IN = "moe_router_client:AsyncRouterClient"
+COLOCATED = "moe_router_client:AsyncCoLocatedClient"  # the real door, no gRPC fallback
 TINY_TOP_K = BenchRouter("mixtral", RoutingMethod.TOP_K, 64, 8, 2)
 TINY_GROUPED = BenchRouter("deepseek-v3", RoutingMethod.GROUPED_TOP_K, 32, 16, 4, n_group=4,
                           topk_group=2, routed_scaling_factor=2.5)
 TINY_PLAN = BenchPlan(routers=(TINY_TOP_K, TINY_GROUPED), tokens=(1, 4), concurrency=(1, 2),
                       warmup_s=0.05, duration_s=0.15, inprocess_s=0.02,
                       malloc_message_bytes=1 << 20, malloc_duration_s=0.2, malloc_rounds=1,
-                      colocated_client=GRPC_STAND_IN)
+                      colocated_client=COLOCATED)
 
 
 def _args(**overrides: object) -> argparse.Namespace:
@@ -194,10 +194,10 @@ def test_the_colocated_door_is_skipped_with_its_reason_while_the_client_is_missi
     import moe_router_client
 
     reason = transport_unavailable("colocated")
-    if hasattr(moe_router_client, "AsyncColocatedRouterClient"):
+    if hasattr(moe_router_client, "AsyncCoLocatedClient"):
         assert reason is None
     else:
-        assert reason is not None and "AsyncColocatedRouterClient" in reason
+        assert reason is not None and "AsyncCoLocatedClient" in reason
         assert "\n" not in reason
     assert transport_unavailable("grpc") is None
     assert "cannot import no_such_package" in str(
@@ -297,7 +297,7 @@ def test_quick_run_writes_a_complete_report(tmp_path: Path, monkeypatch: pytest.
         assert f"]({name})" in markdown
     for heading in ("## Targets (issue 10)", "transport floor (echo", "vs the floors",
                     "our router vs plain PyTorch", "Shared-memory door vs the same calls",
-                    f"Client: `{GRPC_STAND_IN}`", "glibc malloc tuning", "**Noise**"):
+                    f"Client: `{COLOCATED}`", "glibc malloc tuning", "**Noise**"):
         assert heading in markdown
     assert "Command: `moe-router bench --preset quick`" in markdown
 
@@ -328,8 +328,8 @@ def test_ctrl_c_keeps_what_was_measured_and_stops_every_child(tmp_path: Path) ->
     # the default co-located client does not exist on this branch: skipped, with why
     import moe_router_client
 
-    if not hasattr(moe_router_client, "AsyncColocatedRouterClient"):
-        assert "AsyncColocatedRouterClient" in report.skipped["colocated"]
+    if not hasattr(moe_router_client, "AsyncCoLocatedClient"):
+        assert "AsyncCoLocatedClient" in report.skipped["colocated"]
     markdown_path, json_path = write_report(report, tmp_path, plots=False)
     assert json.loads(json_path.read_text())["interrupted"] is True
     assert "Interrupted" in markdown_path.read_text()

@@ -9,7 +9,7 @@ import sys
 import moe_router_client
 
 INTENDED = {
-    "RouterClient", "AsyncRouterClient",
+    "RouterClient", "AsyncRouterClient", "CoLocatedClient", "AsyncCoLocatedClient",
     "RouteResult", "RouteInfo", "RouterStats", "LatencySummary", "CacheStats", "BreakerStats",
     "LayerLoad", "HealthReport", "RouterHealth", "RouterInfo",
     "RouterError", "InvalidArgumentError", "NotFoundError", "UnavailableError",

@@ -29,8 +29,10 @@ each kind is a :class:`Caller`, built by :func:`make_caller` once per prepared s
 :class:`moe_router_client.AsyncRouterClient` offers, which is also what the gRPC
 fallback of a co-located client naturally keeps:
 
-- ``Client(target)``: ``target`` is the service's gRPC ``host:port``; the client finds the
-  local door from it (or from the server), registering its regions as it needs;
+- ``await Client.connect(target, fallback=False)`` (or, for a class without ``connect``,
+  ``Client(target)``): ``target`` is the service's gRPC ``host:port``; the client finds the
+  local door from it, registering its regions as it needs, and never falls back to gRPC
+  (the bench must measure the door it names);
 - ``await client.route(router, hidden_states, layer=0, skip_cache=True)`` -> a result with
   numpy ``expert_indices``, ``expert_weights`` and ``num_experts_per_token``; failures
   raise ``moe_router_client.RouterError``;
@@ -60,7 +62,7 @@ __all__ = ["COLOCATED_CLIENT_CLASS", "Caller", "CallFailed", "ColocatedCaller", 
            "Method", "ROUTE_METHOD", "Transport", "make_caller", "transport_unavailable"]
 
 ROUTE_METHOD = "/moe_router.v1.RouterService/Route"
-COLOCATED_CLIENT_CLASS = "moe_router_client:AsyncColocatedRouterClient"
+COLOCATED_CLIENT_CLASS = "moe_router_client:AsyncCoLocatedClient"
 """The co-located door's asyncio client, as ``module:Name`` (the name is the lead's to fix)."""
 _CALL_TIMEOUT_S = 300.0
 _MAX_CONSECUTIVE_ERRORS = 20
@@ -214,11 +216,16 @@ class ColocatedCaller:
 
             hidden = hidden.view(ml_dtypes.bfloat16)
         self._hidden, self._router, self._errors = hidden, spec.router, RouterError
-        self._client = _import_class(spec.client_class)(spec.target)
+        self._class, self._target = _import_class(spec.client_class), spec.target
+        self._client: Any = None
         self.request_bytes = int(hidden.nbytes)
 
     async def call(self) -> int:
         try:
+            if self._client is None:  # connected on the first call, on the worker's loop
+                connect = getattr(self._class, "connect", None)
+                self._client = (await connect(self._target, fallback=False)
+                                if connect is not None else self._class(self._target))
             result = await self._client.route(self._router, self._hidden, layer=0,
                                               skip_cache=True)
         except self._errors as exc:
@@ -227,7 +234,8 @@ class ColocatedCaller:
                    + result.num_experts_per_token.nbytes)
 
     async def close(self) -> None:
-        await self._client.close()
+        if self._client is not None:
+            await self._client.close()
 
 
 def make_caller(spec: LoadSpec, channel: Any, echo_method: str, echo_key: str) -> Caller:

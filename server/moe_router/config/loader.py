@@ -43,6 +43,7 @@ from moe_router.config.schema import (
     BenchmarkingConfig,
     BreakerConfig,
     CacheConfig,
+    CoLocatedConfig,
     ExpertGranularity,
     FaultSpec,
     HealthConfig,
@@ -98,6 +99,7 @@ __all__ = [
     "AlertThresholds",
     "MonitoringConfig",
     "SecurityConfig",
+    "CoLocatedConfig",
     "TLSConfig",
     "OptimizationConfig",
     "BenchmarkingConfig",
@@ -271,6 +273,7 @@ def _build_service(merged: Mapping[str, Any], ctx: Context) -> ServiceConfig:
             enable_circuit_breaker=breaker.enabled,
         ),
         security=_build_security(merged.get("security"), ctx),
+        colocated=_build(CoLocatedConfig, merged.get("colocated"), "colocated", ctx),
         optimization=replace(
             _build(OptimizationConfig, merged.get("optimization"), "optimization", ctx),
             enable_caching=cache_.enabled,

@@ -45,6 +45,7 @@ __all__ = [
     "MonitoringConfig",
     "TLSConfig",
     "SecurityConfig",
+    "CoLocatedConfig",
     "OptimizationConfig",
     "BenchmarkingConfig",
     "TestingConfig",
@@ -273,6 +274,16 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CoLocatedConfig:
+    """The co-located door: Route over a unix socket and shared memory, for callers on
+    the same host running as the server's user (README "The co-located door")."""
+
+    enabled: bool = _field(True, "Serve co-located callers on a unix socket.")
+    socket_path: Path | None = _field(None, "The socket; null: /tmp/moe-router-<uid>/"
+                                      "colocated-<gRPC port>.sock (a 0700 directory).")
+
+
+@dataclass(frozen=True, kw_only=True)
 class OptimizationConfig:
     """Seed optimization keys; three are aliases whose values mirror their targets."""
 
@@ -467,6 +478,8 @@ class ServiceConfig:
     breaker: BreakerConfig = _field(doc="Circuit breaker.", factory=BreakerConfig)
     monitoring: MonitoringConfig = _field(doc="Alerts (seed keys).", factory=MonitoringConfig)
     security: SecurityConfig = _field(doc="Keys, rate limit, TLS.", factory=SecurityConfig)
+    colocated: CoLocatedConfig = _field(doc="The co-located (shared-memory) door.",
+                                        factory=CoLocatedConfig)
     optimization: OptimizationConfig = _field(doc="Seed optimization keys.",
                                               factory=OptimizationConfig)
     benchmarking: BenchmarkingConfig = _field(doc="Benchmark defaults (seed keys).",

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,11 +28,14 @@ from moe_router.chain.hosted import HostedRouterChain, build_chain
 from moe_router.chain.metrics import RouterMetrics, start_metrics_http_server
 from moe_router.chain.pool import DevicePool
 from moe_router.config import ServiceConfig
+from moe_router.doors.colocated import CoLocatedDoor
 from moe_router.doors.health import HealthState, RouterStatus, start_http_health_server
 from moe_router.doors.oip_service import OIP_SERVICE_NAME, add_oip_service, reflection_pool
 from moe_router.doors.security import ApiKeyInterceptor, server_credentials
+from moe_router.doors.shm_regions import SharedMemoryRegistry
 from moe_router.doors.v1_service import RouterService, add_router_service
 from moe_router.loading.registry import load_routers, resolve_device, warm_up
+from moe_router_client.colocated_wire import default_socket_path
 from moe_router_client.v1 import router_pb2 as pb
 
 __all__ = ["RunningServer", "create_server", "serve", "grpc_server_options"]
@@ -68,6 +73,8 @@ class RunningServer:
     metrics_port: int | None = None
     health_port: int | None = None
     _closers: list[Any] = field(default_factory=list)
+    colocated: CoLocatedDoor | None = None
+    """The co-located door (None when ``colocated.enabled`` is off)."""
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING first, refuse new calls, let in-flight ones finish, stop."""
@@ -106,7 +113,8 @@ async def create_server(
         chains, health, device=str(device), version=__version__, alerts=alerts
     )
     add_router_service(service, server)
-    oip = add_oip_service(chains, health, server, version=__version__)
+    regions = SharedMemoryRegistry()  # one per server: the OIP and co-located doors share it
+    add_oip_service(chains, health, server, version=__version__, regions=regions)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflected = (
         pb.DESCRIPTOR.services_by_name["RouterService"].full_name,
@@ -133,9 +141,14 @@ async def create_server(
             f"server.port: could not listen on {address} (in use?); choose another port "
             "(server.port, --port or DYNAMIC_MOE_PORT; 0 picks a free one)"
         )
-    closers: list[Any] = [oip.regions.close]
+    closers: list[Any] = [regions.close]
     metrics_port = health_port = None
+    door = None
     try:  # every port is bound before the routers load, so a clash fails fast
+        if config.colocated.enabled:
+            door = _colocated_door(config, chains, health, regions, device, port)
+            door.start()
+            closers.insert(0, door.close)  # before the regions it registered are closed
         if metrics is not None:
             metrics.set_build_info(__version__, str(device))
             http, _, metrics_port = _bind_http(
@@ -149,7 +162,7 @@ async def create_server(
                 "DYNAMIC_MOE_HEALTH_PORT",
             )
             closers.append(http.shutdown)
-    except OSError:
+    except BaseException:  # a port or the socket path refused: release what was bound
         for close in closers:
             close()
         raise
@@ -190,12 +203,31 @@ async def create_server(
         )
         shared_limit = shared_limit or chains[name].rate_limit
     running = RunningServer(
-        config, server, port, health, chains, pool, registry, metrics_port, health_port, closers
+        config, server, port, health, chains, pool, registry, metrics_port, health_port, closers,
+        colocated=door,
     )
     await health.mark_ready()
     watcher = asyncio.ensure_future(_watch_alerts(chains, alerts))
     running._closers.append(watcher.cancel)
     return running
+
+
+def _colocated_door(
+    config: ServiceConfig,
+    chains: dict[str, HostedRouterChain],
+    health: HealthState,
+    regions: SharedMemoryRegistry,
+    device: Any,
+    port: int,
+) -> CoLocatedDoor:
+    """The co-located door on ``colocated.socket_path`` (default: by the gRPC port)."""
+    configured = config.colocated.socket_path
+    path = configured if configured is not None else default_socket_path(port, os.geteuid())
+    keys = config.security.api_keys if config.security.api_key_required else ()
+    return CoLocatedDoor(
+        chains, health, regions, socket_path=Path(path), default_directory=configured is None,
+        api_keys=keys, device=device, version=__version__,
+    )
 
 
 def _bind_http(start: Any, source: Any, section: Any, key: str, variable: str) -> Any:
@@ -223,6 +255,8 @@ async def _serve(config: ServiceConfig) -> None:
         print(f"metrics on http://{config.metrics.host}:{running.metrics_port}/metrics", flush=True)
     if running.health_port is not None:
         print(f"health on http://{config.health.host}:{running.health_port}/readyz", flush=True)
+    if running.colocated is not None:
+        print(f"co-located door on unix:{running.colocated.socket_path}", flush=True)
     # Last: scripts and tests wait for this line, and the lines above are out by then.
     print(f"listening on {config.server.host}:{running.port}", flush=True)
     stop = asyncio.Event()

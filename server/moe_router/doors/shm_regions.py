@@ -43,6 +43,7 @@ outside a region is ever read or written:
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import stat
@@ -104,41 +105,81 @@ class SharedMemoryRegistry:
         self, name: str, key: str, offset: int, byte_size: int, *, owner: str = ""
     ) -> RegionStatus:
         """Map bytes [offset, offset + byte_size) of the object ``key`` under ``name``."""
-        if not name:
-            raise ValidationError("shared memory region name: required, a non-empty string")
-        if offset < 0 or byte_size <= 0:
-            raise ValidationError(
-                f"shared memory region '{name}': offset {offset} and byte_size {byte_size}; "
-                "expected offset >= 0 and byte_size > 0"
-            )
+        _check_span(name, offset, byte_size)
         path = self._path(key)
         with self._lock:
-            if (owner, name) in self._regions:
-                raise AlreadyExistsError(
-                    f"shared memory region '{name}' is already registered; unregister it "
-                    "first or pick another name"
-                )
-            if len(self._regions) >= self._max_regions:
-                raise OverloadedError(
-                    f"{len(self._regions)} shared memory regions are registered, the most "
-                    "this server keeps; unregister some first",
-                    reason="TOO_MANY_REGIONS",
-                )
+            self._check_free(name, owner)
             fd = self._open(path, key)
+            return self._add(name, key, fd, offset, byte_size, owner)
+
+    def register_descriptor(
+        self, name: str, fd: int, byte_size: int, *, owner: str = "", label: str = ""
+    ) -> RegionStatus:
+        """Map bytes [0, byte_size) of an open file handed over by its descriptor (the
+        co-located door receives it with SCM_RIGHTS) under ``name``; the registry owns
+        ``fd`` from here on, and closes it on refusal too.
+
+        The file must be one that can never shrink: a memfd sealed with
+        ``F_SEAL_SHRINK`` (and owned by the server's user, as for keys), so no page of
+        the mapping can vanish under a reader. Nothing of it is in the root: the region
+        is gone when its last descriptor and mapping are. Status shows the key
+        ``fd:<label>``.
+        """
+        try:
+            _check_span(name, 0, byte_size)
+            refusal = self._refusal(os.fstat(fd))
+            if refusal is None and not _sealed_against_shrinking(fd):
+                refusal = ("not sealed against shrinking; create it with "
+                           "memfd_create(MFD_ALLOW_SEALING) and add F_SEAL_SHRINK")
+            if refusal is not None:
+                raise ValidationError(f"shared memory region '{name}': the descriptor is "
+                                      f"{refusal}")
+            self._lock.acquire()
+        except BaseException:
+            _close_quietly(fd)
+            raise
+        try:
             try:
-                size = os.fstat(fd).st_size
-                if offset + byte_size > size:
-                    raise ValidationError(
-                        f"shared memory region '{name}': offset {offset} + byte_size "
-                        f"{byte_size} runs past the end of '{key}' ({size} bytes)"
-                    )
-                mapping = mmap.mmap(fd, offset + byte_size, flags=mmap.MAP_SHARED,
-                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                self._check_free(name, owner)
             except BaseException:
-                os.close(fd)
+                _close_quietly(fd)
                 raise
-            status = RegionStatus(name, key, offset, byte_size)
-            self._regions[(owner, name)] = _Region(status, owner, fd, mapping)
+            return self._add(name, f"fd:{label}", fd, 0, byte_size, owner)  # closes on refusal
+        finally:
+            self._lock.release()
+
+    def _check_free(self, name: str, owner: str) -> None:
+        """Refuse a taken name or a full registry (called under the lock)."""
+        if (owner, name) in self._regions:
+            raise AlreadyExistsError(
+                f"shared memory region '{name}' is already registered; unregister it "
+                "first or pick another name"
+            )
+        if len(self._regions) >= self._max_regions:
+            raise OverloadedError(
+                f"{len(self._regions)} shared memory regions are registered, the most "
+                "this server keeps; unregister some first",
+                reason="TOO_MANY_REGIONS",
+            )
+
+    def _add(
+        self, name: str, key: str, fd: int, offset: int, byte_size: int, owner: str
+    ) -> RegionStatus:
+        """Map the region and keep it (under the lock); closes ``fd`` on refusal."""
+        try:
+            size = os.fstat(fd).st_size
+            if offset + byte_size > size:
+                raise ValidationError(
+                    f"shared memory region '{name}': offset {offset} + byte_size "
+                    f"{byte_size} runs past the end of '{key}' ({size} bytes)"
+                )
+            mapping = mmap.mmap(fd, offset + byte_size, flags=mmap.MAP_SHARED,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        status = RegionStatus(name, key, offset, byte_size)
+        self._regions[(owner, name)] = _Region(status, owner, fd, mapping)
         return status
 
     def _path(self, key: str) -> Path:
@@ -168,16 +209,19 @@ class SharedMemoryRegistry:
             else:
                 why = exc.strerror or "cannot open it"
             raise ValidationError(f"shared memory key '{key}' ({path}): {why}") from exc
-        info = os.fstat(fd)
-        refusal = None
-        if not stat.S_ISREG(info.st_mode):
-            refusal = "not a regular file"
-        elif self._owner_uid is not None and info.st_uid != self._owner_uid:
-            refusal = f"owned by uid {info.st_uid}, not by the server's user ({self._owner_uid})"
+        refusal = self._refusal(os.fstat(fd))
         if refusal is not None:
             os.close(fd)
             raise ValidationError(f"shared memory key '{key}' ({path}): {refusal}")
         return fd
+
+    def _refusal(self, info: os.stat_result) -> str | None:
+        """Why a region's file must not be mapped (not regular, another user's), or None."""
+        if not stat.S_ISREG(info.st_mode):
+            return "not a regular file"
+        if self._owner_uid is not None and info.st_uid != self._owner_uid:
+            return f"owned by uid {info.st_uid}, not by the server's user ({self._owner_uid})"
+        return None
 
     # ------------------------------------------------------------------ status, unregister
     def status(self, name: str = "", *, owner: str = "") -> list[RegionStatus]:
@@ -264,4 +308,32 @@ def _release(region: _Region) -> None:
     try:
         region.mapping.close()
     except BufferError:  # a call still holds a view: unmapped when the last view goes
+        pass
+
+
+def _check_span(name: str, offset: int, byte_size: int) -> None:
+    if not name:
+        raise ValidationError("shared memory region name: required, a non-empty string")
+    if offset < 0 or byte_size <= 0:
+        raise ValidationError(
+            f"shared memory region '{name}': offset {offset} and byte_size {byte_size}; "
+            "expected offset >= 0 and byte_size > 0"
+        )
+
+
+def _sealed_against_shrinking(fd: int) -> bool:
+    """Whether the file of ``fd`` carries F_SEAL_SHRINK (False where seals do not exist)."""
+    seals = getattr(fcntl, "F_GET_SEALS", None)
+    if seals is None:
+        return False
+    try:
+        return bool(fcntl.fcntl(fd, seals) & fcntl.F_SEAL_SHRINK)
+    except OSError:  # not a memfd (or a file system without seals)
+        return False
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
         pass

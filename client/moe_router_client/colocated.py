@@ -1,0 +1,461 @@
+"""CoLocatedClient (blocking) and AsyncCoLocatedClient (asyncio): Route through the
+server's co-located door, for a serving stack on the same host, falling back to gRPC.
+
+    from moe_router_client import CoLocatedClient
+
+    with CoLocatedClient("127.0.0.1:50051") as client:        # the server's gRPC target
+        result = client.route("mixtral", hidden_states, layer=3)  # as RouterClient.route
+        client.transport                                        # "colocated" or "grpc"
+
+``route`` takes RouterClient.route's arguments and returns the same
+:class:`~moe_router_client.results.RouteResult` with the same bits; errors are the same
+:class:`~moe_router_client.errors.RouterError` classes. The door is found at
+``socket_path`` or, for a loopback target (``127.0.0.1``, ``localhost``, ``::1``), at
+the server's default path for that port; when the target is not local or nothing
+listens there, calls go over gRPC (``RouterClient``) unless ``fallback=False``.
+
+Each connection (up to ``max_connections``, opened as concurrent calls need them, one
+call at a time each) owns an input and an output region that every call and layer
+reuses; see :mod:`moe_router_client.colocated_session`. A connection whose call timed
+out or failed in transport is closed, never reused (the server may still be reading its
+region). Torch is imported only for torch tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from moe_router_client import colocated_wire as wire
+from moe_router_client.channel import DEFAULT_TARGET
+from moe_router_client.client import AsyncRouterClient, RouterClient
+from moe_router_client.colocated_session import Session, Step
+from moe_router_client.errors import (
+    DeadlineExceededError,
+    InternalError,
+    UnavailableError,
+)
+from moe_router_client.results import RouteResult
+
+__all__ = ["CoLocatedClient", "AsyncCoLocatedClient", "local_socket_path"]
+
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+_EXTRA_INPUTS = ("attention_weights", "logits", "gradients")
+_RECEIVE_BYTES = 1 << 18  # an answer: a few scalars and tokens_per_expert
+
+
+def local_socket_path(target: str) -> Path | None:
+    """The default door of a loopback ``host:port`` target, None for any other target."""
+    host, sep, port = target.removeprefix("dns:///").rpartition(":")
+    if not sep or not port.isdigit() or host not in _LOOPBACK:
+        return None
+    return wire.default_socket_path(int(port), os.geteuid())
+
+
+class _Deadline:
+    """Seconds left of one call (None: no deadline)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def left(self) -> float | None:
+        return None if self._end is None else max(0.0, self._end - time.monotonic())
+
+
+def _transport_error(what: str, path: Path) -> UnavailableError:
+    return UnavailableError(grpc.StatusCode.UNAVAILABLE,
+                            f"co-located door {path}: {what}; retry (the server may be "
+                            "restarting) or use gRPC")
+
+
+def _deadline_error() -> DeadlineExceededError:
+    return DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 "the call did not finish before its deadline")
+
+
+def _answer(data: memoryview, sent: int) -> wire.Message | None:
+    """The answer in ``data`` to the message numbered ``sent``; None for a late answer
+    to an earlier one (abandoned by an interrupt), which the caller reads past."""
+    answer = wire.decode(data)
+    if answer.seq == sent:
+        return answer
+    if answer.seq < sent:
+        return None
+    raise InternalError(grpc.StatusCode.INTERNAL,
+                        f"co-located server answered message {answer.seq}, expected {sent}")
+
+
+def _route_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """RouterClient.route's keyword arguments, as Session.route takes them."""
+    return {
+        "extra_inputs": {n: kwargs[n] for n in _EXTRA_INPUTS if kwargs.get(n) is not None},
+        "return_router_logits": kwargs["return_router_logits"],
+        "skip_cache": kwargs["skip_cache"],
+        "seed": kwargs["seed"],
+        "request_id": kwargs["request_id"],
+        "as_torch": kwargs["as_torch"],
+    }
+
+
+class _Connection:
+    """A blocking socket and the session whose exchanges it carries."""
+
+    def __init__(self, path: Path, session: Session, connect_timeout: float | None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.session = session
+        self.path = path
+        self.broken = False  # a message went out and its answer did not come back
+        self._buffer = bytearray(_RECEIVE_BYTES)
+        try:
+            self.sock.settimeout(connect_timeout)
+            self.sock.connect(str(path))
+            self.run(session.hello(), _Deadline(connect_timeout))
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, step: Step, deadline: _Deadline) -> Any:
+        """Drive ``step`` to its end: send what it yields, feed it each answer. A failure
+        between a send and its answer marks the connection broken."""
+        try:
+            data, fds = next(step)
+            while True:
+                left = deadline.left()
+                if left == 0.0:
+                    raise TimeoutError
+                self.sock.settimeout(left)
+                self.broken = True
+                if fds:
+                    socket.send_fds(self.sock, [data], fds)
+                else:
+                    self.sock.send(data)
+                sent = int.from_bytes(data[1:9], "little")
+                answer = None
+                while answer is None:
+                    nbytes = self.sock.recv_into(self._buffer)
+                    if nbytes == 0:
+                        raise ConnectionResetError("the server closed the connection")
+                    answer = _answer(memoryview(self._buffer)[:nbytes], sent)
+                self.broken = False
+                data, fds = step.send(answer)
+        except StopIteration as done:
+            return done.value
+        except TimeoutError as exc:
+            raise _deadline_error() from exc
+        except OSError as exc:
+            raise _transport_error(str(exc) or type(exc).__name__, self.path) from exc
+
+    def close(self) -> None:
+        self.sock.close()
+        self.session.close()
+
+
+class CoLocatedClient:
+    """Blocking client of a moe-router server's co-located door (thread-safe).
+
+    ``target``: the server's gRPC ``host:port`` (the fallback, and how a loopback
+    target's default socket path is found). ``socket_path``: the door's socket when not
+    the default. ``api_key``: as for RouterClient (sent once per connection). ``timeout``:
+    default deadline per call in seconds. ``max_connections``: concurrent calls at most
+    (each has its own connection and regions). ``fallback``: use gRPC when the door is not
+    there (else raise UnavailableError). ``inline_limit``: inputs of at most this many bytes
+    go inside the control message instead of the input region (up to the server's
+    limit, 64 KiB; 0 by default: measured no faster than the region, README "The
+    co-located door"). ``grpc_options``: extra RouterClient arguments for the fallback.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        socket_path: str | Path | None = None,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        max_connections: int = 8,
+        fallback: bool = True,
+        inline_limit: int = 0,
+        **grpc_options: Any,
+    ) -> None:
+        self._path = Path(socket_path) if socket_path is not None else local_socket_path(target)
+        self._api_key = api_key
+        self._timeout = timeout
+        self._inline_limit = inline_limit
+        self._descriptions: dict[str, wire.Description] = {}
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._grpc: RouterClient | None = None
+        first = self._first_connection()
+        if first is None:
+            if not fallback:
+                raise _transport_error("nothing listens there", self._path or Path("-"))
+            self._grpc = RouterClient(target, api_key=api_key, timeout=timeout, **grpc_options)
+        else:
+            self._idle.append(first)
+
+    def _first_connection(self) -> _Connection | None:
+        if self._path is None:
+            return None
+        try:
+            return self._connect()
+        except UnavailableError:
+            return None
+
+    def _connect(self) -> _Connection:
+        assert self._path is not None
+        session = Session(self._api_key, self._descriptions, inline_limit=self._inline_limit)
+        try:
+            return _Connection(self._path, session, self._timeout or 10.0)
+        except OSError as exc:  # absent, refused, or not a socket
+            raise _transport_error(exc.strerror or str(exc), self._path) from exc
+
+    @property
+    def transport(self) -> str:
+        """``"colocated"`` or ``"grpc"`` (the fallback)."""
+        return "grpc" if self._grpc is not None else "colocated"
+
+    def route(
+        self,
+        router: str,
+        hidden_states: Any,
+        layer: int = 0,
+        *,
+        return_router_logits: bool = False,
+        skip_cache: bool = False,
+        seed: int | None = None,
+        attention_weights: Any = None,
+        logits: Any = None,
+        gradients: Any = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        as_torch: bool = False,
+    ) -> RouteResult:
+        """Route one batch of tokens ``[T, D]`` or ``[B, S, D]`` for one MoE layer
+        (RouterClient.route's arguments and answer)."""
+        arguments = dict(locals())
+        del arguments["self"]
+        if self._grpc is not None:
+            return self._grpc.route(**arguments)
+        deadline = _Deadline(timeout if timeout is not None else self._timeout)
+        with self._slots:
+            with self._lock:
+                connection = self._idle.pop() if self._idle else None
+            if connection is None:
+                connection = self._connect()
+            try:
+                return connection.run(connection.session.route(
+                    router, hidden_states, layer, timeout_s=deadline.left,
+                    **_route_arguments(arguments),
+                ), deadline)
+            finally:
+                if connection.broken:  # the server may still read its region: never reuse
+                    connection.close()
+                else:
+                    with self._lock:
+                        self._idle.append(connection)
+
+    def close(self) -> None:
+        """Close every connection (the server unregisters their regions) or the channel."""
+        if self._grpc is not None:
+            self._grpc.close()
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    def __enter__(self) -> CoLocatedClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _AsyncConnection:
+    """A non-blocking socket on the running loop and its session."""
+
+    def __init__(self, sock: socket.socket, session: Session, path: Path) -> None:
+        self.sock = sock
+        self.session = session
+        self.path = path
+        self.broken = False  # a message went out and its answer did not come back
+        self._buffer = bytearray(_RECEIVE_BYTES)
+
+    @classmethod
+    async def open(cls, path: Path, session: Session, timeout: float | None) -> _AsyncConnection:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)
+        connection = cls(sock, session, path)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, str(path))
+            await connection.run(session.hello(), _Deadline(timeout))
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    async def _send(self, data: bytes, fds: list[int]) -> None:
+        loop = asyncio.get_running_loop()
+        if not fds:
+            await loop.sock_sendall(self.sock, data)
+            return
+        while True:  # sendmsg has no asyncio form: try, and wait for room when full
+            try:
+                socket.send_fds(self.sock, [data], fds)
+                return
+            except BlockingIOError:
+                writable = loop.create_future()
+                loop.add_writer(self.sock.fileno(), writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(self.sock.fileno())
+
+    async def _exchange(self, step: Step) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            data, fds = next(step)
+            while True:
+                self.broken = True
+                await self._send(data, fds)
+                sent = int.from_bytes(data[1:9], "little")
+                answer = None
+                while answer is None:
+                    nbytes = await loop.sock_recv_into(self.sock, self._buffer)
+                    if nbytes == 0:
+                        raise ConnectionResetError("the server closed the connection")
+                    answer = _answer(memoryview(self._buffer)[:nbytes], sent)
+                self.broken = False
+                data, fds = step.send(answer)
+        except StopIteration as done:
+            return done.value
+
+    async def run(self, step: Step, deadline: _Deadline) -> Any:
+        try:
+            return await asyncio.wait_for(self._exchange(step), deadline.left())
+        except asyncio.TimeoutError as exc:
+            raise _deadline_error() from exc
+        except OSError as exc:
+            raise _transport_error(str(exc) or type(exc).__name__, self.path) from exc
+
+    def close(self) -> None:
+        self.sock.close()
+        self.session.close()
+
+
+class AsyncCoLocatedClient:
+    """asyncio client of the co-located door: :class:`CoLocatedClient`'s arguments and
+    ``route``, as a coroutine (falling back to AsyncRouterClient). Create it with
+    ``await AsyncCoLocatedClient.connect(...)`` (it probes the door) and ``await close()``
+    or use ``async with``."""
+
+    def __init__(self, target: str, path: Path | None, options: dict[str, Any],
+                 grpc_client: AsyncRouterClient | None) -> None:
+        self._target = target
+        self._path = path
+        self._api_key = options.get("api_key")
+        self._timeout = options.get("timeout")
+        self._inline_limit = options.get("inline_limit", 0)
+        self._descriptions: dict[str, wire.Description] = {}
+        self._idle: list[_AsyncConnection] = []
+        self._slots = asyncio.Semaphore(options.get("max_connections", 8))
+        self._grpc = grpc_client
+
+    @classmethod
+    async def connect(
+        cls,
+        target: str = DEFAULT_TARGET,
+        *,
+        socket_path: str | Path | None = None,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        max_connections: int = 8,
+        fallback: bool = True,
+        inline_limit: int = 0,
+        **grpc_options: Any,
+    ) -> AsyncCoLocatedClient:
+        """A client on the door when it answers, else on gRPC (unless ``fallback=False``)."""
+        path = Path(socket_path) if socket_path is not None else local_socket_path(target)
+        options = {"api_key": api_key, "timeout": timeout, "max_connections": max_connections,
+                   "inline_limit": inline_limit}
+        client = cls(target, path, options, None)
+        if path is not None:
+            try:
+                client._idle.append(await client._connect())
+                return client
+            except UnavailableError:
+                pass
+        if not fallback:
+            raise _transport_error("nothing listens there", path or Path("-"))
+        client._grpc = AsyncRouterClient(target, api_key=api_key, timeout=timeout,
+                                         **grpc_options)
+        return client
+
+    async def _connect(self) -> _AsyncConnection:
+        assert self._path is not None
+        session = Session(self._api_key, self._descriptions, inline_limit=self._inline_limit)
+        try:
+            return await _AsyncConnection.open(self._path, session, self._timeout or 10.0)
+        except OSError as exc:
+            raise _transport_error(exc.strerror or str(exc), self._path) from exc
+
+    @property
+    def transport(self) -> str:
+        """``"colocated"`` or ``"grpc"`` (the fallback)."""
+        return "grpc" if self._grpc is not None else "colocated"
+
+    async def route(
+        self,
+        router: str,
+        hidden_states: Any,
+        layer: int = 0,
+        *,
+        return_router_logits: bool = False,
+        skip_cache: bool = False,
+        seed: int | None = None,
+        attention_weights: Any = None,
+        logits: Any = None,
+        gradients: Any = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        as_torch: bool = False,
+    ) -> RouteResult:
+        """Route one batch of tokens for one MoE layer (RouterClient.route's arguments)."""
+        arguments = dict(locals())
+        del arguments["self"]
+        if self._grpc is not None:
+            return await self._grpc.route(**arguments)
+        deadline = _Deadline(timeout if timeout is not None else self._timeout)
+        async with self._slots:
+            connection = self._idle.pop() if self._idle else await self._connect()
+            try:
+                return await connection.run(connection.session.route(
+                    router, hidden_states, layer, timeout_s=deadline.left,
+                    **_route_arguments(arguments),
+                ), deadline)
+            finally:
+                if connection.broken:  # the server may still read its region: never reuse
+                    connection.close()
+                else:
+                    self._idle.append(connection)
+
+    async def close(self) -> None:
+        """Close every connection, or the fallback channel."""
+        if self._grpc is not None:
+            await self._grpc.close()
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    async def __aenter__(self) -> AsyncCoLocatedClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+

@@ -1,0 +1,218 @@
+"""Co-located door messages <-> domain: a ROUTE message becomes the same
+:class:`RouteCall` a gRPC Route makes, a :class:`RouteResult` is written into the caller's
+output region and answered as ROUTED, an error becomes an ERROR with the status code,
+message, reason and retry delay the gRPC door would send.
+
+Tensors stay where they are: a view of the caller's registered region (no copy), the
+bytes of the datagram (inline), or the caller's CUDA memory opened by its IPC handle
+(:mod:`moe_router.doors.cuda_ipc`). Every reference is checked by the region registry
+before a view exists (registered by this owner, inside the region, file not shrunk), so
+a bad one is INVALID_ARGUMENT and nothing outside a region is ever read or written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from google.rpc import error_details_pb2
+
+from moe_router.chain.backend import RouteCall, RouteOptions, RouteResult
+from moe_router.chain.hosted import HostedRouterChain
+from moe_router.doors.cuda_ipc import open_cuda_tensor
+from moe_router.doors.shm_regions import SharedMemoryRegistry
+from moe_router.errors import NotFoundError, ValidationError
+from moe_router.routing.kinds import RoutingMethod
+from moe_router.status_mapping import status_entry_for, to_status
+from moe_router_client import colocated_wire as wire
+from moe_router_client.tensors import TensorCodecError, from_parts, to_parts
+from moe_router_client.v1 import router_pb2 as pb
+
+__all__ = ["route_to_call", "result_to_routed", "error_to_message", "describe"]
+
+_OPTIONAL_OUTPUTS = wire.OUTPUT_NAMES[3:]
+_HOST_DTYPES = {torch.int32: pb.INT32, torch.float32: pb.FLOAT32}
+
+
+def _tensor(
+    ref: wire.TensorRef, regions: SharedMemoryRegistry, owner: str, device: torch.device
+) -> torch.Tensor:
+    """The input ``ref`` names, as a view where it lies."""
+    place = ref.place
+    if isinstance(place, wire.CudaIpcRef):
+        return open_cuda_tensor(place, ref.dtype, ref.shape, device=device, name=ref.name)
+    data = ref.data if place is None else regions.view(
+        place.name, place.offset, place.byte_size, owner=owner
+    )
+    try:
+        return from_parts(ref.dtype, ref.shape, data, as_torch=True)
+    except TensorCodecError as exc:
+        raise ValidationError(f"{ref.name}: {exc}") from exc
+
+
+def route_to_call(
+    message: wire.Route,
+    chains: Mapping[str, HostedRouterChain],
+    regions: SharedMemoryRegistry,
+    *,
+    owner: str,
+    peer: str,
+    device: torch.device,
+) -> RouteCall:
+    """Decode a ROUTE into a RouteCall (what ``v1_convert.request_to_call`` does for
+    Route); the output reference is checked now, so a bad one costs no routing."""
+    if not message.router:
+        raise ValidationError(f"router: required; this server hosts {sorted(chains)}")
+    if message.router not in chains:
+        raise NotFoundError(
+            f"unknown router '{message.router[:100]}'; this server hosts {sorted(chains)}"
+        )
+    out = message.output
+    regions.view(out.name, out.offset, out.byte_size, owner=owner)  # a bad reference fails now
+    tensors: dict[str, torch.Tensor] = {}
+    for ref in message.tensors:
+        if ref.name in tensors:
+            raise ValidationError(f"input '{ref.name}' appears more than once")
+        tensors[ref.name] = _tensor(ref, regions, owner, device)
+    hidden = tensors.pop("hidden_states", None)
+    if hidden is None:
+        raise ValidationError(
+            "hidden_states: required, a [tokens, dim] or [batch, seq, dim] tensor"
+        )
+    timeout = message.timeout_s
+    return RouteCall(
+        router=message.router,
+        layer=message.layer,
+        hidden_states=hidden,
+        options=RouteOptions(
+            return_router_logits=message.return_router_logits,
+            skip_cache=message.skip_cache,
+            seed=message.seed,
+            extra_inputs=tensors,
+        ),
+        deadline=None if timeout is None else time.monotonic() + timeout,
+        request_id=message.request_id or uuid.uuid4().hex[:16],
+        peer=peer,
+    )
+
+
+def _outputs(result: RouteResult, call: RouteCall) -> list[tuple[str, int, np.ndarray]]:
+    """(name, wire dtype, contiguous array) of every output, as Route encodes them (the
+    outputs are host int32 / float32 tensors: their numpy views, no codec detour)."""
+    out = result.output
+    arrays = []
+    for name in wire.OUTPUT_NAMES:
+        tensor = getattr(out, name)
+        if tensor is None or (name == "router_logits" and not call.options.return_router_logits):
+            continue
+        if name == "expert_tokens":
+            tensor = tensor.to(torch.int32)  # as Route sends it
+        elif name in _OPTIONAL_OUTPUTS:
+            tensor = tensor.float()  # as Route sends them
+        host = _HOST_DTYPES.get(tensor.dtype) if tensor.device.type == "cpu" else None
+        if host is None:  # anything else takes the codec's general path
+            wire_dtype, _, array = to_parts(tensor)
+        else:
+            wire_dtype, array = host, np.ascontiguousarray(tensor.detach().numpy())
+        arrays.append((name, int(wire_dtype), array))
+    return arrays
+
+
+def result_to_routed(
+    result: RouteResult,
+    call: RouteCall,
+    message: wire.Route,
+    regions: SharedMemoryRegistry,
+    owner: str,
+) -> wire.Routed:
+    """Write the outputs into the request's output region (layout: ``colocated_wire``)
+    and describe them, with RoutingInfo's scalars, in the ROUTED answer."""
+    arrays = _outputs(result, call)
+    refs: list[wire.OutputRef] = []
+    at = 0
+    for name, dtype, array in arrays:
+        refs.append(wire.OutputRef(name, dtype, tuple(array.shape), at, array.nbytes))
+        at = wire.aligned(at + array.nbytes)
+    needed = refs[-1].offset + refs[-1].nbytes
+    target = message.output
+    if needed > target.byte_size:
+        raise ValidationError(
+            f"output region '{target.name}': the reference gives {target.byte_size} bytes, "
+            f"this answer needs {needed} ({', '.join(r.name for r in refs)})"
+        )
+    view = regions.view(target.name, target.offset, needed, owner=owner)
+    for ref, (_, _, array) in zip(refs, arrays, strict=True):
+        view[ref.offset : ref.offset + ref.nbytes] = array.reshape(-1).view(np.uint8).data
+    out = result.output
+    return wire.Routed(
+        seq=message.seq,
+        outputs=tuple(refs),
+        tokens_per_expert=tuple(out.tokens_per_expert.tolist()),
+        dropped_tokens=int(out.dropped_tokens),
+        router_version=result.router_version,
+        cache_hit=result.cache_hit,
+        batch_requests=result.batch_requests,
+        batch_tokens=result.batch_tokens,
+        queue_time_us=result.queue_time_us,
+        compute_time_us=result.compute_time_us,
+        request_id=call.request_id,
+        layer=call.layer,
+        aux_loss=None if out.aux_loss is None else float(out.aux_loss),
+        z_loss=None if out.z_loss is None else float(out.z_loss),
+    )
+
+
+def error_to_message(exc: BaseException, seq: int, request_id: str = "") -> wire.Error:
+    """The ERROR answer of ``exc``: what ``to_status`` gives the gRPC door (code, the
+    bounded message, ErrorInfo reason and metadata, RetryInfo delay)."""
+    status = to_status(exc, request_id)
+    entry = status_entry_for(exc)
+    retry_after_s = None
+    error_class = ""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after_s = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            error_class = info.metadata.get("error", "")
+    return wire.Error(
+        seq=seq,
+        code=entry.code.name,
+        message=status.message[: wire.MAX_ERROR_CHARS],
+        reason=entry.reason,
+        retry_after_s=retry_after_s,
+        error=error_class,
+        request_id=request_id,
+    )
+
+
+def describe(chain: HostedRouterChain, seq: int) -> wire.Description:
+    """What a client needs to size its output region for ``chain``'s router."""
+    hosted = chain.hosted
+    first = hosted.layers[0]
+    experts = first.num_experts
+    extra = 1  # complexity_scores (dynamic routers): budgeted for every router, 4 B a token
+    if hosted.spec.kind is RoutingMethod.SOFT_MOE:
+        extra += 2 * experts * hosted.spec.slots_per_expert  # dispatch and combine weights
+    config = first.config
+    if config.pad_to_capacity:  # expert_tokens + expert_token_weights [E, G * C]
+        if config.expert_capacity is not None:  # C fixed; at most one group per token
+            extra += 2 * experts * config.expert_capacity
+        else:  # E * ceil(T_g * k * f / E) <= T_g * k * f + E for each group g <= T
+            extra += 2 * (math.ceil(first.k_range[1] * (config.capacity_factor or 1.0)) + experts)
+    return wire.Description(
+        seq=seq,
+        router=chain.name,
+        layers=len(hosted.layers),
+        input_dim=first.hidden_size,
+        num_experts=experts,
+        k_max=first.k_range[1],
+        extra_columns=extra,
+    )
