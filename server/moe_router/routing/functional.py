@@ -85,10 +85,13 @@ def batch_invariant_linear(
 
 
 def score(logits: torch.Tensor, scoring: ScoringFunction) -> torch.Tensor:
-    """Scores [T, E] in fp32 from logits [T, E]: softmax over experts or elementwise sigmoid."""
+    """Scores [T, E] in fp32 from logits [T, E]: softmax over experts, or per expert
+    sigmoid(x) or sqrt(softplus(x)) (DeepSeek-V4's ``sqrtsoftplus``)."""
     logits = logits.float()
     if scoring is ScoringFunction.SOFTMAX:
         return torch.softmax(logits, dim=-1)
+    if scoring is ScoringFunction.SQRTSOFTPLUS:
+        return torch.nn.functional.softplus(logits).sqrt()
     return torch.sigmoid(logits)
 
 
