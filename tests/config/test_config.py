@@ -573,7 +573,7 @@ def test_checkpoint_errors_need_a_real_file(tmp_path: Path) -> None:
         assert fragment in str(info.value)
     with pytest.raises(RouterConfigurationError) as info:
         load_text(tmp_path, R + ", weights: {path: w.safetensors, gate: 'w', bias: 'b'}}\n")
-    assert "routers[0].weights.bias: needs kind grouped_top_k with use_correction_bias" in str(
+    assert "routers[0].weights.bias: needs use_correction_bias: true" in str(
         info.value)
     grouped = R.replace("top_k", "grouped_top_k") + (
         ", n_group: 2, use_correction_bias: true, weights: {path: w.safetensors, gate: w}}\n")

@@ -19,12 +19,15 @@ from moe_router.routing.dynamic import RoutingStrategy
 from moe_router.routing.estimators import EstimatorName
 from moe_router.routing.kinds import RoutingMethod, kind_entry, kinds_using
 from moe_router.routing.router_config import (
+    CorrectionBiasTarget,
     DropPolicy,
+    GroupMaskFill,
     GroupScore,
+    InputNorm,
     RouterConfig,
     ScoringFunction,
 )
-from moe_router.routing.zeta import Mechanism
+from moe_router.routing.zeta import Mechanism, MLPLayer
 
 __all__ = [
     "ALIASES",
@@ -307,6 +310,14 @@ class WeightsSpec:
                               "'model.layers.{layer}.mlp.gate.e_score_correction_bias'.")
     layer_offset: int = _field(0, "Checkpoint layer index of our layer 0 (e.g. 3 for "
                                "DeepSeek-V3, whose first 3 layers are dense).", lo=0)
+    checkpoint_layers: tuple[int, ...] | None = _field(
+        None, "Checkpoint layer of each of our layers, when the MoE layers are not "
+        "consecutive (e.g. Jamba's every other layer); replaces layer_offset.", lo=0)
+    tensors: Mapping[str, str] = _field(
+        doc="More router tensors: router state_dict name -> checkpoint name template, e.g. "
+        "{input_scale: 'model.layers.{layer}.router.scale'} (Gemma 4), "
+        "{token_experts: 'model.layers.{layer}.mlp.gate.tid2eid'} (hash routers).",
+        factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -349,6 +360,40 @@ class RouterSpec:
                                      kinds=kinds_using("group_score"))
     use_correction_bias: bool = _field(False, "Selection adds e_score_correction_bias [E].",
                                        kinds=kinds_using("use_correction_bias"))
+    correction_bias_target: CorrectionBiasTarget = _field(
+        CorrectionBiasTarget.SCORES, "scores | logits: what the correction bias is added "
+        "to before the top-k (logits: Kolibri 1).", kinds=kinds_using("correction_bias_target"))
+    group_mask_fill: GroupMaskFill = _field(
+        GroupMaskFill.NEG_INF, "neg_inf | zero: the value of dropped groups' experts "
+        "(zero: transformers' DeepSeek-V2, Mistral 4).", kinds=kinds_using("group_mask_fill"))
+    gate_bias: bool = _field(False, "The gate linear layer has a bias [E] (GPT-OSS).",
+                             kinds=kinds_using("gate_bias"))
+    logit_multiplier: float = _field(1.0, "Logits are multiplied by this before scoring "
+                                     "(MuseSpark's output_multiplier).", gt=0,
+                                     kinds=kinds_using("logit_multiplier"))
+    logit_softcap: float | None = _field(None, "Soft cap c: logits = tanh(logits/c)*c "
+                                         "before scoring (Laguna); null for none.", gt=0,
+                                         kinds=kinds_using("logit_softcap"))
+    renormalize_eps: float = _field(1e-20, "eps of w / (sum w + eps) when renormalizing.",
+                                    lo=0, kinds=kinds_using("renormalize_eps"))
+    input_norm: InputNorm = _field(InputNorm.NONE, "none | rms: normalise the router input "
+                                   "(rms: Gemma 4, with a learned input_scale [D]).",
+                                   kinds=kinds_using("input_norm"))
+    input_norm_eps: float = _field(1e-6, "eps of the rms input norm.", gt=0,
+                                   kinds=kinds_using("input_norm_eps"))
+    per_expert_scale: bool = _field(False, "Weights times a learned per_expert_scale [E] "
+                                    "(Gemma 4).", kinds=kinds_using("per_expert_scale"))
+    learned_weight_scale: bool = _field(False, "Weights times a learned weight_scale [1] "
+                                        "(Inkling's global_scale).",
+                                        kinds=kinds_using("learned_weight_scale"))
+    scored_shared_experts: int = _field(0, "The last N experts are shared ones the gate "
+                                        "scores: every token takes them and their scores "
+                                        "join the normalisation (Inkling).", lo=0,
+                                        kinds=kinds_using("scored_shared_experts"))
+    vocab_size: int | None = _field(None, "Rows of the hash router's token-id table.", lo=1,
+                                    kinds=kinds_using("vocab_size"))
+    sparsemixer_eps: float = _field(0.01, "SparseMixer's eps (PhiMoE router_jitter_noise).",
+                                    lo=0, hi=1, kinds=kinds_using("sparsemixer_eps"))
     capacity_factor: float | None = _field(None, "Per-expert capacity ceil(T*k/E*factor); "
                                            "null for none.",
                                            kinds=kinds_using("capacity_factor"))
@@ -366,6 +411,15 @@ class RouterSpec:
                                                    lo=1, kinds=kinds_using("hidden_layers"))
     mechanism: Mechanism = _field(Mechanism.SOFTMAX, "softmax | gumbel.",
                                   kinds=kinds_using("mechanism"))
+    mlp_layers: tuple[MLPLayer, ...] | None = _field(
+        None, "Hidden layers of the MLP router instead of hidden_layers: each {width, "
+        "activation: none|relu|gelu|silu|tanh, bias, norm: none|rms, norm_eps}.",
+        kinds=kinds_using("mlp_layers"))
+    output_bias: bool = _field(True, "The MLP router's last layer has a bias.",
+                               kinds=kinds_using("output_bias"))
+    skip_expert: bool = _field(False, "The MLP router scores one more, 'skip' expert; a "
+                               "token choosing it gets one expert fewer (Zaya).",
+                               kinds=kinds_using("skip_expert"))
     min_experts: int = _field(1, "Fewest experts a token gets.", lo=1,
                               kinds=kinds_using("min_experts"))
     max_experts: int | None = _field(None, "Most experts a token gets; null lets the router "
@@ -392,6 +446,12 @@ class RouterSpec:
     fault: FaultSpec | None = _field(None, "Injected failures (fault_injection only).",
                                      kinds=kinds_using("fault"))
     # Keys every kind reads.
+    model_dir: Path | None = _field(None, "A Hugging Face model directory (config.json + "
+                                    "safetensors): kind, sizes, options and tensor names "
+                                    "come from it; keys set here override them.")
+    model_part: str | None = _field(None, "Which router of the checkpoint, for models with "
+                                    "more than one kind (e.g. deepseek_v4: hash | routed); "
+                                    "null for the first.")
     batching: BatchingConfig = _field(doc="Top-level batching with this router's overrides "
                                       "merged over it.", factory=BatchingConfig)
     cache_enabled: bool = _field(True, "Cache this router's answers (when cache.enabled).")

@@ -40,6 +40,8 @@ class RouterBase(nn.Module, ABC):
     fixed_k: bool = False
     #: Whether forward takes estimator inputs (attention_weights, logits, gradients).
     accepts_estimator_inputs: bool = False
+    #: Whether select() needs the tokens' ids (``input_ids`` [T], hash routers).
+    takes_input_ids: bool = False
 
     input_scale: nn.Parameter  # [D], only with config.input_norm rms
     per_expert_scale: nn.Parameter  # [E], only with config.per_expert_scale
@@ -91,6 +93,10 @@ class RouterBase(nn.Module, ABC):
     def couples_tokens_now(self) -> bool:
         """True when calls must not be merged: token-coupled router or capacity dropping."""
         return self.couples_tokens or self.config.capacity_factor is not None
+
+    def gate_weight_name(self) -> str:
+        """The state_dict name of the gate's [E, D] weight (what ``weights.gate`` loads)."""
+        return "gate.weight"
 
     def version(self) -> str:
         """A short hash of the router's class, config and parameters (names its answers)."""
