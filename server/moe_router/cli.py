@@ -1,4 +1,4 @@
-"""``moe-router serve | route | stats | bench | simulate``."""
+"""``moe-router serve | route | stats | bench | simulate | describe``."""
 
 from __future__ import annotations
 
@@ -141,6 +141,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_from_cli(args)
 
 
+def _cmd_describe(args: argparse.Namespace) -> int:
+    from moe_router.errors import RouterConfigurationError
+    from moe_router.loading.checkpoints import describe_entry
+
+    try:
+        print(describe_entry(args.model_dir, args.part, args.name), end="")
+    except RouterConfigurationError as exc:
+        print(f"moe-router describe: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="moe-router", description=__doc__)
@@ -196,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--duration", type=float, default=None, help="timed seconds per cell")
     p.set_defaults(func=_cmd_bench, reexec=True)
+
+    p = sub.add_parser("describe", help="print the router entry a Hugging Face model "
+                       "directory implies (YAML for config.yaml)")
+    p.add_argument("model_dir", help="directory with config.json and safetensors")
+    p.add_argument("--part", default=None, help="which router, for models with more than "
+                   "one (e.g. deepseek_v4: routed | hash)")
+    p.add_argument("--name", default=None, help="router name (default: the model_type)")
+    p.set_defaults(func=_cmd_describe)
     return parser
 
 

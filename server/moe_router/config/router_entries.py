@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from moe_router.config.schema import (
 from moe_router.config.sources import Context, describe, schema
 from moe_router.config.typed_values import build_partial, convert
 from moe_router.errors import RouterConfigurationError
+from moe_router.loading.checkpoints import router_entry
 from moe_router.routing.kinds import kind_entry, kinds_using
 
 __all__ = ["build_routers", "router_error"]
@@ -57,6 +59,8 @@ def _build_router(
 ) -> RouterSpec:
     if not isinstance(raw, Mapping):
         ctx.fail(path, f"must be a mapping with {', '.join(_REQUIRED)}, got {describe(raw)}")
+    if raw.get("model_dir") is not None:
+        raw = _expand_model_dir(raw, path, ctx)
     for key in _REQUIRED:
         if key not in raw:
             ctx.fail(path, f"missing required key {key!r}")
@@ -81,6 +85,42 @@ def _build_router(
     spec = RouterSpec(**values, source=ctx.display(path))
     _check_router(spec, path, ctx)
     return spec
+
+
+def _expand_model_dir(raw: Mapping[str, Any], path: str, ctx: Context) -> dict[str, Any]:
+    """The entry ``model_dir`` implies (:func:`moe_router.loading.checkpoints.router_entry`)
+    with the keys written in config.yaml over it.
+
+    A key written here wins; ``weights`` keys merge one by one (``init`` or ``path``
+    written here replace the checkpoint's weights whole). Keys the checkpoint implied
+    that the final kind does not read are dropped (a user who sets another ``kind``
+    keeps only what applies to it).
+    """
+    model_dir = convert(raw["model_dir"], Path, f"{path}.model_dir", ctx, {})
+    if not model_dir.is_dir():
+        ctx.fail(f"{path}.model_dir", f"not a directory: {model_dir}")
+    part = raw.get("model_part")
+    if part is not None and not isinstance(part, str):
+        ctx.fail(f"{path}.model_part", f"must be a string, got {describe(part)}")
+    try:
+        derived = router_entry(model_dir, part)
+    except RouterConfigurationError as exc:
+        ctx.fail(f"{path}.model_dir", str(exc))
+    written_weights = raw.get("weights") or {}
+    weights = dict(derived.pop("weights"))
+    if isinstance(written_weights, Mapping) and not {"init", "path"} & set(written_weights):
+        weights.update(written_weights)
+    else:
+        weights = written_weights  # type: ignore[assignment]
+    kind = raw.get("kind", derived["kind"])
+    try:
+        reads = kind_entry(kind).spec_fields
+    except RouterConfigurationError:
+        reads = frozenset()  # the kind's own check names the bad value below
+    spec_fields = schema(RouterSpec)
+    kept = {key: value for key, value in derived.items()
+            if spec_fields[key][0].metadata["kinds"] is None or key in reads}
+    return {**kept, **raw, "weights": weights}
 
 
 def _build_weights(raw: Any, path: str, ctx: Context) -> WeightsSpec:
