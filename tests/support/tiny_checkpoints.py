@@ -55,8 +55,18 @@ MODEL_OVERRIDES: Mapping[str, Mapping[str, Any]] = {
     "laguna": {"moe_router_logit_softcapping": 30.0},
     "lfm2_moe": {"use_expert_bias": True},
     "dots3_note": {"num_key_value_heads": 2},
-    "glm5_next": {"num_key_value_heads": 2},
     "hy_v4_vl": {"qk_rope_head_dim": 64},
+    "glm5_next": {"num_key_value_heads": 2, "qk_rope_head_dim": 0},
+    "qwen4_exp": {"layer_types": ["linear_attention"] * 4},
+    "lfm2_moe": {"use_expert_bias": True, "num_dense_layers": 1,
+                 "layer_types": ["conv", "full_attention", "conv", "full_attention"]},
+    "deepseek_ocr2": {"num_experts_per_tok": 6,
+                      "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]},
+    "inkling2": {"vocab_size": 201024},
+    "inkling2_loop": {"vocab_size": 201024},
+    "dbrx": {"d_model": 32, "n_heads": 2, "n_layers": 4, "max_seq_len": 64,
+             "ffn_config": {"ffn_hidden_size": 16, "moe_num_experts": 16, "moe_top_k": 4},
+             "attn_config": {"kv_n_heads": 1}},
 }
 
 
@@ -64,6 +74,18 @@ MODEL_OVERRIDES: Mapping[str, Mapping[str, Any]] = {
 SUB_OVERRIDES: Mapping[str, Mapping[str, Mapping[str, Any]]] = {
     "inkling2": {"vision_config": {"text_hidden_size": 32}},
     "inkling2_loop": {"vision_config": {"text_hidden_size": 32}},
+    "dots3_note": {"vision_config": {"adapter_in_dim": 16, "adapter_out_dim": 32},
+                   "audio_config": {"adapter_input_size": 16, "adapter_out_dim": 32}},
+    "inkling_mm_model": {"audio_config": {"text_hidden_size": 32},
+                         "vision_config": {"text_hidden_size": 32, "n_layers": 1}},
+    "muse_spark": {"audio_config": {"num_hidden_layers": 4}},
+}
+
+
+#: Fixes applied to a config after it is built (transformers 5.24's DBRX attention reads an
+#: ``attn_config.rope_theta`` its own config no longer has).
+CONFIG_FIXES: Mapping[str, Any] = {
+    "dbrx": lambda config: setattr(config.attn_config, "rope_theta", 500000.0),
 }
 
 
@@ -96,7 +118,10 @@ def tiny_config(model_type: str, overrides: Mapping[str, Any] | None = None) -> 
     if overrides:
         text = kwargs.get("text_config", kwargs)
         text.update(overrides)
-    return cls(**kwargs)
+    config = cls(**kwargs)
+    if model_type in CONFIG_FIXES:
+        CONFIG_FIXES[model_type](config)
+    return config
 
 
 def _model_class(model_type: str, nested_text: bool) -> Any:
@@ -167,7 +192,7 @@ def router_modules(model: torch.nn.Module, class_name: str) -> dict[int, torch.n
             continue
         if any(t in name for t in ("vision", "visual", "audio", "mtp")):
             continue
-        match = re.search(r"layers\.(\d+)\.", name + ".")
+        match = re.search(r"(?:layers|blocks)\.(\d+)\.", name + ".")
         if match:
             found.setdefault(int(match[1]), module)
     return found

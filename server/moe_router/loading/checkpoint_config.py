@@ -24,7 +24,7 @@ __all__ = ["ModelConfig", "CheckpointTensors", "read_config", "read_tensor_names
            "moe_layers"]
 
 _MISSING = object()
-_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.)(?P<layer>\d+)\.(?P<rest>.+)$")
+_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|blocks)\.)(?P<layer>\d+)\.(?P<rest>.+)$")
 #: Prefixes of towers that are not the language model (their layers are not ours).
 _OTHER_TOWERS = ("vision", "visual", "audio", "mtp", "image", "speech", "code_predictor")
 

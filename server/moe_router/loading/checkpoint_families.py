@@ -258,8 +258,7 @@ def _inkling(cfg: ModelConfig) -> dict[str, Any]:
     return {"kind": "top_k", "num_experts": routed + shared, "top_k": cfg.require_int(*_TOP_K),
             "scoring": "sigmoid", "renormalize": True, "scored_shared_experts": shared,
             "routed_scaling_factor": float(cfg.get("route_scale", default=1.0)),
-            "learned_weight_scale": True, "use_correction_bias": True,
-            "bias": "mlp.gate.e_score_correction_bias",
+            "learned_weight_scale": True, "use_correction_bias": True, "bias": "mlp.gate.bias",
             "tensors": {"weight_scale": "mlp.gate.global_scale"}}
 
 
@@ -291,6 +290,7 @@ def _part(reference: str, translate: Translator, gate: str | tuple[str, ...] = "
 
 
 _V3 = _noaux_tc()
+_GRANITE_GATE = ("block_sparse_moe.router.layer.weight", "block_sparse_moe.router.weight")
 
 FAMILIES: Mapping[str, Family] = MappingProxyType({
     # Softmax top-k (renormalised or as norm_topk_prob says).
@@ -316,13 +316,13 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({
     "openai_privacy_filter": _part("OpenAIPrivacyFilterTopKRouter", _gpt_oss(True),
                                    "mlp.router.weight"),
     "granitemoe": _part("GraniteMoeTopKRouter", _softmax(True),
-                        "block_sparse_moe.router.layer.weight"),
+                        _GRANITE_GATE),
     "granitemoeshared": _part("GraniteMoeSharedTopKRouter", _softmax(True),
-                              "block_sparse_moe.router.layer.weight"),
+                              _GRANITE_GATE),
     "granitemoehybrid": _part("GraniteMoeHybridTopKRouter", _softmax(True),
-                              "block_sparse_moe.router.layer.weight"),
+                              _GRANITE_GATE),
     "granitemoe_swa": _part("GraniteMoeSWATopKRouter", _softmax(True),
-                            "block_sparse_moe.router.layer.weight"),
+                            _GRANITE_GATE),
     "jetmoe": _part("JetMoeTopKGating", _softmax(True), "mlp.router.layer.weight"),
     "aria": _part("AriaTextTopKRouter", _softmax(True), "mlp.router.weight"),
     "cohere2_moe": _part("Cohere2MoeTopKRouter", _cohere2),
@@ -347,9 +347,9 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({
     "step3p7": _part("Step3p7TopKRouter", _sigmoid_biased(
         bias="moe.router_bias", scale=False, eps=0.0), "moe.gate.weight"),
     "inkling2": _part("Inkling2TopKRouter", _sigmoid_biased(
-        bias="mlp.gate.e_score_correction_bias", scoring_key="scoring_func")),
+        bias="mlp.gate.bias", scoring_key="scoring_func")),
     "inkling2_loop": _part("Inkling2LoopTopKRouter", _sigmoid_biased(
-        bias="mlp.gate.e_score_correction_bias", scoring_key="scoring_func")),
+        bias="mlp.gate.bias", scoring_key="scoring_func")),
     "inkling_mm_model": _part("InklingTopkRouter", _inkling),
     "laguna": _part("LagunaTopKRouter", _laguna),
     "lfm2_moe": _part("Lfm2MoeTopKRouter", _lfm2, "feed_forward.gate.weight"),

@@ -202,6 +202,8 @@ def apply_tensor(router: RouterBase, name: str, tensor: torch.Tensor, origin: st
             f"{', '.join(sorted(router.state_dict()))}"
         )
     target = targets[name]
+    while tensor.dim() > target.dim() and tensor.shape[0] == 1:
+        tensor = tensor[0]  # e.g. Ernie 4.5's [1, E] correction bias for our [E]
     dims = ""
     if name == router.gate_weight_name():
         dims = ("(num_experts, input_dim)" if target.shape[0] == router.num_experts

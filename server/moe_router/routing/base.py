@@ -292,13 +292,14 @@ class RouterBase(nn.Module, ABC):
         own block size.
         """
         cfg = self.config
+        input_dtype = x.dtype
         x = x.float()
         eps = cfg.jitter_noise
         if self.training and eps > 0:
             noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x * (1.0 - eps + 2.0 * eps * noise)
         if cfg.input_norm is InputNorm.RMS:
-            x = scoring.rms_scaled(x, self.input_scale.float(), cfg.input_norm_eps)
+            x = scoring.rms_scaled(x, self.input_scale.float(), cfg.input_norm_eps, input_dtype)
         weight = self.gate.weight.float()
         bias = None if self.gate.bias is None else self.gate.bias.float()
         logits = F.batch_invariant_linear(x, weight, bias, block_rows)

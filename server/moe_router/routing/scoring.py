@@ -23,15 +23,21 @@ __all__ = [
 ]
 
 
-def rms_scaled(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_scaled(
+    x: torch.Tensor, scale: torch.Tensor, eps: float, round_to: torch.dtype | None = None
+) -> torch.Tensor:
     """Gemma 4's router input: x * (mean(x^2) + eps)^-1/2 * scale * D^-1/2.
 
     x: [T, D] fp32; scale: [D]. As ``Gemma4RMSNorm(with_scale=False)`` followed by
     ``* self.scale * self.scalar_root_size`` (transformers ``Gemma4TextRouter``), the
-    same operations in the same order (``pow(-0.5)``, not ``rsqrt``).
+    same operations in the same order (``pow(-0.5)``, not ``rsqrt``). ``round_to``:
+    the dtype the input came in; the reference returns the norm in it (``type_as``)
+    before scaling, so a bf16 input's norm is rounded to bf16 here too.
     """
     mean_squared = x.pow(2).mean(-1, keepdim=True) + eps
     normed = x * torch.pow(mean_squared, -0.5)
+    if round_to is not None and round_to != normed.dtype:
+        normed = normed.to(round_to).float()
     return normed * scale * (x.shape[-1] ** -0.5)
 
 
