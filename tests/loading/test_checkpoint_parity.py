@@ -35,11 +35,34 @@ TOKENS = 64
 PARTS = [(model_type, part.name) for model_type, family in FAMILIES.items()
          for part in family.parts]
 
+# More configurations of some families, where their defaults leave a path untested:
+# id -> (model_type, part, text-config overrides, shift of every correction bias).
+# A shift of -3 makes every biased sigmoid score negative: DeepSeek-V3's -inf fill still
+# never picks a dropped group's expert. (The 0.0 fill then picks dropped experts that
+# all tie at 0.0, where torch.topk's choice is unspecified; test_grouped.py checks our
+# lower-index rule by hand.)
+VARIANTS: dict[str, tuple[str, str, dict[str, Any], float]] = {
+    "axk2-groups": ("axk2", "routed", {"n_group": 8, "topk_group": 4}, 0.0),
+    "deepseek_v3-negative-bias": ("deepseek_v3", "routed", {}, -3.0),
+    "mistral4-groups": ("mistral4", "routed", {"n_group": 8, "topk_group": 4}, 0.0),
+    "glm4_moe-groups": ("glm4_moe", "routed", {"n_group": 8, "topk_group": 4}, 0.0),
+    "deepseek_v2-greedy": ("deepseek_v2", "routed", {"topk_method": "greedy"}, 0.0),
+    "qwen3_moe-renormalized": ("qwen3_moe", "routed", {"norm_topk_prob": True}, 0.0),
+    "cohere2_moe-sigmoid": ("cohere2_moe", "routed",
+                            {"expert_selection_fn": "sigmoid", "norm_topk_prob": True}, 0.0),
+    "kolibri1-renormalized": ("kolibri1", "routed", {"norm_topk_prob": True}, 0.0),
+    "lfm2_moe-no-expert-bias": ("lfm2_moe", "routed", {"use_expert_bias": False}, 0.0),
+}
+CASES = [(m, p, {}, 0.0) for m, p in PARTS] + list(VARIANTS.values())
+
 
 def family_id(model_type: str, part: str) -> str:
     """The parametrised test id of a family's part: ``mixtral`` or ``deepseek_v4-hash``."""
     first = FAMILIES[model_type].parts[0].name
     return model_type if part == first else f"{model_type}-{part}"
+
+
+CASE_IDS = [family_id(m, p) for m, p in PARTS] + list(VARIANTS)
 
 
 # How to call each reference router: (module, block holding it, hidden [T, D], input_ids)
@@ -55,7 +78,7 @@ def _plain(module: Any, block: Any, x: torch.Tensor, ids: torch.Tensor) -> Any:
 def _with_block_bias(attr: str) -> Reference:
     def call(module: Any, block: Any, x: torch.Tensor, ids: torch.Tensor) -> Any:
         out = module(x if module.__class__.__name__ != "AfmoeTokenChoiceRouter" else x[None],
-                     getattr(block, attr))
+                     getattr(block, attr, None))
         return out[2], out[1]
     return call
 
@@ -135,15 +158,19 @@ def _route(chain: Any, layer: int, x: torch.Tensor, ids: torch.Tensor | None) ->
     return asyncio.run(chain.chain.route(call)).output
 
 
-@pytest.mark.parametrize(("model_type", "part"), PARTS,
-                         ids=[family_id(m, p) for m, p in PARTS])
-def test_checkpoint_router_matches_transformers(model_type: str, part: str, tmp_path: Path,
-                                                 pool: Any) -> None:
+@pytest.mark.parametrize(("model_type", "part", "overrides", "bias_shift"), CASES,
+                         ids=CASE_IDS)
+def test_checkpoint_router_matches_transformers(
+    model_type: str, part: str, overrides: dict[str, Any], bias_shift: float, tmp_path: Path,
+    pool: Any,
+) -> None:
     key = family_id(model_type, part)
     reference_class = next(p for p in FAMILIES[model_type].parts if p.name == part).reference
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_tiny_model(model_type)
+        model = build_tiny_model(model_type, overrides=overrides)
+        if bias_shift:
+            _shift_correction_biases(model, bias_shift)
         model.save_pretrained(tmp_path / "model")
     hosted, chain = _serve(tmp_path / "model", part, tmp_path, pool)
     spec = hosted.spec
@@ -189,6 +216,13 @@ def _check_bf16(chain: Any, ours: int, module: Any, block: Any, x: torch.Tensor,
         return
     torch.testing.assert_close(got_i, want_i, rtol=0, atol=0, msg="bf16: other experts")
     torch.testing.assert_close(got_w, want_w, rtol=0, atol=1e-6 * scale, msg="bf16: weights")
+
+
+def _shift_correction_biases(model: torch.nn.Module, shift: float) -> None:
+    with torch.no_grad():
+        for name, tensor in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                tensor.add_(shift)
 
 
 def _parent_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
