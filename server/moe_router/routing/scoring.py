@@ -35,7 +35,7 @@ def rms_scaled(
     before scaling, so a bf16 input's norm is rounded to bf16 here too.
     """
     mean_squared = x.pow(2).mean(-1, keepdim=True) + eps
-    normed = x * torch.pow(mean_squared, -0.5)
+    normed = x * F.batch_invariant_elementwise(lambda m: torch.pow(m, -0.5), mean_squared)
     if round_to is not None and round_to != normed.dtype:
         normed = normed.to(round_to).float()
     return normed * scale * (x.shape[-1] ** -0.5)
@@ -52,7 +52,7 @@ def transform_logits(
     if multiplier != 1.0:
         logits = logits * multiplier
     if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+        logits = F.batch_invariant_elementwise(torch.tanh, logits / softcap) * softcap
     return logits
 
 

@@ -60,6 +60,15 @@ class MLPLayer:
     norm: HiddenNorm = HiddenNorm.NONE
     norm_eps: float = 1e-6
 
+    def __post_init__(self) -> None:
+        for name, enum in (("activation", Activation), ("norm", HiddenNorm)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum(value))
+            except ValueError:
+                allowed = ", ".join(repr(m.value) for m in enum)
+                raise ValueError(f"{name}: must be one of {allowed}, got {value!r}") from None
+
 
 _ACTIVATIONS = {
     Activation.RELU: torch.relu,
@@ -78,7 +87,8 @@ class _RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))
+        mean_squared = h.pow(2).mean(-1, keepdim=True) + self.eps
+        return self.weight.float() * (h * F.batch_invariant_elementwise(torch.rsqrt, mean_squared))
 
 
 def _layer_specs(mlp_layers: Sequence[Any]) -> list[MLPLayer]:
@@ -88,11 +98,13 @@ def _layer_specs(mlp_layers: Sequence[Any]) -> list[MLPLayer]:
         name = f"mlp_layers[{i}]"
         try:
             spec = layer if isinstance(layer, MLPLayer) else MLPLayer(
-                width=layer.width, activation=Activation(layer.activation), bias=layer.bias,
-                norm=HiddenNorm(layer.norm), norm_eps=layer.norm_eps,
+                width=layer.width, activation=layer.activation, bias=layer.bias,
+                norm=layer.norm, norm_eps=layer.norm_eps,
             )
-        except (AttributeError, ValueError) as exc:
+        except AttributeError as exc:
             raise ValueError(f"{name}: not an MLP layer ({exc})") from None
+        except ValueError as exc:
+            raise ValueError(f"{name}.{exc}") from None
         _positive_int(spec.width, f"{name}.width")
         if not isinstance(spec.bias, bool):
             raise ValueError(f"{name}.bias: must be true or false, got {spec.bias!r}")
@@ -199,7 +211,7 @@ class MoERouter(nn.Module):
             if i < len(self.specs):
                 activation = _ACTIVATIONS.get(self.specs[i].activation)
                 if activation is not None:
-                    h = activation(h)
+                    h = F.batch_invariant_elementwise(activation, h)
                 h = self.norms[i](h)
         return h.reshape(*lead, self.num_experts)
 
