@@ -53,7 +53,6 @@ MODEL_OVERRIDES: Mapping[str, Mapping[str, Any]] = {
                     "n_routed_experts": 160},
     "hunyuan_v1_moe": {"num_experts": 64, "moe_topk": 8},
     "laguna": {"moe_router_logit_softcapping": 30.0},
-    "lfm2_moe": {"use_expert_bias": True},
     "dots3_note": {"num_key_value_heads": 2},
     "hy_v4_vl": {"qk_rope_head_dim": 64},
     "glm5_next": {"num_key_value_heads": 2, "qk_rope_head_dim": 0},

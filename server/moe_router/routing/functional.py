@@ -104,8 +104,9 @@ def batch_invariant_elementwise(
     floats and the op runs on blocks of at most 32768 floats: every element then goes
     through the same SIMD code whatever its batch mates (checked with 2 and 16 threads).
     Cost measured here (2 shared cores) for [8, 60]: 14 us against 2 us for the bare
-    sigmoid (the pad and its copy); for [8, 256], where nothing is padded, 3.7 against 3.0. GPUs compute every element the same way; there
-    ``fn(x)`` runs as is. Returns [T, E].
+    sigmoid (the pad and its copy); for [8, 256], where nothing is padded, 3.7 against
+    3.0. GPUs compute every element the same way; there ``fn(x)`` runs as is.
+    Returns [T, E].
     """
     if x.device.type != "cpu" or x.dim() != 2:
         return fn(x)
