@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from moe_router.cli import main
 from moe_router.config import load_config
@@ -64,9 +64,8 @@ def test_a_model_dir_entry_serves_the_checkpoint_gates(tmp_path: Path):
     model = _mixtral(tmp_path)
     config = load_config(_config(tmp_path, f"{{name: m, model_dir: '{model}'}}"), env={})
     router = load_routers(config)["m"].layers[2]
-    from safetensors.torch import load_file
-    gate = load_file(str(model / "model.safetensors"))["model.layers.2.block_sparse_moe.gate.weight"]
-    assert torch.equal(router.gate.weight, gate)
+    tensors = load_file(str(model / "model.safetensors"))
+    assert torch.equal(router.gate.weight, tensors["model.layers.2.block_sparse_moe.gate.weight"])
 
 
 def test_keys_written_next_to_model_dir_win(tmp_path: Path):
