@@ -4,6 +4,7 @@ this process, on the default config)."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -44,3 +45,59 @@ def test_serving_stack_example_runs_against_the_default_config():
             "print(client.transport)", "transport['used'] = client.transport"), "README.md",
             "exec"), {"transport": transport})
         assert transport["used"] == "colocated"
+
+
+# ------------------------------------------------------------------ the Models table
+def _model_rows() -> dict[str, str]:
+    """model_type -> status, from the README's Models table."""
+    text = README.read_text()
+    table = text.split("| model_type | router | status |", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.strip().splitlines()[1:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[2]
+    return rows
+
+
+def _parity_case_ids() -> list[str]:
+    path = README.parent / "tests" / "loading" / "test_checkpoint_parity.py"
+    spec = importlib.util.spec_from_file_location("checkpoint_parity_ids", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.CASE_IDS)
+
+
+def test_every_served_family_in_the_models_table_has_a_parity_test():
+    from moe_router.loading.checkpoint_families import FAMILIES
+
+    rows = _model_rows()
+    served = {name for name, status in rows.items() if status.startswith("parity-tested")}
+    assert served == set(FAMILIES), ("README rows marked parity-tested must be exactly the "
+                                     "mapped families", served ^ set(FAMILIES))
+    ids = _parity_case_ids()
+    for model_type, family in FAMILIES.items():
+        for part in family.parts:
+            wanted = model_type if part is family.parts[0] else f"{model_type}-{part.name}"
+            assert wanted in ids, f"{wanted}: no parity test case"
+    for name, status in rows.items():
+        if name not in served:
+            assert status.startswith("not supported"), f"{name}: say why it is not supported"
+
+
+def test_the_models_table_lists_every_moe_family_of_the_installed_transformers():
+    transformers = pytest.importorskip("transformers")
+    models = Path(transformers.__file__).parent / "models"
+    rows = set(_model_rows())
+    marker = re.compile(r"num_experts|n_routed_experts|num_local_experts|moe_num_experts|"
+                        r"num_experts_per_tok")
+    missing = []
+    for modeling in sorted(models.glob("*/modeling_*.py")):
+        if not marker.search(modeling.read_text("utf-8")):
+            continue
+        family = modeling.parent.name
+        configuration = modeling.parent / f"configuration_{family}.py"
+        types = set(re.findall(r'model_type\s*=\s*"([^"]+)"', configuration.read_text("utf-8")))
+        if not types & rows and family not in rows:
+            missing.append(family)
+    assert not missing, f"MoE families of transformers missing from the README table: {missing}"

@@ -54,7 +54,7 @@ __all__ = [
 # ``(router, hidden_states)`` / ``(router, hidden_states, layer)`` tuple.
 StreamItem = Mapping[str, Any] | tuple[Any, ...]
 
-_EXTRA_INPUTS = ("attention_weights", "logits", "gradients")
+_EXTRA_INPUTS = ("attention_weights", "logits", "gradients", "input_ids")
 
 
 def build_route_request(
@@ -69,16 +69,20 @@ def build_route_request(
     logits: Any = None,
     gradients: Any = None,
     request_id: str | None = None,
+    input_ids: Any = None,
 ) -> pb.RouteRequest:
     """The RouteRequest ``route`` sends; tensors are encoded straight into their fields.
 
     ``hidden_states``: ``[T, D]`` or ``[B, S, D]`` numpy array or torch tensor (float32,
     float16, bfloat16). ``attention_weights`` ``[B, H, S, S]`` / ``[B, S, S]``, ``logits``
     ``[B, S, V]`` and ``gradients`` (like hidden_states) feed dynamic routers' estimators.
+    ``input_ids`` (int32 or int64, ``[T]`` or ``[B, S]``): the tokens' ids, which hash
+    routers (DeepSeek-V4's first layers) route by.
     """
     request = scalar_fields(router, layer, return_router_logits, skip_cache, seed, request_id)
     to_wire(hidden_states, out=request.hidden_states)
-    for name, value in zip(_EXTRA_INPUTS, (attention_weights, logits, gradients), strict=True):
+    extras = (attention_weights, logits, gradients, input_ids)
+    for name, value in zip(_EXTRA_INPUTS, extras, strict=True):
         if value is not None:
             to_wire(value, out=getattr(request, name))
     return request
@@ -149,14 +153,19 @@ class RouterClient:
         logits: Any = None,
         gradients: Any = None,
         request_id: str | None = None,
+        input_ids: Any = None,
         timeout: float | None = None,
         as_torch: bool = False,
     ) -> RouteResult:
-        """Route one batch of tokens ``[T, D]`` or ``[B, S, D]`` for one MoE layer."""
+        """Route one batch of tokens ``[T, D]`` or ``[B, S, D]`` for one MoE layer.
+
+        ``input_ids`` (int32/int64, the leading dims of hidden_states): the tokens' ids,
+        required by hash routers and refused by the others.
+        """
         request = encode_route_request(
             router, hidden_states, layer, return_router_logits=return_router_logits,
             skip_cache=skip_cache, seed=seed, attention_weights=attention_weights,
-            logits=logits, gradients=gradients, request_id=request_id,
+            logits=logits, gradients=gradients, request_id=request_id, input_ids=input_ids,
         )
         try:
             response = self._route(
@@ -312,14 +321,19 @@ class AsyncRouterClient:
         logits: Any = None,
         gradients: Any = None,
         request_id: str | None = None,
+        input_ids: Any = None,
         timeout: float | None = None,
         as_torch: bool = False,
     ) -> RouteResult:
-        """Route one batch of tokens ``[T, D]`` or ``[B, S, D]`` for one MoE layer."""
+        """Route one batch of tokens ``[T, D]`` or ``[B, S, D]`` for one MoE layer.
+
+        ``input_ids`` (int32/int64, the leading dims of hidden_states): the tokens' ids,
+        required by hash routers and refused by the others.
+        """
         request = encode_route_request(
             router, hidden_states, layer, return_router_logits=return_router_logits,
             skip_cache=skip_cache, seed=seed, attention_weights=attention_weights,
-            logits=logits, gradients=gradients, request_id=request_id,
+            logits=logits, gradients=gradients, request_id=request_id, input_ids=input_ids,
         )
         try:
             response = await self._route(

@@ -23,7 +23,7 @@ __all__ = ["encode_route_request", "scalar_fields"]
 _REQUEST = pb.RouteRequest.DESCRIPTOR
 _TENSOR = pb.Tensor.DESCRIPTOR
 _LEN = 2
-_TENSOR_FIELDS = ("hidden_states", "attention_weights", "logits", "gradients")
+_TENSOR_FIELDS = ("hidden_states", "attention_weights", "logits", "gradients", "input_ids")
 
 
 def _varint(value: int) -> bytes:
@@ -99,11 +99,12 @@ def encode_route_request(
     logits: Any = None,
     gradients: Any = None,
     request_id: str | None = None,
+    input_ids: Any = None,
 ) -> bytes:
     """The serialized RouteRequest of ``build_route_request`` with the same arguments."""
     small = scalar_fields(router, layer, return_router_logits, skip_cache, seed, request_id)
     parts: list[bytes | memoryview] = [small.SerializeToString()]
-    tensors = (hidden_states, attention_weights, logits, gradients)
+    tensors = (hidden_states, attention_weights, logits, gradients, input_ids)
     for name, value in zip(_TENSOR_FIELDS, tensors, strict=True):
         if value is not None:
             parts.extend(_tensor_parts(name, value))

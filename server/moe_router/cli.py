@@ -1,4 +1,4 @@
-"""``moe-router serve | route | stats | bench | simulate``.
+"""``moe-router serve | route | stats | bench | simulate | describe | healthcheck``.
 
 Every mistake and every failure is one line on stderr and a non-zero exit, never a
 traceback: a bad argument or config exits 2 (as argparse does), a failed call or run
@@ -232,6 +232,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_from_cli(args)
 
 
+def _cmd_describe(args: argparse.Namespace) -> int:
+    from moe_router.errors import RouterConfigurationError
+    from moe_router.loading.checkpoints import describe_entry
+
+    try:
+        print(describe_entry(args.model_dir, args.part, args.name), end="")
+    except RouterConfigurationError as exc:
+        raise _Usage(str(exc)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = _Parser(prog="moe-router", description=__doc__.split("\n\n")[0],
@@ -308,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OLD.json: after the run, print what got faster or slower than that "
                    "run's service_bench.json; OLD.json NEW.json: compare two without running")
     p.set_defaults(func=_cmd_bench, reexec=True)
+
+    p = sub.add_parser("describe", help="print the router entry a Hugging Face model "
+                       "directory implies (YAML for config.yaml)", formatter_class=defaults)
+    p.add_argument("model_dir", help="directory with config.json and safetensors")
+    p.add_argument("--part", default=None, help="which router, for models with more than "
+                   "one (e.g. deepseek_v4: routed | hash)")
+    p.add_argument("--name", default=None, help="router name (default: the model_type)")
+    p.set_defaults(func=_cmd_describe)
 
     from moe_router.doors.healthcheck import add_healthcheck_command
 

@@ -319,3 +319,14 @@ def test_large_payloads_are_hashed_off_the_event_loop_and_still_hit(monkeypatch)
     miss, hit = asyncio.run(run())
     assert inner.calls == 1 and hit.cache_hit and not miss.cache_hit
     assert hashed_on and all(name != "MainThread" for name in hashed_on)
+
+
+def test_the_cache_key_holds_the_token_ids() -> None:
+    from moe_router.chain.backend import RouteOptions
+
+    hidden = torch.zeros(2, HIDDEN)
+    keys = {
+        cache_key(RouteCall("r", 0, hidden, RouteOptions(input_ids=ids)), "v")
+        for ids in (None, torch.tensor([1, 2]), torch.tensor([2, 1]), torch.tensor([1, 2]))
+    }
+    assert len(keys) == 3  # no ids, [1, 2] (twice), [2, 1]

@@ -528,8 +528,8 @@ BAD_CONFIGS = [
      "routers[0].capacity_priority: must be one of 'expert', 'slot'"),
     (R + ", expert_capacity: 4, renormalize: false, renormalize_after_drop: true}\n",
      "routers[0].renormalize_after_drop: needs renormalize: true"),
-    (R + ", aux_loss_assignments: selected}\n",
-     "routers[0].aux_loss_assignments: is not used by kind 'top_k' (only by grouped_top_k)"),
+    (R.replace("top_k", "soft_moe") + ", aux_loss_assignments: selected}\n",
+     "routers[0].aux_loss_assignments: is not used by kind 'soft_moe' (only by "),
     (R.replace("top_k", "expert_choice") + ", expert_capacity: 4}\n",
      "routers[0].expert_capacity: is not used by kind 'expert_choice'"),
     (R.replace("top_k", "grouped_top_k") + ", n_group: 3}\n",
@@ -609,7 +609,7 @@ def test_checkpoint_errors_need_a_real_file(tmp_path: Path) -> None:
         assert fragment in str(info.value)
     with pytest.raises(RouterConfigurationError) as info:
         load_text(tmp_path, R + ", weights: {path: w.safetensors, gate: 'w', bias: 'b'}}\n")
-    assert "routers[0].weights.bias: needs kind grouped_top_k with use_correction_bias" in str(
+    assert "routers[0].weights.bias: needs use_correction_bias: true" in str(
         info.value)
     grouped = R.replace("top_k", "grouped_top_k") + (
         ", n_group: 2, use_correction_bias: true, weights: {path: w.safetensors, gate: w}}\n")

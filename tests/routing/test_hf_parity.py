@@ -223,3 +223,49 @@ def test_deepseek_v2_greedy_is_plain_topk():
         _, ref_weights, ref_indices = reference(x)
         out = ours(x)
     _assert_same_routing(out, ref_indices, ref_weights)
+
+
+def test_mlp_gate_matches_transformers_zaya_router_layer_0():
+    """Zaya's router (no EDA on layer 0): down_proj, RMSNorm, two GELU layers, a skip
+    expert and balancing biases on the probabilities = kind moe_router's MLP options."""
+    from transformers.models.zaya.modeling_zaya import ZayaRouter
+
+    from moe_router.routing.zeta import MLPLayer, MLPTopKRouter
+
+    hidden, width, experts, k = 32, 16, 16, 1  # Zaya routes one expert per token
+    config = transformers.ZayaConfig(hidden_size=hidden, router_hidden_size=width,
+                                     num_experts=experts, num_experts_per_tok=k,
+                                     num_attention_heads=4, num_key_value_heads=4)
+    reference = ZayaRouter(config, layer_idx=0).eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, tensor in reference.named_parameters():
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
+        reference.balancing_biases.copy_(0.05 * torch.randn(experts + 1, generator=gen))
+        reference.balancing_biases[-1] = 0.1  # the skip expert wins for some tokens
+    ours = MLPTopKRouter(
+        RouterConfig(hidden_size=hidden, num_experts=experts, top_k=k, renormalize=False),
+        mlp_layers=[MLPLayer(width, activation="none", norm="rms", norm_eps=config.rms_norm_eps),
+                    MLPLayer(width, activation="gelu"), MLPLayer(width, activation="gelu")],
+        output_bias=False, skip_expert=True, use_correction_bias=True,
+    ).eval()
+    mlp = reference.router_mlp
+    pairs = [(ours.gate.layers[0], reference.down_proj), (ours.gate.layers[1], mlp.fc1),
+             (ours.gate.layers[2], mlp.fc2), (ours.gate.layers[3], mlp.out_proj)]
+    with torch.no_grad():
+        for mine, theirs in pairs:
+            mine.weight.copy_(theirs.weight)
+            if theirs.bias is not None:
+                mine.bias.copy_(theirs.bias)
+        ours.gate.norms[0].weight.copy_(mlp.norm.weight)
+        ours.e_score_correction_bias.copy_(reference.balancing_biases)
+        x = _hidden(seed=9, shape=(1, TOKENS, hidden))
+        _, ref_weights, ref_indices, _ = reference(x)
+        out = ours(x[0])
+    skipped = ref_weights == 0  # Zaya answers a skip as expert 0 with weight 0
+    assert bool(skipped.any()) and bool((~skipped).any())
+    ref_indices = ref_indices.masked_fill(skipped, -1)
+    got = _by_expert(out.expert_indices, out.expert_weights)
+    want = _by_expert(ref_indices, ref_weights)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)

@@ -96,8 +96,9 @@ def test_the_registry_builds_the_row_class_with_the_row_arguments(tmp_path: Path
 
 def test_an_unknown_kind_names_every_kind() -> None:
     with pytest.raises(RouterConfigurationError, match="kind: must be one of 'top_k', "
-                       "'grouped_top_k', .*'fault_injection', got 'hash'"):
-        kind_entry("hash")
+                       "'grouped_top_k', .*'fault_injection', 'hash', 'sparsemixer', "
+                       "got 'hashing'"):
+        kind_entry("hashing")
 
 
 def test_estimator_options_cannot_shadow_a_routers_own_key(tmp_path: Path) -> None:
@@ -111,9 +112,12 @@ def test_estimator_options_cannot_shadow_a_routers_own_key(tmp_path: Path) -> No
 
 
 def test_the_profilers_build_every_kind_from_the_table() -> None:
+    required = {RoutingMethod.HASH: {"vocab_size": 16}}  # keys with no default
     for row in ROWS:
-        params: dict[str, object] = {"kind": row.kind.value, "num_experts": 4}
+        params: dict[str, object] = {"kind": row.kind.value, "num_experts": 4,
+                                     **required.get(row.kind, {})}
         router = build_router_from_dict(params, hidden_dim=8)
         assert type(router) is row.router_class()
-        out = router(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)))
+        inputs = {"input_ids": torch.arange(3)} if router.takes_input_ids else {}
+        out = router(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), **inputs)
         assert out.expert_indices.shape[0] == 3

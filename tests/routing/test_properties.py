@@ -234,7 +234,7 @@ def test_batched_input_equals_flat_input_reshaped(name):
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(scoring="tanh"), "scoring"),
         (dict(drop_policy="random"), "drop_policy"),
-        (dict(routing_method="hash"), "routing_method"),
+        (dict(routing_method="hashing"), "routing_method"),
         (dict(group_score="mean"), "group_score"),
     ],
 )

@@ -24,12 +24,15 @@ class RouteOptions:
 
     extra_inputs: estimator tensors by name (``attention_weights``, ``logits``,
     ``gradients``), host tensors.
+    input_ids: the tokens' ids (int32/int64, hidden_states' leading dims) for hash
+    routers, a host tensor; None for every other router.
     """
 
     return_router_logits: bool = False
     skip_cache: bool = False
     seed: int | None = None
     extra_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_ids: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

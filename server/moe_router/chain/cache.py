@@ -79,6 +79,7 @@ def cache_key(call: RouteCall, router_version: str) -> tuple[Any, ...]:
     extras = tuple(
         (name, _fingerprint(tensor)) for name, tensor in sorted(options.extra_inputs.items())
     )
+    input_ids = None if options.input_ids is None else _fingerprint(options.input_ids)
     return (
         call.router,
         call.layer,
@@ -87,6 +88,7 @@ def cache_key(call: RouteCall, router_version: str) -> tuple[Any, ...]:
         options.return_router_logits,
         options.seed,
         extras,
+        input_ids,
     )
 
 
@@ -98,6 +100,8 @@ _HASH_OFF_LOOP_BYTES = 16 * 2**20
 
 def _payload_bytes(call: RouteCall) -> int:
     tensors = [call.hidden_states, *call.options.extra_inputs.values()]
+    if call.options.input_ids is not None:
+        tensors.append(call.options.input_ids)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -2,7 +2,7 @@
 
 Torch never runs on the event loop: every device pass goes to the device pool. A call is
 checked once, on admission (:meth:`DeviceExecutor.admit`: layer, dtype, rank, dim,
-estimator inputs), and carries the result of that check (:class:`AdmittedCall`) to its
+estimator inputs, token ids), and carries the result of that check (:class:`AdmittedCall`) to its
 pass, so nothing is looked up or validated twice. Inputs move to the router's device,
 are routed under ``torch.inference_mode()``, and the answer comes back to the host.
 Failures are sorted into the error tree here, once.
@@ -30,6 +30,7 @@ from moe_router.errors import (
     ValidationError,
 )
 from moe_router.routing.base import RouterBase
+from moe_router.routing.hashed import HashRouter
 from moe_router.routing.output import RouterOutput
 
 __all__ = ["AdmittedCall", "DeviceExecutor", "DeviceFigures", "PassAnswer"]
@@ -125,7 +126,16 @@ class DeviceExecutor:
                 f"({', '.join(sorted(extra))}); only dynamic and "
                 "adaptive routers use attention_weights, logits or gradients"
             )
-        batchable = self._may_batch and not extra
+        input_ids = call.options.input_ids
+        if isinstance(router, HashRouter):
+            router.check_input_ids(input_ids, lead, f"router '{self.name}'")
+        elif input_ids is not None:
+            raise ValidationError(
+                f"input_ids: router '{self.name}' does not route by token id; send "
+                "input_ids only to hash routers"
+            )
+        # Calls with token ids run alone: hash routers are the few first layers of a model.
+        batchable = self._may_batch and not extra and input_ids is None
         return AdmittedCall(call, router, flat, lead, batchable)
 
     # ------------------------------------------------------------------ device passes
@@ -223,6 +233,8 @@ class DeviceExecutor:
         extra: dict[str, Any] = {
             key: value.to(self.device) for key, value in options.extra_inputs.items()
         }
+        if options.input_ids is not None:
+            extra["input_ids"] = options.input_ids.to(self.device)
         return admitted.router.route_validated(
             admitted.flat.to(self.device), admitted.lead, generator=generator, **extra
         )

@@ -76,6 +76,9 @@ def request_to_call(
         for name in _EXTRA_INPUTS
         if name in request.tensors
     }
+    input_ids = None
+    if "input_ids" in request.tensors:
+        input_ids = _decode(request.tensors["input_ids"], "input_ids")
     remaining = context.time_remaining()
     return RouteCall(
         router=message.router,
@@ -86,6 +89,7 @@ def request_to_call(
             skip_cache=message.skip_cache,
             seed=message.seed if message.HasField("seed") else None,
             extra_inputs=extra,
+            input_ids=input_ids,
         ),
         deadline=None if remaining is None else time.monotonic() + remaining,
         request_id=message.request_id or uuid.uuid4().hex[:16],

@@ -173,5 +173,6 @@ def warm_up(hosted: dict[str, HostedRouter]) -> None:
                 if layer.stateful or layer.stochastic:
                     continue
                 sample = torch.zeros(16, layer.hidden_size, device=router.device)
-                layer(sample)
+                ids = {"input_ids": torch.zeros(16, dtype=torch.int64, device=router.device)}
+                layer(sample, **(ids if layer.takes_input_ids else {}))
                 layer.reset_stats()

@@ -21,10 +21,13 @@ from moe_router.routing.base import RouterBase
 
 __all__ = [
     "TensorLocation",
+    "checkpoint_layer",
     "locate_gate_tensors",
+    "locate_router_tensors",
     "read_tensor",
     "load_gate_tensors",
     "apply_weights",
+    "apply_tensor",
     "load_router_weights",
 ]
 
@@ -48,26 +51,54 @@ def locate_gate_tensors(
     The checkpoint layer is ``spec.layer_offset + layer``; a sharded index is read to
     find each tensor's shard.
     """
+    located = locate_router_tensors(spec, layer, "gate.weight", include_extra=False)
+    return located["gate.weight"], located.get("e_score_correction_bias")
+
+
+def checkpoint_layer(spec: WeightsSpec, layer: int) -> int:
+    """The checkpoint layer index of our layer ``layer``: ``checkpoint_layers[layer]``
+    when listed, else ``layer_offset + layer``."""
+    if spec.checkpoint_layers is not None:
+        if not 0 <= layer < len(spec.checkpoint_layers):
+            raise RouterConfigurationError(
+                f"layer {layer} is not in checkpoint_layers (it lists "
+                f"{len(spec.checkpoint_layers)} layers)"
+            )
+        return spec.checkpoint_layers[layer]
+    return spec.layer_offset + layer
+
+
+def locate_router_tensors(
+    spec: WeightsSpec, layer: int, gate_name: str, include_extra: bool = True
+) -> dict[str, TensorLocation]:
+    """Router state_dict name -> where layer ``layer``'s tensor lives in the checkpoint.
+
+    ``gate`` fills ``gate_name`` (the router's gate weight), ``bias`` fills
+    ``e_score_correction_bias`` and every ``tensors`` entry its own name. A sharded
+    index is read to find each tensor's shard.
+    """
     if spec.path is None or spec.gate is None:
         raise RouterConfigurationError("no checkpoint path and gate name to load from")
-    checkpoint_layer = spec.layer_offset + layer
-    names = [spec.gate.format(layer=checkpoint_layer)]
+    at = checkpoint_layer(spec, layer)
+    templates = {gate_name: spec.gate}
     if spec.bias is not None:
-        names.append(spec.bias.format(layer=checkpoint_layer))
+        templates["e_score_correction_bias"] = spec.bias
+    if include_extra:
+        templates.update(spec.tensors)
+    names = {ours: template.format(layer=at) for ours, template in templates.items()}
     if not spec.path.is_file():
         raise RouterConfigurationError(f"checkpoint not found: {spec.path}")
-    if spec.path.name.endswith(".json"):
-        weight_map = _read_weight_map(spec.path)
-        locations = []
-        for name in names:
-            if name not in weight_map:
-                raise RouterConfigurationError(
-                    f"{name} is not in the weight_map of {spec.path}{_closest(name, weight_map)}"
-                )
-            locations.append(TensorLocation(name, spec.path.parent / weight_map[name]))
-    else:
-        locations = [TensorLocation(name, spec.path) for name in names]
-    return locations[0], (locations[1] if len(locations) > 1 else None)
+    if not spec.path.name.endswith(".json"):
+        return {ours: TensorLocation(name, spec.path) for ours, name in names.items()}
+    weight_map = _read_weight_map(spec.path)
+    located = {}
+    for ours, name in names.items():
+        if name not in weight_map:
+            raise RouterConfigurationError(
+                f"{name} is not in the weight_map of {spec.path}{_closest(name, weight_map)}"
+            )
+        located[ours] = TensorLocation(name, spec.path.parent / weight_map[name])
+    return located
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
@@ -136,7 +167,7 @@ def apply_weights(
         if not isinstance(buffer, torch.Tensor):
             raise RouterConfigurationError(
                 f"{bias_origin}: {type(router).__name__} has no e_score_correction_bias "
-                "(use kind grouped_top_k with use_correction_bias: true)"
+                "(set use_correction_bias: true)"
             )
         _check(bias, tuple(buffer.shape), "(num_experts,)", bias_origin)
     with torch.no_grad():
@@ -148,7 +179,8 @@ def apply_weights(
 def _check(tensor: torch.Tensor, expected: tuple[int, ...], dims: str, origin: str) -> None:
     if tuple(tensor.shape) != expected:
         raise RouterConfigurationError(
-            f"{origin} has shape {list(tensor.shape)}, expected {list(expected)} {dims}"
+            f"{origin} has shape {list(tensor.shape)}, expected {list(expected)}"
+            + (f" {dims}" if dims else "")
         )
     if not tensor.is_floating_point():
         raise RouterConfigurationError(f"{origin} has dtype {tensor.dtype}, expected floating")
@@ -156,13 +188,58 @@ def _check(tensor: torch.Tensor, expected: tuple[int, ...], dims: str, origin: s
         raise RouterConfigurationError(f"{origin} contains NaN or infinite values")
 
 
+def apply_tensor(router: RouterBase, name: str, tensor: torch.Tensor, origin: str) -> None:
+    """Copy ``tensor`` into the router's parameter or buffer ``name`` (exact shape).
+
+    Floating targets take finite floating tensors (upcast to the target's dtype);
+    integer targets (a hash router's ``token_experts``) take integer tensors whose values
+    are expert ids in [0, E).
+    """
+    targets = dict(router.named_parameters()) | dict(router.named_buffers())
+    if name not in targets:
+        raise RouterConfigurationError(
+            f"{origin}: {type(router).__name__} has no tensor {name!r}; it has "
+            f"{', '.join(sorted(router.state_dict()))}"
+        )
+    target = targets[name]
+    while tensor.dim() > target.dim() and tensor.shape[0] == 1:
+        tensor = tensor[0]  # e.g. Ernie 4.5's [1, E] correction bias for our [E]
+    dims = ""
+    if name == router.gate_weight_name():
+        dims = ("(num_experts, input_dim)" if target.shape[0] == router.num_experts
+                else "(scored experts, input_dim)")
+    if target.is_floating_point():
+        _check(tensor, tuple(target.shape), dims, origin)
+    else:
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise RouterConfigurationError(
+                f"{origin} has shape {list(tensor.shape)}, expected {list(target.shape)}"
+            )
+        if tensor.is_floating_point() or tensor.dtype == torch.bool:
+            raise RouterConfigurationError(f"{origin} has dtype {tensor.dtype}, expected integer")
+        if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= router.num_experts):
+            raise RouterConfigurationError(
+                f"{origin} holds expert ids in [{int(tensor.min())}, {int(tensor.max())}], "
+                f"expected [0, {router.num_experts})"
+            )
+    with torch.no_grad():
+        target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
 def load_router_weights(router: RouterBase, spec: WeightsSpec, layer: int) -> None:
-    """Load layer ``layer``'s checkpoint tensors into ``router`` (shape-checked)."""
-    gate, bias = locate_gate_tensors(spec, layer)
-    apply_weights(
-        router,
-        read_tensor(gate),
-        None if bias is None else read_tensor(bias),
-        weight_origin=str(gate),
-        bias_origin=str(bias),
-    )
+    """Load layer ``layer``'s checkpoint tensors into ``router`` (shape-checked).
+
+    Every persistent tensor of the router must come from the checkpoint (a tensor left
+    at its initial value would route silently wrong): the gate, the correction bias and
+    ``weights.tensors`` together must name them all.
+    """
+    gate_name = router.gate_weight_name()
+    located = locate_router_tensors(spec, layer, gate_name)
+    missing = sorted(set(router.state_dict()) - set(located))
+    if missing:
+        raise RouterConfigurationError(
+            f"tensors: {', '.join(missing)} of {type(router).__name__} have no checkpoint "
+            "tensor; name each in weights.tensors (router name -> checkpoint name template)"
+        )
+    for name, location in located.items():
+        apply_tensor(router, name, read_tensor(location), str(location))

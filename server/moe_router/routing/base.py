@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from moe_router.errors import ValidationError
-from moe_router.routing import capacity
+from moe_router.routing import capacity, scoring
 from moe_router.routing import functional as F
 from moe_router.routing.output import RouterOutput, Selection
-from moe_router.routing.router_config import RouterConfig
+from moe_router.routing.router_config import InputNorm, RouterConfig
 
 __all__ = ["RouterBase", "FLOAT_DTYPES"]
 
@@ -41,11 +41,23 @@ class RouterBase(nn.Module, ABC):
     fixed_k: bool = False
     #: Whether forward takes estimator inputs (attention_weights, logits, gradients).
     accepts_estimator_inputs: bool = False
+    #: Whether select() needs the tokens' ids (``input_ids`` [T], hash routers).
+    takes_input_ids: bool = False
+
+    input_scale: nn.Parameter  # [D], only with config.input_norm rms
+    per_expert_scale: nn.Parameter  # [E], only with config.per_expert_scale
+    weight_scale: nn.Parameter  # [1], only with config.learned_weight_scale
 
     def __init__(self, config: RouterConfig) -> None:
         super().__init__()
         self.config = config
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.gate_bias)
+        if config.input_norm is InputNorm.RMS:
+            self.input_scale = nn.Parameter(torch.ones(config.hidden_size))
+        if config.per_expert_scale:
+            self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+        if config.learned_weight_scale:
+            self.weight_scale = nn.Parameter(torch.ones(1))
         self._stats_lock = threading.Lock()
         self.register_buffer(
             "expert_load", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
@@ -82,6 +94,10 @@ class RouterBase(nn.Module, ABC):
     def couples_tokens_now(self) -> bool:
         """True when calls must not be merged: token-coupled router or capacity dropping."""
         return self.couples_tokens or self.config.drops_tokens
+
+    def gate_weight_name(self) -> str:
+        """The state_dict name of the gate's [E, D] weight (what ``weights.gate`` loads)."""
+        return "gate.weight"
 
     def version(self) -> str:
         """A short hash of the router's class, config and parameters (names its answers)."""
@@ -293,17 +309,29 @@ class RouterBase(nn.Module, ABC):
     ) -> torch.Tensor:
         """Gate logits [T, E] in fp32 (input upcast first; train-time jitter if configured).
 
-        The matmul is batch-invariant (:func:`functional.batch_invariant_linear`);
-        ``block_rows`` is set by :meth:`route_many` to the merged call's own block size.
+            x      = rms_norm(x) * input_scale * D^-1/2        (input_norm rms, Gemma 4)
+            logits = x @ gate.weight^T (+ gate.bias)            [T, E]
+            logits = logits * logit_multiplier                   (MuseSpark)
+            logits = tanh(logits / c) * c                        (logit_softcap c, Laguna)
+
+        Every step is row-wise and the matmul batch-invariant
+        (:func:`functional.batch_invariant_linear`), so a token's logits do not depend on
+        its batch mates; ``block_rows`` is set by :meth:`route_many` to the merged call's
+        own block size.
         """
+        cfg = self.config
+        input_dtype = x.dtype
         x = x.float()
-        eps = self.config.jitter_noise
+        eps = cfg.jitter_noise
         if self.training and eps > 0:
             noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x * (1.0 - eps + 2.0 * eps * noise)
+        if cfg.input_norm is InputNorm.RMS:
+            x = scoring.rms_scaled(x, self.input_scale.float(), cfg.input_norm_eps, input_dtype)
         weight = self.gate.weight.float()
         bias = None if self.gate.bias is None else self.gate.bias.float()
-        return F.batch_invariant_linear(x, weight, bias, block_rows)
+        logits = F.batch_invariant_linear(x, weight, bias, block_rows)
+        return scoring.transform_logits(logits, cfg.logit_multiplier, cfg.logit_softcap)
 
     @abstractmethod
     def select(

@@ -60,6 +60,8 @@ class RoutingMethod(str, Enum):
     DYNAMIC = "dynamic"
     ADAPTIVE = "adaptive"
     FAULT_INJECTION = "fault_injection"
+    HASH = "hash"
+    SPARSEMIXER = "sparsemixer"
 
 
 class Construction(str, Enum):
@@ -165,6 +167,11 @@ _TOP_K_CONFIG = frozenset({"top_k", "scoring", "renormalize", "routed_scaling_fa
 # Token dropping beyond the factor: Switch/NLLB-MoE rules and Megatron's padded lists.
 _TOP_K_CONFIG |= {"expert_capacity", "capacity_scope", "capacity_priority",
                   "renormalize_after_drop", "pad_to_capacity"}
+# The scoring and weighting options of token-choice routers (issue 13).
+_SCORE_OPTIONS = frozenset({"gate_bias", "correction_bias_target", "logit_multiplier",
+                            "logit_softcap", "renormalize_eps", "input_norm",
+                            "input_norm_eps", "per_expert_scale", "learned_weight_scale",
+                            "scored_shared_experts"})
 _DYNAMIC_ARGUMENTS = {
     name: name
     for name in ("min_experts", "max_experts", "complexity_estimator", "routing_strategy",
@@ -176,13 +183,14 @@ _ROWS = (
     RouterKindEntry(
         _K.TOP_K, "moe_router.routing.topk:TopKRouter",
         "Token choice: each token takes its k best experts (Mixtral, Qwen-MoE).",
-        config_fields=_TOP_K_CONFIG,
+        config_fields=_TOP_K_CONFIG | _SCORE_OPTIONS | {"aux_loss_assignments"},
+        arguments={"use_correction_bias": "use_correction_bias"},
     ),
     RouterKindEntry(
         _K.GROUPED_TOP_K, "moe_router.routing.grouped:GroupedTopKRouter",
         "Group-limited top-k: experts only from the best groups (DeepSeek-V2/V3).",
-        config_fields=_TOP_K_CONFIG | {"n_group", "topk_group", "group_score",
-                                       "aux_loss_assignments"},
+        config_fields=_TOP_K_CONFIG | _SCORE_OPTIONS
+        | {"n_group", "topk_group", "group_score", "group_mask_fill", "aux_loss_assignments"},
         arguments={"use_correction_bias": "use_correction_bias"},
     ),
     RouterKindEntry(
@@ -199,8 +207,11 @@ _ROWS = (
     RouterKindEntry(
         _K.MOE_ROUTER, "moe_router.routing.zeta:MLPTopKRouter",
         "Top-k over an MLP scorer, softmax or Gumbel (zeta's MoERouter).",
-        config_fields=frozenset({"top_k", "renormalize"}),
-        arguments={"hidden_layers": "hidden_layers", "mechanism": "mechanism"},
+        config_fields=frozenset({"top_k", "renormalize", "routed_scaling_factor",
+                                 "renormalize_eps"}),
+        arguments={"hidden_layers": "hidden_layers", "mechanism": "mechanism",
+                   "mlp_layers": "mlp_layers", "output_bias": "output_bias",
+                   "skip_expert": "skip_expert", "use_correction_bias": "use_correction_bias"},
     ),
     RouterKindEntry(
         _K.DYNAMIC, "moe_router.routing.dynamic:DynamicRouter",
@@ -224,6 +235,19 @@ _ROWS = (
                    "slow_while_file_exists": "fault.slow_while_file_exists",
                    "slow_ms": "fault.slow_ms"},
         test_only=True,
+    ),
+    RouterKindEntry(
+        _K.HASH, "moe_router.routing.hashed:HashRouter",
+        "Experts by token id from a fixed table, weighted by the gate (DeepSeek-V4 hash layers).",
+        config_fields=frozenset({"top_k", "scoring", "renormalize", "routed_scaling_factor",
+                                 "renormalize_eps", "gate_bias", "logit_multiplier"}),
+        arguments={"vocab_size": "vocab_size"},
+    ),
+    RouterKindEntry(
+        _K.SPARSEMIXER, "moe_router.routing.sparsemixer:SparseMixerRouter",
+        "Top-2 with SparseMixer's deterministic inference weights (PhiMoE).",
+        config_fields=frozenset({"top_k", "routed_scaling_factor", "gate_bias"}),
+        arguments={"sparsemixer_eps": "sparsemixer_eps"},
     ),
 )
 

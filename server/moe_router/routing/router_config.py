@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -20,26 +21,28 @@ __all__ = [
     "CapacityScope",
     "CapacityPriority",
     "AuxLossAssignments",
+    "GroupMaskFill",
+    "CorrectionBiasTarget",
+    "InputNorm",
     "RouterConfig",
 ]
 
 
 class ScoringFunction(str, Enum):
-    """How gate logits become scores: softmax over experts or an independent sigmoid."""
+    """How gate logits become scores [T, E].
+
+    ``softmax`` over the experts; ``sigmoid`` per expert; ``sqrtsoftplus`` per expert,
+    sqrt(log(1 + e^x)) (DeepSeek-V4's ``scoring_func``, transformers'
+    ``SqrtSoftplusActivation``).
+    """
 
     SOFTMAX = "softmax"
     SIGMOID = "sigmoid"
+    SQRTSOFTPLUS = "sqrtsoftplus"
 
 
 class DropPolicy(str, Enum):
-    """Which assignments an over-capacity expert keeps: highest weight, or earliest token.
-
-    ``probs`` ranks an expert's assignments by their final combine weight (after
-    renormalisation and scaling), as Megatron-core's ``apply_router_token_dropping``
-    does; under ``CapacityPriority.SLOT`` it ranks tokens by their first choice's router
-    probability instead (V-MoE's batch prioritized routing, NLLB-MoE's
-    ``batch_prioritized_routing``). ``position`` keeps the earliest tokens.
-    """
+    """Which assignments an over-capacity expert keeps: highest probability, or earliest token."""
 
     PROBS = "probs"
     POSITION = "position"
@@ -91,6 +94,43 @@ class AuxLossAssignments(str, Enum):
     SELECTED = "selected"
 
 
+class GroupMaskFill(str, Enum):
+    """What the experts of dropped groups are masked with before the final top-k.
+
+    ``neg_inf``: never chosen (DeepSeek's inference gate, vLLM, transformers 5.x for
+    DeepSeek-V3). ``zero``: 0.0, as transformers' DeepSeek-V2, Mistral 4 and AXK2 code
+    does; with sigmoid scores plus a negative correction bias a masked expert (0.0)
+    can then beat a kept one, so the two differ exactly there.
+    """
+
+    NEG_INF = "neg_inf"
+    ZERO = "zero"
+
+
+class CorrectionBiasTarget(str, Enum):
+    """What ``e_score_correction_bias`` [E] is added to before the top-k (selection only).
+
+    ``scores``: topk(score(logits) + bias) (DeepSeek-V3 ``noaux_tc``, Ernie 4.5,
+    MiniMax-M2); ``logits``: topk(logits + bias) (Kolibri 1). Either way the weights
+    come from the unbiased scores.
+    """
+
+    SCORES = "scores"
+    LOGITS = "logits"
+
+
+class InputNorm(str, Enum):
+    """A normalisation of the router input x [T, D] before the gate.
+
+    ``none``; ``rms``: x * (mean(x^2) + eps)^-1/2 * input_scale * D^-1/2, with a learned
+    ``input_scale`` [D] (Gemma 4's ``Gemma4TextRouter``: an RMSNorm without weight,
+    then ``scale`` and ``hidden_size**-0.5``).
+    """
+
+    NONE = "none"
+    RMS = "rms"
+
+
 def _enum(enum_type: type[Enum], value: object, name: str) -> Enum:
     if isinstance(value, enum_type):
         return value
@@ -117,9 +157,7 @@ class RouterConfig:
     jitter_noise: train-time multiplicative input noise in [1-eps, 1+eps] (Mixtral).
     n_group / topk_group: group-limited routing; groups kept per token.
     group_score: ``max`` (DeepSeek-V2) or ``top2_sum`` (DeepSeek-V3).
-    capacity_factor: if set, each expert keeps at most ceil(T*k/E*factor) assignments
-        (T: the tokens sharing a capacity, see capacity_scope; Megatron's
-        ``get_capacity``).
+    capacity_factor: if set, each expert keeps at most ceil(T*k/E*factor) assignments.
     drop_policy: which assignments survive capacity: ``probs`` or ``position``.
     expert_capacity: an absolute capacity per expert instead of a factor (Switch
         Transformers' and NLLB-MoE's ``expert_capacity``); not with capacity_factor.
@@ -135,7 +173,27 @@ class RouterConfig:
         dispatchers need (Megatron's ``moe_pad_expert_input_to_capacity``).
     aux_loss_assignments: what the aux loss counts: ``top_k`` (Megatron, default) or
         ``selected`` (the grouped router's own, biased, group-limited choice).
-    gate_bias: a bias on the gate linear layer (rare; off in every reference model).
+    gate_bias: a bias [E] on the gate linear layer (GPT-OSS's router, Longcat's
+        ``router_bias``).
+    group_mask_fill: ``neg_inf`` or ``zero`` for the experts of dropped groups
+        (:class:`GroupMaskFill`).
+    correction_bias_target: ``scores`` or ``logits`` (:class:`CorrectionBiasTarget`),
+        for routers that have an ``e_score_correction_bias``.
+    logit_multiplier: logits *= m before scoring (MuseSpark's ``output_multiplier``).
+    logit_softcap: c > 0: logits = tanh(logits / c) * c before scoring (Laguna's
+        ``moe_router_logit_softcapping``); None for none.
+    renormalize_eps: the eps of w / (sum w + eps) (1e-20 DeepSeek; Lfm2 1e-6,
+        MuseSpark 1e-15; Mixtral divides by the bare sum, identical in fp32).
+    input_norm / input_norm_eps: the normalisation of the router input
+        (:class:`InputNorm`; Gemma 4: ``rms`` with its ``rms_norm_eps``).
+    per_expert_scale: weights[t, j] *= per_expert_scale[indices[t, j]], a learned [E]
+        (Gemma 4's ``router.per_expert_scale``).
+    learned_weight_scale: weights *= a learned scalar ``weight_scale`` [1] (Inkling's
+        ``gate.global_scale``), after ``routed_scaling_factor``.
+    scored_shared_experts: S > 0: the last S of the E experts are shared experts the
+        gate also scores (its last S rows, Inkling's ``InklingTopkRouter``). Every token
+        takes them after its k routed ones, so answers have k + S slots; their scores
+        join the normalisation: w_j = s_j / (sum of the k routed s + sum of the S shared s).
     """
 
     hidden_size: int
@@ -158,6 +216,16 @@ class RouterConfig:
     pad_to_capacity: bool = False
     aux_loss_assignments: AuxLossAssignments = AuxLossAssignments.TOP_K
     gate_bias: bool = False
+    group_mask_fill: GroupMaskFill = GroupMaskFill.NEG_INF
+    correction_bias_target: CorrectionBiasTarget = CorrectionBiasTarget.SCORES
+    logit_multiplier: float = 1.0
+    logit_softcap: float | None = None
+    renormalize_eps: float = 1e-20
+    input_norm: InputNorm = InputNorm.NONE
+    input_norm_eps: float = 1e-6
+    per_expert_scale: bool = False
+    learned_weight_scale: bool = False
+    scored_shared_experts: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -171,6 +239,11 @@ class RouterConfig:
              _enum(CapacityPriority, self.capacity_priority, "capacity_priority"))
         set_(self, "aux_loss_assignments",
              _enum(AuxLossAssignments, self.aux_loss_assignments, "aux_loss_assignments"))
+        set_(self, "group_mask_fill",
+             _enum(GroupMaskFill, self.group_mask_fill, "group_mask_fill"))
+        set_(self, "correction_bias_target",
+             _enum(CorrectionBiasTarget, self.correction_bias_target, "correction_bias_target"))
+        set_(self, "input_norm", _enum(InputNorm, self.input_norm, "input_norm"))
         _positive_int(self.hidden_size, "hidden_size")
         _positive_int(self.num_experts, "num_experts")
         _positive_int(self.top_k, "top_k")
@@ -201,6 +274,7 @@ class RouterConfig:
                 f"capacity_factor: must be > 0 or None, got {self.capacity_factor}"
             )
         self._check_capacity()
+        self._check_score_options()
 
     @property
     def drops_tokens(self) -> bool:
@@ -240,6 +314,62 @@ class RouterConfig:
                     f"{name}: only applies with a capacity; set capacity_factor or "
                     "expert_capacity, or remove this key"
                 )
+
+    @property
+    def routed_experts(self) -> int:
+        """Experts chosen by top-k: E minus the scored shared experts."""
+        return self.num_experts - self.scored_shared_experts
+
+    def _check_score_options(self) -> None:
+        """The checks of the scoring and weighting options (issue 13's router options)."""
+        if not (math.isfinite(self.logit_multiplier) and self.logit_multiplier > 0):
+            raise RouterConfigurationError(
+                f"logit_multiplier: must be a finite number > 0, got {self.logit_multiplier}"
+            )
+        cap = self.logit_softcap
+        if cap is not None and not (math.isfinite(cap) and cap > 0):
+            raise RouterConfigurationError(
+                f"logit_softcap: must be a finite number > 0, or null for none, got {cap}"
+            )
+        if not (math.isfinite(self.renormalize_eps) and 0 <= self.renormalize_eps < 1):
+            raise RouterConfigurationError(
+                f"renormalize_eps: must be in [0, 1), got {self.renormalize_eps}"
+            )
+        if not (math.isfinite(self.input_norm_eps) and 0 < self.input_norm_eps < 1):
+            raise RouterConfigurationError(
+                f"input_norm_eps: must be in (0, 1), got {self.input_norm_eps}"
+            )
+        for name in ("per_expert_scale", "learned_weight_scale", "gate_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise RouterConfigurationError(
+                    f"{name}: must be true or false, got {getattr(self, name)!r}"
+                )
+        shared = self.scored_shared_experts
+        if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
+            raise RouterConfigurationError(
+                f"scored_shared_experts: must be an integer >= 0, got {shared!r}"
+            )
+        if shared and self.top_k > self.num_experts - shared:
+            raise RouterConfigurationError(
+                f"scored_shared_experts: leaves {self.num_experts - shared} routed experts "
+                f"of num_experts {self.num_experts}, fewer than top_k {self.top_k}"
+            )
+        if shared and self.scoring is ScoringFunction.SOFTMAX:
+            raise RouterConfigurationError(
+                "scored_shared_experts: needs per-expert scores (scoring 'sigmoid' or "
+                "'sqrtsoftplus'); a softmax would make the shared experts' scores depend "
+                "on the routed ones"
+            )
+        if shared and not self.renormalize:
+            raise RouterConfigurationError(
+                "scored_shared_experts: only changes the normalisation; it needs "
+                "renormalize: true"
+            )
+        if shared and self.n_group > 1:
+            raise RouterConfigurationError(
+                "scored_shared_experts: is not combined with group-limited routing "
+                "(n_group > 1) by any reference model; use n_group: 1"
+            )
 
 
 def _positive_int(value: object, name: str) -> None:
