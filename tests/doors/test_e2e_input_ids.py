@@ -33,11 +33,11 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     config = write_config(tmp / "config.yaml", [hashed, small_routers()[0]],
                           cache={"enabled": False})
     with serve_in_process(config) as server, RouterClient(server.target, timeout=30) as client:
-        yield client, gate, table
+        yield client, gate, table, server.target
 
 
 def test_the_hash_router_routes_by_the_ids_sent(served):
-    client, gate, table = served
+    client, gate, table, _ = served
     x = torch.randn(2, 3, D, generator=torch.Generator().manual_seed(1))
     ids = torch.tensor([[5, 0, 31], [7, 7, 2]], dtype=torch.int32)
     result = client.route("hashed", x.numpy(), input_ids=ids.numpy())
@@ -57,14 +57,38 @@ def test_the_hash_router_routes_by_the_ids_sent(served):
     (np.array([0, 1, 2, VOCAB], dtype=np.int64), r"input_ids: token ids must be in \[0, 32\)"),
 ])
 def test_wrong_input_ids_are_invalid_argument_naming_them(served, ids, match):
-    client, _, _ = served
+    client, _, _, _ = served
     with pytest.raises(InvalidArgumentError, match=match):
         client.route("hashed", np.zeros((4, D), np.float32), input_ids=ids)
 
 
 def test_a_router_that_does_not_hash_refuses_input_ids(served):
-    client, _, _ = served
+    client, _, _, _ = served
     with pytest.raises(InvalidArgumentError, match="input_ids: router 'mixtral' does not "
                        "route by token id"):
         client.route("mixtral", np.zeros((4, 64), np.float32),
                      input_ids=np.arange(4, dtype=np.int64))
+
+
+def test_tritonclient_sends_input_ids_to_the_hash_router_and_gets_routes_answer(served):
+    """The OIP door takes input_ids like Route: same experts and weights, bit for bit."""
+    import tritonclient.grpc as triton
+
+    client, _, _, target = served
+    x = np.random.default_rng(3).standard_normal((4, D), dtype=np.float32)
+    ids = np.array([3, 9, 31, 0], dtype=np.int64)
+    expected = client.route("hashed", x, input_ids=ids)
+    with triton.InferenceServerClient(target) as oip:
+        metadata = oip.get_model_metadata("hashed")
+        assert [i.name for i in metadata.inputs] == ["hidden_states", "input_ids"]
+        inputs = [triton.InferInput("hidden_states", list(x.shape), "FP32"),
+                  triton.InferInput("input_ids", list(ids.shape), "INT64")]
+        inputs[0].set_data_from_numpy(x)
+        inputs[1].set_data_from_numpy(ids)
+        answer = oip.infer("hashed", inputs)
+        assert answer.as_numpy("expert_indices").tobytes() == expected.expert_indices.tobytes()
+        assert answer.as_numpy("expert_weights").tobytes() == expected.expert_weights.tobytes()
+        missing = [triton.InferInput("hidden_states", list(x.shape), "FP32")]
+        missing[0].set_data_from_numpy(x)
+        with pytest.raises(triton.InferenceServerException, match="needs input_ids"):
+            oip.infer("hashed", missing)

@@ -124,13 +124,16 @@ def request_to_call(
             f"model '{message.model_name}' has no version '{message.model_version[:100]}'; "
             f"leave it empty or send {sorted(set(versions))}"
         )
-    tensors = _inputs(request, regions, owner, chain.hosted.layers[0].accepts_estimator_inputs)
+    first = chain.hosted.layers[0]
+    tensors = _inputs(request, regions, owner, first.accepts_estimator_inputs,
+                      first.takes_input_ids)
     outputs = _requested_outputs(message, chain, regions, owner)
     deadline = None if time_remaining is None else time.monotonic() + time_remaining
     if "timeout" in parameters:
         until = time.monotonic() + parameters["timeout"] / 1e6
         deadline = until if deadline is None else min(deadline, until)
     hidden = tensors.pop("hidden_states")
+    input_ids = tensors.pop("input_ids", None)
     call = RouteCall(
         router=ref.router,
         layer=layer,
@@ -140,6 +143,7 @@ def request_to_call(
             skip_cache=bool(parameters.get("skip_cache", False)),
             seed=parameters.get("seed"),
             extra_inputs=tensors,
+            input_ids=input_ids,
         ),
         deadline=deadline,
         request_id=message.id or uuid.uuid4().hex[:16],
@@ -202,10 +206,16 @@ def _shm_reference(
 
 
 def _inputs(
-    request: InferRequestView, regions: SharedMemoryRegistry, owner: str, estimators: bool
+    request: InferRequestView, regions: SharedMemoryRegistry, owner: str, estimators: bool,
+    token_ids: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Every input tensor by name, as a view of its bytes (received or in shared memory)."""
+    """Every input tensor by name, as a view of its bytes (received or in shared memory).
+
+    ``input_ids`` (INT32/INT64, hidden_states' leading dims) is accepted for routers that
+    route by token id; the device stage checks its shape and values, as for Route."""
     accepted = ("hidden_states", *_ESTIMATOR_INPUTS) if estimators else ("hidden_states",)
+    if token_ids:
+        accepted = (*accepted, "input_ids")
     raw = request.raw_inputs
     raw_used = 0
     tensors: dict[str, torch.Tensor] = {}

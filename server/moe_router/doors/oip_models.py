@@ -81,6 +81,8 @@ def model_metadata(name: str, ref: ModelRef, chain: HostedRouterChain) -> oip.Mo
             _METADATA(name="logits", datatype="FP32", shape=[-1, -1, -1]),
             _METADATA(name="gradients", datatype="FP32", shape=[-1, layer.hidden_size]),
         ]
+    if layer.takes_input_ids:
+        inputs.append(_METADATA(name="input_ids", datatype="INT64", shape=[-1]))
     versions = chain.hosted.versions
     return oip.ModelMetadataResponse(
         name=name,
