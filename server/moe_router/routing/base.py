@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -257,6 +257,27 @@ class RouterBase(nn.Module, ABC):
             )
         lead = tuple(hidden_states.shape[:-1])
         return hidden_states.reshape(-1, self.hidden_size), lead
+
+    @property
+    def required_estimator_inputs(self) -> tuple[str, ...]:
+        """Estimator inputs no call can be routed without (RouterBase: none)."""
+        return ()
+
+    def check_estimator_inputs(
+        self, lead: tuple[int, ...], shapes: Mapping[str, tuple[int, ...]], who: str
+    ) -> None:
+        """Raise ValidationError unless this router reads each estimator input in
+        ``shapes`` (name -> shape) and each has the shape it expects for hidden states
+        [*lead, D]. ``who`` names the router in the message. RouterBase reads none."""
+        if shapes:
+            raise ValidationError(
+                f"{who} takes no estimator inputs ({', '.join(sorted(shapes))}); only "
+                "dynamic and adaptive routers use attention_weights, logits or gradients"
+            )
+
+    def estimator_value_problem(self, name: str, values: torch.Tensor) -> str | None:
+        """Why the values of estimator input ``name`` cannot be used, or None."""
+        return None
 
     def compute_router_logits(
         self,
