@@ -6,11 +6,17 @@ steps, so that every refusal is RESOURCE_EXHAUSTED with ErrorInfo reason
 ``SERVER_OVERLOADED`` and a RetryInfo delay:
 
 - :meth:`Admission.enter`, when the call starts and before its message is read: at most
-  ``max_calls`` calls held at once, and none started while the held request bytes are
-  already at ``max_bytes`` (a refused call's message is never read into memory);
-- :meth:`Admission.add_bytes`, once the message is read: its payload bytes join the held
-  bytes unless they would pass ``max_bytes`` (a call alone is always admitted, so a
-  message up to ``server.max_message_bytes`` still passes on an idle server).
+  ``max_calls`` calls held at once, at most :data:`MAX_READERS` of them still reading
+  their message, and room in ``max_bytes`` for the message it will bring, reserved at the
+  size recent messages had (a maximum that halves every 5 s of smaller messages). A
+  refused call's message is never read: gRPC reads a message only when the handler asks
+  for it (the server turns HTTP/2's BDP probing off so that the transport does not
+  read ahead either), so 40 callers of 8 MiB cannot all be read at once into a 64 MiB
+  budget;
+- :meth:`Admission.add_bytes`, once the message is read: its true size replaces the
+  reservation, and a call that then passes ``max_bytes`` is refused (a call alone is
+  always admitted, so a message up to ``server.max_message_bytes`` still passes on an
+  idle server).
 
 The retry delay is the recent mean time a call was held (an EWMA): by then, on average,
 one held call has left. The same object drains the server: :meth:`close` refuses every
@@ -29,12 +35,18 @@ from dataclasses import dataclass
 
 from moe_router.errors import DrainingError, OverloadedError
 
-__all__ = ["Admission", "AdmissionFigures", "Ticket"]
+__all__ = ["MAX_READERS", "Admission", "AdmissionFigures", "Ticket"]
 
 _MIN_RETRY_S = 0.005
 _MIN_DRAIN_RETRY_S = 0.25
 _MAX_RETRY_S = 1.0
 _EWMA_WEIGHT = 0.1
+_MIN_RESERVATION = 4096  # bytes reserved for a message before any was seen
+
+MAX_READERS = 16
+"""Most calls reading their message at once. The reservation can only guess a message's
+size; this bounds what a burst of unexpectedly large ones brings in (16 messages)."""
+_RESERVATION_HALF_LIFE_S = 5.0  # a large message is expected again for some seconds
 
 
 @dataclass(frozen=True)
@@ -52,12 +64,13 @@ class AdmissionFigures:
 class Ticket:
     """One admitted call: release it exactly once (``with`` does)."""
 
-    __slots__ = ("_admission", "_started", "nbytes", "_released")
+    __slots__ = ("_admission", "_started", "nbytes", "reading", "_released")
 
     def __init__(self, admission: Admission, started: float) -> None:
         self._admission = admission
         self._started = started
         self.nbytes = 0
+        self.reading = True  # until its message's size is known (add_bytes)
         self._released = False
 
     def __enter__(self) -> Ticket:
@@ -83,9 +96,12 @@ class Admission:
         self.max_bytes = max_bytes
         self._clock = clock
         self._calls = 0
+        self._readers = 0
         self._bytes = 0
         self._refused = 0
         self._held_s = _MIN_RETRY_S
+        self._expected_bytes = float(_MIN_RESERVATION)
+        self._expected_at = clock()
         self._draining = False
         self._idle: asyncio.Event | None = None
 
@@ -99,23 +115,45 @@ class Admission:
             )
         if self._calls >= self.max_calls:
             self._refuse(f"{self._calls} calls held (server.max_in_flight_calls)")
-        if self._calls and self._bytes >= self.max_bytes:
-            self._refuse(f"{self._bytes} request bytes held (server.max_in_flight_bytes)")
-        self._calls += 1
-        if self._idle is not None:
-            self._idle.clear()
-        return Ticket(self, self._clock())
-
-    def add_bytes(self, ticket: Ticket, nbytes: int) -> None:
-        """Count the read message's ``nbytes`` against the bound, or raise (the ticket
-        stays held until released)."""
-        if self._bytes and self._bytes + nbytes > self.max_bytes:
+        if self._readers >= MAX_READERS:
+            self._refuse(f"{self._readers} calls reading their message")
+        reserve = int(self._expected_bytes)
+        if self._calls and self._bytes + reserve > self.max_bytes:
             self._refuse(
-                f"{self._bytes} request bytes held and this call brings {nbytes} "
+                f"{self._bytes} request bytes held or expected "
                 f"(server.max_in_flight_bytes {self.max_bytes})"
             )
-        ticket.nbytes += nbytes
-        self._bytes += nbytes
+        self._calls += 1
+        self._readers += 1
+        self._bytes += reserve
+        if self._idle is not None:
+            self._idle.clear()
+        ticket = Ticket(self, self._clock())
+        ticket.nbytes = reserve
+        return ticket
+
+    def add_bytes(self, ticket: Ticket, nbytes: int) -> None:
+        """The read message's true size replaces its reservation; raise when the held
+        bytes then pass the bound and other calls are held (the ticket stays held, its
+        bytes counted, until released)."""
+        if ticket.reading:
+            ticket.reading = False
+            self._readers -= 1
+        self._bytes += nbytes - ticket.nbytes
+        ticket.nbytes = nbytes
+        # A maximum that halves every few seconds, not per message: measured, a
+        # per-message decay let the small calls of a mixed load wash out the large ones
+        # between two of them, and 40 large messages were read at once again.
+        now = self._clock()
+        halves = (now - self._expected_at) / _RESERVATION_HALF_LIFE_S
+        decayed = self._expected_bytes * 0.5**halves
+        self._expected_bytes = max(float(_MIN_RESERVATION), float(nbytes), decayed)
+        self._expected_at = now
+        if self._calls > 1 and self._bytes > self.max_bytes:
+            self._refuse(
+                f"{self._bytes} request bytes held with this call's {nbytes} "
+                f"(server.max_in_flight_bytes {self.max_bytes})"
+            )
 
     def _refuse(self, why: str) -> None:
         self._refused += 1
@@ -126,6 +164,8 @@ class Admission:
         )
 
     def _release(self, ticket: Ticket) -> None:
+        if ticket.reading:
+            self._readers -= 1
         self._calls -= 1
         self._bytes -= ticket.nbytes
         held = self._clock() - ticket._started

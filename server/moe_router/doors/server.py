@@ -69,6 +69,10 @@ def grpc_server_options(config: ServiceConfig) -> list[tuple[str, Any]]:
         # Clients balancing over DNS reconnect periodically and find new replicas.
         ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
+        # Off: the transport would otherwise grow each stream's window and read requests
+        # before admission control asked for them (measured: 40 callers of 8 MiB took
+        # the RSS ~200 MiB higher; no difference in time for a 32 MiB call here).
+        ("grpc.http2.bdp_probe", 0),
     ]
 
 

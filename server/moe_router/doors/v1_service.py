@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from grpc_status import rpc_status
@@ -38,7 +38,7 @@ from moe_router.status_mapping import status_entry_for, to_status, trailing_meta
 from moe_router_client.v1 import router_pb2 as pb
 from moe_router_client.v1 import router_pb2_grpc as pb_grpc
 
-__all__ = ["RouterService", "add_router_service", "new_request_id"]
+__all__ = ["Failure", "RouterService", "add_router_service", "failure", "new_request_id"]
 
 log = logging.getLogger("moe_router.doors.v1_service")
 
@@ -55,15 +55,35 @@ def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-async def abort_with_error(
-    context: grpc.aio.ServicerContext, exc: BaseException, request_id: str
-) -> None:
-    """Answer ``exc`` with its status code, bounded message, rich details and, for a
-    refusal that says when to come back, ``grpc-retry-pushback-ms`` (gRPC's retry policy
-    waits that long). Every INTERNAL answer is logged with its request id."""
+class Failure(NamedTuple):
+    """A call's error, kept without its traceback, and the call's request id."""
+
+    error: BaseException
+    request_id: str
+
+
+def failure(exc: BaseException, request_id: str) -> Failure:
+    """Log ``exc`` when it is INTERNAL (with its traceback and the request id), then keep
+    it without tracebacks. A traceback holds the frames of the call, and so its request
+    (8 MiB, say); the abort that answers it makes a cycle (gRPC's call state -> the abort
+    -> its context, our exception -> frames -> the servicer context -> the call state)
+    that only the cyclic GC frees: measured, refused calls kept 250 MiB of requests alive
+    with three calls held."""
     if status_entry_for(exc).code is grpc.StatusCode.INTERNAL:
         log.error("internal error (request id %s)", request_id, exc_info=exc)
-    status = rpc_status.to_status(to_status(exc, request_id))
+    cause: BaseException | None = exc
+    while cause is not None:
+        cause.__traceback__ = None
+        cause = cause.__cause__ or cause.__context__
+    return Failure(exc, request_id)
+
+
+async def abort_with_error(context: grpc.aio.ServicerContext, answered: Failure) -> None:
+    """Answer the failure with its status code, bounded message, rich details and, for a
+    refusal that says when to come back, ``grpc-retry-pushback-ms`` (gRPC's retry policy
+    waits that long)."""
+    exc = answered.error
+    status = rpc_status.to_status(to_status(exc, answered.request_id))
     await context.abort(
         status.code, status.details, (*status.trailing_metadata, *trailing_metadata_for(exc))
     )
@@ -137,34 +157,43 @@ class RouterService(pb_grpc.RouterServiceServicer):
 
     async def _admitted_route(
         self, request: RouteRequestView, context: grpc.aio.ServicerContext, request_id: str
-    ) -> pb.RouteResponse:
+    ) -> pb.RouteResponse | Failure:
         """One RouteStream message, held by admission like a Route call."""
-        with self.admission.enter() as ticket:
-            self.admission.add_bytes(ticket, request.nbytes)
-            return await self._route(request, context, request_id)
+        try:
+            with self.admission.enter() as ticket:
+                self.admission.add_bytes(ticket, request.nbytes)
+                return await self._route(request, context, request_id)
+        except Exception as exc:  # answered by the stream, never kills the server
+            return failure(exc, request_id)
 
-    async def Route(  # noqa: N802
-        self, requests: AsyncIterator[RouteRequestView], context: grpc.aio.ServicerContext
-    ) -> pb.RouteResponse:
-        """Admit the call, then read its one message and route it (see module docstring)."""
+    async def _route_call(self, context: grpc.aio.ServicerContext) -> pb.RouteResponse | Failure:
         request_id = ""
         try:
             ticket = self.admission.enter()
             # Held until the answer has been handed to gRPC, not only computed: a drain
             # that waits for the held calls then never exits before an answer is out.
             context.add_done_callback(lambda _: ticket.release())
-            request = await _one_message(requests)
+            request = await _one_message(context)
             request_id = request_id_of(request) or new_request_id()
             self.admission.add_bytes(ticket, request.nbytes)
             return await self._route(request, context, request_id)
         except Exception as exc:  # mapped to a status, never kills the server
-            await abort_with_error(context, exc, request_id or new_request_id())
-            raise  # unreachable: abort raises
+            return failure(exc, request_id or new_request_id())
+
+    async def Route(  # noqa: N802
+        self, requests: AsyncIterator[RouteRequestView], context: grpc.aio.ServicerContext
+    ) -> pb.RouteResponse:
+        """Admit the call, then read its one message and route it (see module docstring).
+        A failure is answered from this frame, which holds no request (:func:`failure`)."""
+        outcome = await self._route_call(context)
+        if isinstance(outcome, Failure):
+            await abort_with_error(context, outcome)
+        return outcome  # type: ignore[return-value]  # abort raised for a Failure
 
     async def RouteStream(  # noqa: N802
         self, request_iterator: AsyncIterator[RouteRequestView], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RouteResponse]:
-        pending: asyncio.Queue[tuple[str, asyncio.Task[pb.RouteResponse]] | None] = (
+        pending: asyncio.Queue[asyncio.Task[pb.RouteResponse | Failure] | None] = (
             asyncio.Queue(_STREAM_WINDOW)
         )
 
@@ -172,28 +201,26 @@ class RouterService(pb_grpc.RouterServiceServicer):
             try:
                 async for request in request_iterator:
                     request_id = request_id_of(request) or new_request_id()
-                    task = asyncio.ensure_future(
-                        self._admitted_route(request, context, request_id)
+                    await pending.put(
+                        asyncio.ensure_future(self._admitted_route(request, context, request_id))
                     )
-                    await pending.put((request_id, task))
             finally:
                 await pending.put(None)
 
         feeder = asyncio.ensure_future(feed())
         try:
-            while (item := await pending.get()) is not None:
-                request_id, task = item
-                try:
-                    yield await task
-                except Exception as exc:
-                    await abort_with_error(context, exc, request_id)
+            while (task := await pending.get()) is not None:
+                outcome = await task
+                if isinstance(outcome, Failure):
+                    await abort_with_error(context, outcome)
+                yield outcome
             await feeder
         finally:
             feeder.cancel()
             while not pending.empty():
-                item = pending.get_nowait()
-                if item is not None:
-                    item[1].cancel()
+                task = pending.get_nowait()
+                if task is not None:
+                    task.cancel()
 
     async def Stats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
@@ -210,7 +237,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 routers=[router_stats(self.chains[n].figures()) for n in names]
             )
         except Exception as exc:
-            await abort_with_error(context, exc, new_request_id())
+            await abort_with_error(context, failure(exc, new_request_id()))
             raise
 
     async def Health(
@@ -233,7 +260,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 uptime_s=self._clock() - self._started,
             )
         except Exception as exc:
-            await abort_with_error(context, exc, new_request_id())
+            await abort_with_error(context, failure(exc, new_request_id()))
             raise
 
     def _router_health(self, name: str, status: RouterStatus, detail: str) -> pb.RouterHealth:
@@ -256,15 +283,21 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 routers=[describe_router(self.chains[name]) for name in sorted(self.chains)]
             )
         except Exception as exc:
-            await abort_with_error(context, exc, new_request_id())
+            await abort_with_error(context, failure(exc, new_request_id()))
             raise
 
 
-async def _one_message(requests: AsyncIterator[RouteRequestView]) -> RouteRequestView:
-    """The single request message of a unary call read through a stream handler."""
-    async for request in requests:
-        return request
-    raise ValidationError("Route: the call carried no request message")
+async def _one_message(context: grpc.aio.ServicerContext) -> RouteRequestView:
+    """The single request message of a unary call run as a stream handler.
+
+    Read with ``context.read()``, not by iterating the request stream: an ``async for``
+    left by ``return`` leaves grpc's receiving generator suspended on the message it
+    yielded, which kept 8 MiB requests alive until a garbage collection (112 MiB held
+    after 200 sequential calls, measured)."""
+    request = await context.read()
+    if request is grpc.aio.EOF:
+        raise ValidationError("Route: the call carried no request message")
+    return request  # type: ignore[no-any-return]
 
 
 def add_router_service(service: RouterService, server: grpc.aio.Server) -> None:
