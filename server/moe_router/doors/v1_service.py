@@ -212,7 +212,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
             while (task := await pending.get()) is not None:
                 outcome = await task
                 if isinstance(outcome, Failure):
-                    await abort_with_error(context, outcome)
+                    await abort_with_error(context, outcome)  # raises: ends the stream
+                    return
                 yield outcome
             await feeder
         finally:
