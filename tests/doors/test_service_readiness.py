@@ -9,7 +9,8 @@ import asyncio
 from moe_router.doors.admission import Admission
 from moe_router.doors.health import HealthState
 from moe_router.doors.request_wire import parse_route_request
-from moe_router.doors.v1_service import Failure, RouterService
+from moe_router.doors.rpc_errors import Failure
+from moe_router.doors.v1_service import RouterService
 from moe_router.errors import DrainingError, NotFoundError
 from moe_router.status_mapping import status_code_for
 from moe_router_client.v1 import router_pb2 as pb

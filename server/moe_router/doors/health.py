@@ -16,10 +16,14 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import grpc
 from grpc_health.v1 import health, health_pb2
+
+from moe_router.doors.rpc_errors import lenient_handler
 
 __all__ = [
     "ClosableHealthServicer",
+    "add_health_service",
     "HealthState",
     "ROUTER_SERVICE_PREFIX",
     "RouterStatus",
@@ -63,6 +67,24 @@ class ClosableHealthServicer(health.aio.HealthServicer):
     def close_watches(self) -> None:
         """End every open Watch and answer new ones at once (shutdown)."""
         self._closed.set()
+
+
+def add_health_service(servicer: health.aio.HealthServicer, server: grpc.aio.Server) -> None:
+    """Register grpc.health.v1 like grpcio's adder, answering undecodable requests
+    INVALID_ARGUMENT instead of UNKNOWN (:func:`rpc_errors.lenient_handler`)."""
+    request, response = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            servicer.Check, request.FromString, response.SerializeToString
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            servicer.Watch, request.FromString, response.SerializeToString
+        ),
+    }
+    handlers = {name: lenient_handler(h, request.DESCRIPTOR.name) for name, h in handlers.items()}
+    service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 class HealthState:

@@ -6,6 +6,7 @@ the same messages under another package name (the v1 proto was copied from v1alp
 v1 is served by grpcio-reflection's own servicer and message classes, registered under the
 v1 method name, and its file descriptor (v1alpha's, renamed) is added to the descriptor
 pool so that ``grpcurl describe grpc.reflection.v1.ServerReflection`` works as well.
+Undecodable requests answer INVALID_ARGUMENT, as on every method of the server.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Iterable
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from moe_router.doors.rpc_errors import lenient_handler
 
 __all__ = ["V1_SERVICE_NAME", "V1ALPHA_SERVICE_NAME", "enable_reflection"]
 
@@ -55,10 +58,13 @@ def enable_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> 
     _add_v1_descriptor(pool)
     names = (*service_names, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME)
     servicer = reflection.aio.ReflectionServicer(names, pool=pool)
-    handler = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
-        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    handler = lenient_handler(
+        grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        ),
+        reflection_pb2.ServerReflectionRequest.DESCRIPTOR.name,
     )
     for service in (V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME):
         handlers = {"ServerReflectionInfo": handler}

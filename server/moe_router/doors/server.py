@@ -34,7 +34,7 @@ from typing import Any
 
 import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
 from moe_router import __version__
@@ -44,7 +44,12 @@ from moe_router.chain.metrics import RouterMetrics, start_metrics_http_server
 from moe_router.chain.pool import DevicePool
 from moe_router.config import ServiceConfig
 from moe_router.doors.admission import Admission
-from moe_router.doors.health import HealthState, RouterStatus, start_http_health_server
+from moe_router.doors.health import (
+    HealthState,
+    RouterStatus,
+    add_health_service,
+    start_http_health_server,
+)
 from moe_router.doors.reflection import enable_reflection
 from moe_router.doors.security import ApiKeyInterceptor, server_credentials
 from moe_router.doors.v1_service import RouterService, add_router_service
@@ -159,7 +164,7 @@ async def create_server(
         admission=admission,
     )
     add_router_service(service, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    add_health_service(health.servicer, server)
     enable_reflection(
         (
             pb.DESCRIPTOR.services_by_name["RouterService"].full_name,

@@ -12,20 +12,24 @@ admission refuses is answered without its payload ever being read into memory.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, NamedTuple
 
 import grpc
-from grpc_status import rpc_status
 
 from moe_router.chain.alerts import AlertMonitor
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.admission import Admission
 from moe_router.doors.health import HealthState, RouterStatus
 from moe_router.doors.request_wire import RouteRequestView, parse_route_request
+from moe_router.doors.rpc_errors import (
+    Failure,
+    abort_with_error,
+    decoded,
+    failure,
+    lenient,
+    new_request_id,
+)
 from moe_router.doors.v1_convert import (
     describe_router,
     request_id_of,
@@ -34,13 +38,10 @@ from moe_router.doors.v1_convert import (
     router_stats,
 )
 from moe_router.errors import DrainingError, NotFoundError, ValidationError
-from moe_router.status_mapping import status_entry_for, to_status, trailing_metadata_for
 from moe_router_client.v1 import router_pb2 as pb
 from moe_router_client.v1 import router_pb2_grpc as pb_grpc
 
-__all__ = ["Failure", "RouterService", "add_router_service", "failure", "new_request_id"]
-
-log = logging.getLogger("moe_router.doors.v1_service")
+__all__ = ["RouterService", "add_router_service"]
 
 _STREAM_WINDOW = 8  # RouteStream requests in flight at once; answers still go out in order
 _SERVING = {
@@ -48,75 +49,6 @@ _SERVING = {
     RouterStatus.NOT_SERVING: pb.NOT_SERVING,
     RouterStatus.DEGRADED: pb.DEGRADED,
 }
-
-
-def new_request_id() -> str:
-    """A fresh request id (16 hex digits) for a call that did not bring one."""
-    return uuid.uuid4().hex[:16]
-
-
-class Failure(NamedTuple):
-    """A call's error, kept without its traceback, and the call's request id."""
-
-    error: BaseException
-    request_id: str
-
-
-def failure(exc: BaseException, request_id: str) -> Failure:
-    """Log ``exc`` when it is INTERNAL (with its traceback and the request id), then keep
-    it without tracebacks. A traceback holds the frames of the call, and so its request
-    (8 MiB, say); the abort that answers it makes a cycle (gRPC's call state -> the abort
-    -> its context, our exception -> frames -> the servicer context -> the call state)
-    that only the cyclic GC frees: measured, refused calls kept 250 MiB of requests alive
-    with three calls held."""
-    if status_entry_for(exc).code is grpc.StatusCode.INTERNAL:
-        log.error("internal error (request id %s)", request_id, exc_info=exc)
-    cause: BaseException | None = exc
-    while cause is not None:
-        cause.__traceback__ = None
-        cause = cause.__cause__ or cause.__context__
-    return Failure(exc, request_id)
-
-
-async def abort_with_error(context: grpc.aio.ServicerContext, answered: Failure) -> None:
-    """Answer the failure with its status code, bounded message, rich details and, for a
-    refusal that says when to come back, ``grpc-retry-pushback-ms`` (gRPC's retry policy
-    waits that long)."""
-    exc = answered.error
-    status = rpc_status.to_status(to_status(exc, answered.request_id))
-    await context.abort(
-        status.code, status.details, (*status.trailing_metadata, *trailing_metadata_for(exc))
-    )
-
-
-class _Undecodable:
-    """What a lenient deserializer returns for bytes that are not its message."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-
-def _lenient(message_type: Any) -> Callable[[bytes], Any]:
-    """``message_type.FromString`` that returns :class:`_Undecodable` instead of raising,
-    so undecodable bytes answer INVALID_ARGUMENT (gRPC would answer UNKNOWN)."""
-    name = message_type.DESCRIPTOR.name
-
-    def parse(raw: bytes) -> Any:
-        try:
-            return message_type.FromString(raw)
-        except Exception as exc:  # noqa: BLE001 - any decode failure is the caller's
-            return _Undecodable(f"malformed {name}: {exc}")
-
-    return parse
-
-
-def _decoded(request: Any) -> Any:
-    """The request, or the caller's ValidationError when its bytes were undecodable."""
-    if isinstance(request, _Undecodable):
-        raise ValidationError(request.error)
-    return request
 
 
 class RouterService(pb_grpc.RouterServiceServicer):
@@ -227,7 +159,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatsResponse:  # noqa: N802
         try:
-            request = _decoded(request)
+            request = decoded(request)
             names = [request.router] if request.router else sorted(self.chains)
             for name in names:
                 if name not in self.chains:
@@ -245,7 +177,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
     ) -> pb.HealthResponse:  # noqa: N802
         try:
-            _decoded(request)
+            decoded(request)
             routers = [
                 self._router_health(name, status, detail)
                 for name, (status, detail) in sorted(self.health.routers().items())
@@ -279,7 +211,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
         self, request: pb.ListRoutersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRoutersResponse:
         try:
-            _decoded(request)
+            decoded(request)
             return pb.ListRoutersResponse(
                 routers=[describe_router(self.chains[name]) for name in sorted(self.chains)]
             )
@@ -326,7 +258,7 @@ def add_router_service(service: RouterService, server: grpc.aio.Server) -> None:
     ):
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             getattr(service, name),
-            request_deserializer=_lenient(request_type),
+            request_deserializer=lenient(request_type.FromString, request_type.DESCRIPTOR.name),
             response_serializer=response_type.SerializeToString,
         )
     service_name = pb.DESCRIPTOR.services_by_name["RouterService"].full_name
