@@ -28,7 +28,7 @@ BASE_IMAGE_ARG := $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE),)
 # moe_router.config.environment.MALLOC_TUNING. glibc ignores an mmap threshold above 32 MiB.
 MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=67108864
 
-.PHONY: install serve test bench proto lint image clean
+.PHONY: install serve test fuzz bench proto lint image clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ serve: install
 test: install
 	$(PY) scripts/install_prometheus.py || true
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The fuzz suite at full budget (9 categories x 7,000 examples: over 50,000 calls to a real
+# server) and the SIGTERM / rolling-restart scenarios over 10 runs each.
+fuzz: install
+	MOE_ROUTER_FUZZ_EXAMPLES=7000 MOE_ROUTER_DRAIN_RUNS=10 $(PY) -m pytest -q -s \
+		-p no:cacheprovider tests/doors/test_fuzz.py tests/doors/test_drain.py
 
 bench: install
 	env $(MALLOC_ENV) $(PY) -m moe_router bench --preset default

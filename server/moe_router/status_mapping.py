@@ -24,6 +24,9 @@ from moe_router import errors
 
 __all__ = [
     "ERROR_DOMAIN",
+    "MAX_MESSAGE_BYTES",
+    "bounded_message",
+    "trailing_metadata_for",
     "StatusEntry",
     "STATUS_TABLE",
     "status_entry_for",
@@ -33,6 +36,12 @@ __all__ = [
 ]
 
 ERROR_DOMAIN = "moe-router"
+
+MAX_MESSAGE_BYTES = 1024
+"""Longest status message sent, in UTF-8 bytes. The message travels twice in the
+trailers (``grpc-message``, percent-encoded, and inside ``grpc-status-details-bin``), and
+a client refuses trailers past its metadata limit (8 KiB by default): a message echoing a
+100,000-character router name reached the caller as RESOURCE_EXHAUSTED "Stream removed"."""
 
 
 class StatusEntry(NamedTuple):
@@ -89,22 +98,51 @@ def reason_for(exc: BaseException) -> str:
     return status_entry_for(exc).reason
 
 
+def bounded_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``message`` cut in its middle to at most ``limit`` UTF-8 bytes: its start (what
+    was wrong) and its end (what was expected) stay, the echoed middle goes."""
+    encoded = message.encode("utf-8", "replace")
+    if len(encoded) <= limit:
+        return message
+    keep = limit - 40  # room for the marker
+    head = encoded[: keep * 2 // 3].decode("utf-8", "ignore")
+    tail = encoded[len(encoded) - keep // 3 :].decode("utf-8", "ignore")
+    cut = len(encoded) - len(head.encode()) - len(tail.encode())
+    return f"{head} ... [{cut} bytes cut] ... {tail}"
+
+
+_MIN_PUSHBACK_MS = 5  # grpcio 1.85's retry waited for the deadline on a pushback of 0 ms
+
+
+def trailing_metadata_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """``grpc-retry-pushback-ms`` for a refusal that says when to come back: gRPC's
+    retry policy (the client retries UNAVAILABLE) then waits exactly that long instead
+    of its own backoff (at least 5 ms: measured, a pushback of 0 made the retried call
+    hang until its deadline)."""
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is None:
+        return ()
+    milliseconds = max(_MIN_PUSHBACK_MS, int(max(0.0, float(retry_after_s)) * 1000))
+    return (("grpc-retry-pushback-ms", str(milliseconds)),)
+
+
 def to_status(exc: BaseException, request_id: str = "") -> status_pb2.Status:
     """A rich ``google.rpc.Status`` for ``exc``: code, message, ErrorInfo and RetryInfo.
 
     The handler aborts with it:
     ``await context.abort_with_status(rpc_status.to_status(to_status(exc, rid)))``.
-    Errors we raise on purpose send their message; unexpected exceptions send only
-    "internal error" and the request id (their text stays in the server log).
+    Errors we raise on purpose send their message, cut to :data:`MAX_MESSAGE_BYTES`;
+    unexpected exceptions send only "internal error" and the request id (their text stays
+    in the server log).
     """
     entry = status_entry_for(exc)
     ours = isinstance(exc, errors.DynamicMoEError)
     message = (str(exc) or type(exc).__name__) if ours else "internal error"
     metadata = {"error": type(exc).__name__} if ours else {}
     if request_id:
-        message = f"{message} (request id {request_id})"
+        message = f"{bounded_message(message)} (request id {request_id})"
         metadata["request_id"] = request_id
-    status = status_pb2.Status(code=_code_number(entry.code), message=message)
+    status = status_pb2.Status(code=_code_number(entry.code), message=bounded_message(message))
     info = error_details_pb2.ErrorInfo(reason=entry.reason, domain=ERROR_DOMAIN, metadata=metadata)
     status.details.add().Pack(info)
     retry_after_s = getattr(exc, "retry_after_s", None)

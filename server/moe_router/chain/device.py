@@ -81,7 +81,10 @@ class DeviceExecutor:
 
     ``layers[i]`` routes MoE layer ``i``; ``versions[i]`` names its weights. As a
     Backend it routes each call in a pass of its own (batching off); the batcher drives
-    it through :meth:`admit` and :meth:`run_pass` instead.
+    it through :meth:`admit` and :meth:`run_pass` instead. ``merge_calls=False`` keeps
+    every call in a pass of its own even under the batcher: on a CPU with more than one
+    torch intra-op thread a merged pass is not bit-identical to routing alone (the BLAS
+    splits one block's matmul between threads but gives several blocks a thread each).
     """
 
     def __init__(
@@ -91,6 +94,8 @@ class DeviceExecutor:
         versions: Sequence[str],
         device: torch.device,
         pool: Executor,
+        *,
+        merge_calls: bool = True,
     ) -> None:
         self.name = name
         self.layers = tuple(layers)
@@ -99,7 +104,10 @@ class DeviceExecutor:
         self.pool = pool
         first = self.layers[0]
         # Every layer of a router has the same class and config: judge once, at load.
-        self._may_batch = not (first.couples_tokens_now or first.stateful or first.stochastic)
+        self._may_batch = merge_calls and not (
+            first.couples_tokens_now or first.stateful or first.stochastic
+        )
+        self._needs_inputs = bool(first.required_estimator_inputs)
         self._count_lock = threading.Lock()
         self._passes = 0
         self._calls = 0
@@ -120,11 +128,9 @@ class DeviceExecutor:
         router = self.layers[layer]
         flat, lead = router.validate(call.hidden_states, name=self.name)
         extra = call.options.extra_inputs
-        if extra and not router.accepts_estimator_inputs:
-            raise ValidationError(
-                f"router '{self.name}' takes no estimator inputs "
-                f"({', '.join(sorted(extra))}); only dynamic and "
-                "adaptive routers use attention_weights, logits or gradients"
+        if extra or self._needs_inputs:
+            router.check_estimator_inputs(
+                lead, {name: tuple(t.shape) for name, t in extra.items()}, f"router '{self.name}'"
             )
         input_ids = call.options.input_ids
         if isinstance(router, HashRouter):
@@ -176,26 +182,27 @@ class DeviceExecutor:
         ]
 
     def _refusal(self, admitted: AdmittedCall, now: float) -> DynamicMoEError | None:
-        """Why the call must not run (deadline passed, non-finite input), or None.
+        """Why the call must not run (deadline passed, values it cannot route), or None.
 
-        Non-finite values are found through one fp32 sum (any NaN or Inf makes it
-        non-finite; measured ~25x cheaper than ``isfinite(x).all()`` on [8192, 4096]),
-        and counted only on that error path.
+        Values are judged through one fp32 sum of squares per input (as cheap as a sum,
+        measured ~25x cheaper than ``isfinite(x).all()`` on [8192, 4096]): it is
+        non-finite for any NaN or Inf, and also for finite values so large that the
+        router's own sums overflow float32 (hidden states of 3e38 made the gate logits
+        infinite and the estimators fail). What was wrong is counted only on that path.
         """
         deadline = admitted.call.deadline
         if deadline is not None and now >= deadline:
             return DeadlineExceededError(
                 f"deadline passed before router '{self.name}' could start the call"
             )
-        hidden = admitted.flat
-        if hidden.numel() and not torch.isfinite(hidden.sum(dtype=torch.float32)):
-            bad = int((~torch.isfinite(hidden)).sum())
-            if bad:
-                return ValidationError(
-                    f"hidden_states contains {bad} non-finite values (NaN or Inf); "
-                    "expected finite numbers"
-                )
-        return None
+        problem = _value_problem("hidden_states", admitted.flat)
+        for name, values in admitted.call.options.extra_inputs.items():
+            if problem is not None:
+                break
+            problem = _value_problem(name, values) or admitted.router.estimator_value_problem(
+                name, values
+            )
+        return None if problem is None else ValidationError(problem)
 
     def _forward(self, admitted: Sequence[AdmittedCall]) -> list[RouterOutput]:
         router = admitted[0].router
@@ -247,6 +254,31 @@ class DeviceExecutor:
             raise answer
         return answer
 
+    @property
+    def merges_calls(self) -> bool:
+        """Whether calls of this router may share a device pass."""
+        return self._may_batch
+
     def stats(self) -> DeviceFigures:
         """Where this router runs and the passes made so far."""
         return DeviceFigures(str(self.device), len(self.layers), self._passes, self._calls)
+
+
+_NORM_BOUND = 1.8e19  # sqrt of float32's largest value: past it the sum of squares overflows
+
+
+def _value_problem(name: str, values: torch.Tensor) -> str | None:
+    """Why ``values`` cannot be routed (non-finite, or too large for float32 sums), or None."""
+    if not values.numel() or not values.is_floating_point():
+        return None
+    flat = values.reshape(-1)
+    if torch.isfinite(torch.linalg.vector_norm(flat, dtype=torch.float32)):
+        return None
+    bad = int((~torch.isfinite(flat)).sum())
+    if bad:
+        return f"{name} contains {bad} non-finite values (NaN or Inf); expected finite numbers"
+    largest = float(flat.abs().max())
+    return (
+        f"{name} values are too large to route in float32 (largest magnitude {largest:.3g}); "
+        f"expected an L2 norm below {_NORM_BOUND:.2g}"
+    )

@@ -45,10 +45,7 @@ class HostedRouterChain:
     @property
     def batches_across_requests(self) -> bool:
         """Whether concurrent calls of this router may share a device pass."""
-        first = self.hosted.layers[0]
-        return self.batcher is not None and not (
-            first.couples_tokens_now or first.stateful or first.stochastic
-        )
+        return self.batcher is not None and self.executor.merges_calls
 
     def figures(self) -> RouterFigures:
         """Every stage's figures now."""
@@ -82,7 +79,12 @@ def build_chain(
     """
     spec = hosted.spec
     name = spec.name
-    executor = DeviceExecutor(name, hosted.layers, hosted.versions, hosted.device, pool)
+    # Merged passes are bit-identical to routing alone with one intra-op thread on a CPU
+    # (see DeviceExecutor); create_server sets torch's threads from the same key.
+    merge_calls = hosted.device.type != "cpu" or config.server.intra_op_threads == 1
+    executor = DeviceExecutor(
+        name, hosted.layers, hosted.versions, hosted.device, pool, merge_calls=merge_calls
+    )
     first = hosted.layers[0]
     chain: Backend = executor
     batcher = None

@@ -161,6 +161,7 @@ def _build_service(merged: Mapping[str, Any], ctx: Context) -> ServiceConfig:
         if key not in settable(ServiceConfig):
             ctx.unknown(str(key), key, settable(ServiceConfig) | {"router"})
     server = build(ServerConfig, merged.get("server"), "server", ctx)
+    _check_server(server, ctx)
     cache_ = build(CacheConfig, merged.get("cache"), "cache", ctx)
     breaker = build(BreakerConfig, merged.get("breaker"), "breaker", ctx)
     _check_breaker(breaker, ctx)
@@ -192,6 +193,16 @@ def _build_service(merged: Mapping[str, Any], ctx: Context) -> ServiceConfig:
     )
     _check_ports(config, ctx)
     return config
+
+
+def _check_server(server: ServerConfig, ctx: Context) -> None:
+    if server.max_concurrent_rpcs <= server.max_in_flight_calls:
+        ctx.fail(
+            "server.max_concurrent_rpcs",
+            f"must be > server.max_in_flight_calls ({server.max_in_flight_calls}), got "
+            f"{server.max_concurrent_rpcs}; otherwise gRPC refuses overload with its own "
+            "bare 'Concurrent RPC limit exceeded!' before the server can say when to retry",
+        )
 
 
 def _check_breaker(breaker: BreakerConfig, ctx: Context) -> None:

@@ -91,13 +91,26 @@ class ServerConfig:
                          env="DYNAMIC_MOE_DEVICE", pattern=r"auto|cpu|cuda(:[0-9]+)?",
                          pattern_help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     max_message_bytes: int = _field(256 * MiB, "Largest request or response message.", lo=1)
-    max_concurrent_rpcs: int = _field(256, "RPCs in flight before new ones are refused.", lo=1)
+    max_in_flight_calls: int = _field(256, "Route calls (RouteStream messages included) held "
+                                      "at once; more are refused RESOURCE_EXHAUSTED before "
+                                      "their message is read.", lo=1)
+    max_in_flight_bytes: int = _field(512 * MiB, "Request bytes of the Route calls held at "
+                                      "once; a call past it is refused RESOURCE_EXHAUSTED "
+                                      "(one call is always admitted when none is held).", lo=1)
+    max_concurrent_rpcs: int = _field(4096, "gRPC's own bound on every RPC at once (health "
+                                      "watches and Stats too); must exceed "
+                                      "max_in_flight_calls.", lo=2)
     max_connection_age_s: float = _field(300.0, "Connections are recycled after this age.",
                                          gt=0)
     max_connection_age_grace_s: float = _field(30.0, "Grace for calls on a recycled "
                                                "connection.", lo=0)
-    drain_grace_s: float = _field(20.0, "On SIGTERM, in-flight calls get this long to finish.",
-                                  lo=0)
+    drain_delay_s: float = _field(0.0, "On SIGTERM, health turns NOT_SERVING and calls are "
+                                  "still served this long (for load balancers to notice), "
+                                  "before new calls are refused.", lo=0)
+    drain_grace_s: float = _field(20.0, "Then in-flight calls get this long to finish.", lo=0)
+    intra_op_threads: int = _field(1, "torch intra-op threads of the process (each device "
+                                   "pass). 1 keeps merged passes bit-identical to routing "
+                                   "alone; with more, CPU calls are never merged.", lo=1)
     max_workers: int = _field(4, "Device executor threads.", env="DYNAMIC_MOE_MAX_WORKERS",
                               lo=1)
     log_level: LogLevel = _field("INFO", "Logging level name.", env="DYNAMIC_MOE_LOG_LEVEL")

@@ -9,14 +9,26 @@ grpc.health.v1 name NOT_SERVING, never the overall one.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
+import grpc
 from grpc_health.v1 import health, health_pb2
 
-__all__ = ["RouterStatus", "HealthState", "start_http_health_server", "ROUTER_SERVICE_PREFIX"]
+from moe_router.doors.rpc_errors import lenient_handler
+
+__all__ = [
+    "ClosableHealthServicer",
+    "add_health_service",
+    "HealthState",
+    "ROUTER_SERVICE_PREFIX",
+    "RouterStatus",
+    "start_http_health_server",
+]
 
 ROUTER_SERVICE_PREFIX = "moe_router.v1.RouterService/"
 _OVERALL = ("", "moe_router.v1.RouterService")
@@ -30,11 +42,56 @@ class RouterStatus(enum.Enum):
     DEGRADED = "DEGRADED"
 
 
+class ClosableHealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 whose Watch streams end (status OK) once :meth:`close_watches` is
+    called. grpcio's servicer keeps every Watch open until the server's grace runs out,
+    so one watching client held a drained server for the whole ``drain_grace_s`` and its
+    cancellation was logged as a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed = asyncio.Event()
+
+    async def Watch(self, request: Any, context: Any) -> None:  # noqa: N802 (gRPC's name)
+        if self._closed.is_set():
+            return
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait((watch, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watch, closed):
+                task.cancel()
+            await asyncio.gather(watch, closed, return_exceptions=True)
+
+    def close_watches(self) -> None:
+        """End every open Watch and answer new ones at once (shutdown)."""
+        self._closed.set()
+
+
+def add_health_service(servicer: health.aio.HealthServicer, server: grpc.aio.Server) -> None:
+    """Register grpc.health.v1 like grpcio's adder, answering undecodable requests
+    INVALID_ARGUMENT instead of UNKNOWN (:func:`rpc_errors.lenient_handler`)."""
+    request, response = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            servicer.Check, request.FromString, response.SerializeToString
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            servicer.Watch, request.FromString, response.SerializeToString
+        ),
+    }
+    handlers = {name: lenient_handler(h, request.DESCRIPTOR.name) for name, h in handlers.items()}
+    service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
 class HealthState:
     """Owns every status and pushes changes to the grpc.health.v1 servicer."""
 
     def __init__(self, routers: list[str]) -> None:
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = ClosableHealthServicer()
         self._lock = threading.Lock()
         self._ready = False
         self._draining = False
@@ -69,7 +126,6 @@ class HealthState:
     async def mark_draining(self) -> None:
         """Shutdown began: every name NOT_SERVING, before in-flight calls finish."""
         with self._lock:
-            self._ready = False
             self._draining = True
         await self.publish()
         await self.servicer.enter_graceful_shutdown()
@@ -85,6 +141,11 @@ class HealthState:
     def ready(self) -> bool:
         """True once loaded and until draining starts."""
         return self._ready and not self._draining
+
+    @property
+    def loaded(self) -> bool:
+        """True once every router has loaded (also while draining)."""
+        return self._ready
 
     @property
     def draining(self) -> bool:

@@ -31,10 +31,10 @@ from moe_router.doors.oip_convert import (
     result_to_response,
 )
 from moe_router.doors.oip_models import model_metadata, resolve_model
+from moe_router.doors.rpc_errors import abort_with_error, failure, new_request_id
 from moe_router.doors.security import caller_identity
 from moe_router.doors.shm_regions import SharedMemoryRegistry
 from moe_router.doors.v1_convert import peer_host
-from moe_router.doors.v1_service import abort_with_error
 from moe_router.errors import DrainingError, DynamicMoEError, NotFoundError
 from moe_router.status_mapping import to_status
 from moe_router_client.inference import grpc_service_pb2 as oip
@@ -113,7 +113,7 @@ class OipService:
                 )
             return model_metadata(request.name, ref, chain)
         except Exception as exc:
-            await abort_with_error(context, exc)
+            await abort_with_error(context, failure(exc, new_request_id()))
             raise
 
     # ------------------------------------------------------------------ inference
@@ -146,7 +146,7 @@ class OipService:
         try:
             return await self._infer(request, context)
         except Exception as exc:  # mapped to a status, never kills the server
-            await abort_with_error(context, exc, request.message.id)
+            await abort_with_error(context, failure(exc, request.message.id or new_request_id()))
             raise  # unreachable: abort raises
 
     async def ModelStreamInfer(  # noqa: N802
@@ -198,7 +198,7 @@ class OipService:
                 model_stats=[model_statistics(n, self.chains[n]) for n in names]
             )
         except Exception as exc:
-            await abort_with_error(context, exc)
+            await abort_with_error(context, failure(exc, new_request_id()))
             raise
 
     # ------------------------------------------------------------------ shared memory
@@ -216,7 +216,7 @@ class OipService:
                 )
             return response
         except Exception as exc:
-            await abort_with_error(context, exc)
+            await abort_with_error(context, failure(exc, new_request_id()))
             raise
 
     async def SystemSharedMemoryRegister(  # noqa: N802
@@ -227,7 +227,7 @@ class OipService:
                                   owner=caller_identity())
             return oip.SystemSharedMemoryRegisterResponse()
         except Exception as exc:
-            await abort_with_error(context, exc)
+            await abort_with_error(context, failure(exc, new_request_id()))
             raise
 
     async def SystemSharedMemoryUnregister(  # noqa: N802

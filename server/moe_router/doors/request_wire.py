@@ -50,11 +50,13 @@ class RouteRequestView:
 
     ``error`` is set (and the rest empty) when the bytes are not a RouteRequest, so the
     handler can answer INVALID_ARGUMENT instead of gRPC's generic deserialization error.
+    ``nbytes``: the size of the received message (what admission control counts).
     """
 
     message: pb.RouteRequest
     tensors: dict[str, TensorView] = field(default_factory=dict)
     error: str = ""
+    nbytes: int = 0
 
 
 def parse_route_request(raw: bytes) -> RouteRequestView:
@@ -80,8 +82,9 @@ def parse_route_request(raw: bytes) -> RouteRequestView:
                 rest.append(view[start:pos])
         message = pb.RouteRequest.FromString(b"".join(rest))
     except Exception as exc:  # any decoding failure is the caller's malformed request
-        return RouteRequestView(pb.RouteRequest(), {}, f"malformed RouteRequest: {exc}")
-    return RouteRequestView(message, tensors)
+        return RouteRequestView(pb.RouteRequest(), {}, f"malformed RouteRequest: {exc}",
+                                len(raw))
+    return RouteRequestView(message, tensors, "", len(raw))
 
 
 def _tensor(view: memoryview) -> TensorView:

@@ -7,8 +7,8 @@ values (:class:`RouteResult`, :class:`RouterFigures`, the hosted router).
 
 from __future__ import annotations
 
+import math
 import time
-import uuid
 from collections.abc import Mapping
 
 import grpc
@@ -20,20 +20,35 @@ from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.request_wire import RouteRequestView, TensorView
 from moe_router.doors.security import caller_identity
 from moe_router.errors import NotFoundError, ValidationError
-from moe_router_client.tensors import TensorCodecError, from_parts, to_wire
+from moe_router_client.tensors import TensorCodecError, dtype_name, from_parts, to_wire
 from moe_router_client.v1 import router_pb2 as pb
 
 __all__ = [
     "ACCEPTED_DTYPES",
+    "MAX_CLAIMED_ELEMENTS",
+    "MAX_RANK",
+    "MAX_REQUEST_ID_CHARS",
     "describe_router",
     "peer_host",
+    "request_id_of",
     "request_to_call",
     "result_to_response",
     "router_stats",
 ]
 
 ACCEPTED_DTYPES = (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16)
-"""Wire dtypes hidden_states may have."""
+"""Wire dtypes hidden_states (and the estimator inputs) may have."""
+
+MAX_RANK = 8
+"""Most dimensions a request tensor may have (hidden_states has 2 or 3)."""
+
+MAX_CLAIMED_ELEMENTS = 1 << 40
+"""Most elements a tensor's shape may claim, counting only its non-zero dimensions: an
+empty tensor of shape [2^62, 2^62, 0] holds nothing but no tensor library can describe
+it, so it is refused here, at the edge, instead of failing deep inside."""
+
+MAX_REQUEST_ID_CHARS = 128
+"""Longest request id a caller may send (it is echoed in answers and logs)."""
 
 _EXTRA_INPUTS = ("attention_weights", "logits", "gradients")
 
@@ -45,22 +60,59 @@ def peer_host(peer: str) -> str:
     return head if sep and tail.isdigit() else peer
 
 
-def _decode(tensor: TensorView, field: str) -> torch.Tensor:
+def _decode(tensor: TensorView, field: str, float_only: bool = False) -> torch.Tensor:
+    shape = tensor.shape
+    if len(shape) > MAX_RANK:
+        raise ValidationError(
+            f"{field}: shape has {len(shape)} dimensions; at most {MAX_RANK}"
+        )
+    if any(dim < 0 for dim in shape):
+        raise ValidationError(f"{field}: shape {list(shape)} has a negative dimension")
+    claimed = math.prod(dim for dim in shape if dim)
+    if claimed > MAX_CLAIMED_ELEMENTS:
+        raise ValidationError(
+            f"{field}: shape {list(shape)} claims {claimed} elements (the product of its "
+            f"non-zero dimensions); at most {MAX_CLAIMED_ELEMENTS}"
+        )
+    if float_only and tensor.dtype not in ACCEPTED_DTYPES:
+        raise ValidationError(
+            f"{field}: dtype {dtype_name(tensor.dtype)} is not accepted; expected FLOAT32, "
+            "FLOAT16 or BFLOAT16"
+        )
     try:
-        return from_parts(tensor.dtype, tensor.shape, tensor.data, as_torch=True)
+        return from_parts(tensor.dtype, shape, tensor.data, as_torch=True)
     except TensorCodecError as exc:
         raise ValidationError(f"{field}: {exc}") from exc
+
+
+def request_id_of(request: RouteRequestView) -> str:
+    """The caller's request id when it is usable (at most MAX_REQUEST_ID_CHARS printable
+    characters), else "" (the server then makes one up)."""
+    request_id = request.message.request_id
+    if len(request_id) <= MAX_REQUEST_ID_CHARS and request_id.isprintable():
+        return request_id
+    return ""
 
 
 def request_to_call(
     request: RouteRequestView,
     chains: Mapping[str, HostedRouterChain],
     context: grpc.aio.ServicerContext,
+    request_id: str,
 ) -> RouteCall:
-    """Decode a RouteRequest into a RouteCall; tensors stay views of the received bytes."""
+    """Decode a RouteRequest into a RouteCall; tensors stay views of the received bytes.
+
+    ``request_id``: the call's id (the caller's, or one the server made up), used in
+    the answer and in every error.
+    """
     if request.error:
         raise ValidationError(request.error)
     message = request.message
+    if message.request_id and request_id != message.request_id:
+        raise ValidationError(
+            f"request_id: at most {MAX_REQUEST_ID_CHARS} printable characters, got "
+            f"{len(message.request_id)} characters"
+        )
     if not message.router:
         raise ValidationError(f"router: required; this server hosts {sorted(chains)}")
     if message.router not in chains:
@@ -72,7 +124,7 @@ def request_to_call(
             "hidden_states: required, a [tokens, dim] or [batch, seq, dim] tensor"
         )
     extra = {
-        name: _decode(request.tensors[name], name)
+        name: _decode(request.tensors[name], name, float_only=True)
         for name in _EXTRA_INPUTS
         if name in request.tensors
     }
@@ -92,7 +144,7 @@ def request_to_call(
             input_ids=input_ids,
         ),
         deadline=None if remaining is None else time.monotonic() + remaining,
-        request_id=message.request_id or uuid.uuid4().hex[:16],
+        request_id=request_id,
         peer=caller_identity() or peer_host(context.peer()),
     )
 

@@ -165,13 +165,14 @@ def warm_up(hosted: dict[str, HostedRouter]) -> None:
     The first pass through a kernel pays for its set-up (measured in-process here: 7.8 ms
     for the default mixtral's first 4-token call, 0.4 ms for the next); the warm-up
     keeps that off the first real callers. Stateful routers are skipped (a warm-up call
-    would move their balancing state) and statistics are reset afterwards.
+    would move their balancing state), and so are routers whose estimator needs inputs
+    the warm-up has not got; statistics are reset afterwards.
     """
     with torch.inference_mode():
         for router in hosted.values():
             for layer in router.layers:
-                if layer.stateful or layer.stochastic:
-                    continue
+                if layer.stateful or layer.stochastic or layer.required_estimator_inputs:
+                    continue  # (a call without its attention_weights would fail)
                 sample = torch.zeros(16, layer.hidden_size, device=router.device)
                 ids = {"input_ids": torch.zeros(16, dtype=torch.int64, device=router.device)}
                 layer(sample, **(ids if layer.takes_input_ids else {}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
@@ -175,6 +176,37 @@ class DynamicRouter(RouterBase):
     def stochastic(self) -> bool:
         """True when routing noise is drawn (``noise_factor`` > 0)."""
         return self.noise_factor > 0 or super().stochastic
+
+    @property
+    def required_estimator_inputs(self) -> tuple[str, ...]:
+        """The estimator's required inputs (``attention_weights`` for attention_entropy)."""
+        return self.estimator.requires
+
+    def check_estimator_inputs(
+        self, lead: tuple[int, ...], shapes: Mapping[str, tuple[int, ...]], who: str
+    ) -> None:
+        """The estimator's contract (``reads``, ``requires``, ``input_problem``), checked
+        before the call runs so that a wrong input is the caller's error."""
+        estimator = self.estimator
+        reads = estimator.reads
+        if reads is None:  # a custom estimator checks its inputs itself
+            return
+        named = f"{who} ({estimator.name})"
+        for name in sorted(shapes):
+            if name not in reads:
+                uses = ", ".join(reads) if reads else "no estimator inputs"
+                raise ValidationError(f"{named} does not read {name}; it reads {uses}")
+        for name in estimator.requires:
+            if name not in shapes:
+                raise ValidationError(f"{named} needs {name}; the request has none")
+        for name, shape in sorted(shapes.items()):
+            problem = estimator.input_problem(name, shape, lead, self.hidden_size)
+            if problem is not None:
+                raise ValidationError(f"{named}: {problem}")
+
+    def estimator_value_problem(self, name: str, values: torch.Tensor) -> str | None:
+        """The estimator's check of input values (e.g. negative attention weights)."""
+        return self.estimator.value_problem(name, values)
 
     def complexity_offset(self) -> torch.Tensor | float:
         """Added to complexity (``top_k``) or to ``top_p`` (``threshold``); 0 here."""

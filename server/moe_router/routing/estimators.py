@@ -98,6 +98,10 @@ class ComplexityEstimator(ABC):
 
     stateful: bool = False
     couples_tokens: bool = False
+    #: The keyword tensors it reads (None: unknown, e.g. a custom estimator, which then
+    #: checks whatever it gets itself); ``requires``: those it cannot score without.
+    reads: tuple[str, ...] | None = None
+    requires: tuple[str, ...] = ()
 
     def __init__(self, normalize: bool = True, epsilon: float = 1e-8) -> None:
         if not isinstance(normalize, bool):
@@ -113,6 +117,20 @@ class ComplexityEstimator(ABC):
     @abstractmethod
     def estimate(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Scores ``[B, S]`` for hidden states ``[B, S, D]`` (``[T]`` for ``[T, D]``)."""
+
+    # ----------------------------------------------------------------- input contract
+    def input_problem(
+        self, name: str, shape: tuple[int, ...], lead: tuple[int, ...], dim: int
+    ) -> str | None:
+        """Why input ``name`` of ``shape`` does not fit hidden states [*lead, dim], or
+        None. The serving layer asks before the call runs, so a caller's wrong shape is
+        its own error (INVALID_ARGUMENT), never a failed estimate."""
+        return None
+
+    def value_problem(self, name: str, values: torch.Tensor) -> str | None:
+        """Why the values of input ``name`` cannot be scored, or None (checked with the
+        other value checks, right before the pass)."""
+        return None
 
     # ----------------------------------------------------------------- shared checks
     def _lead_shape(self, hidden_states: torch.Tensor) -> tuple[int, ...]:
@@ -174,6 +192,7 @@ class GradientNormEstimator(ComplexityEstimator):
 
     stateful = True
     couples_tokens = True
+    reads = ("gradients",)
 
     def __init__(
         self, percentile: float = 90.0, smoothing_factor: float = 0.1, **kwargs: Any
@@ -196,6 +215,18 @@ class GradientNormEstimator(ComplexityEstimator):
         self._lock = threading.Lock()
         self.running_low: torch.Tensor | None = None
         self.running_high: torch.Tensor | None = None
+
+    def input_problem(
+        self, name: str, shape: tuple[int, ...], lead: tuple[int, ...], dim: int
+    ) -> str | None:
+        """``gradients`` must have the shape of hidden_states, [*lead, dim]."""
+        expected = (*lead, dim)
+        if shape != expected:
+            return (
+                f"gradients must have the shape of hidden_states {list(expected)}, "
+                f"got {list(shape)}"
+            )
+        return None
 
     def reset(self) -> None:
         """Forget the running percentiles."""
@@ -255,6 +286,9 @@ class AttentionEntropyEstimator(ComplexityEstimator):
     one-hot -> 0); heads are then combined by ``head_aggregation`` (mean|max|min).
     """
 
+    reads = ("attention_weights",)
+    requires = ("attention_weights",)
+
     def __init__(
         self,
         head_aggregation: HeadAggregation | str = "mean",
@@ -266,6 +300,30 @@ class AttentionEntropyEstimator(ComplexityEstimator):
             HeadAggregation, head_aggregation, "head_aggregation"
         )
         self.temperature = _positive_float(temperature, "temperature")
+
+    def input_problem(
+        self, name: str, shape: tuple[int, ...], lead: tuple[int, ...], dim: int
+    ) -> str | None:
+        """[*batch, heads, seq, keys] or [*batch, seq, keys] for hidden [*batch, seq, dim],
+        with at least one head and one key."""
+        batch, seq = lead[:-1], lead[-1]
+        expected = (
+            f"[{', '.join(map(str, batch)) + ', ' if batch else ''}heads, {seq}, keys] or "
+            f"[{', '.join(map(str, batch)) + ', ' if batch else ''}{seq}, keys]"
+        )
+        rank_ok = len(shape) in (len(lead) + 1, len(lead) + 2)
+        if not rank_ok or shape[: len(batch)] != batch or shape[-2] != seq:
+            return f"attention_weights must be {expected}, got {list(shape)}"
+        if 0 in shape[len(batch) :]:
+            return f"attention_weights needs at least one head and one key, got {list(shape)}"
+        return None
+
+    def value_problem(self, name: str, values: torch.Tensor) -> str | None:
+        """Attention weights are non-negative."""
+        negative = int((values < 0).sum())
+        if negative:
+            return f"attention_weights has {negative} negative values; expected probabilities"
+        return None
 
     def estimate(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Scores [B, S] from ``attention_weights`` (required)."""
@@ -327,9 +385,19 @@ class PerplexityProxyEstimator(ComplexityEstimator):
     spread. ``normalize=False`` returns H in nats for both.
     """
 
+    reads = ("logits",)
+
     def __init__(self, temperature: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.temperature = _positive_float(temperature, "temperature")
+
+    def input_problem(
+        self, name: str, shape: tuple[int, ...], lead: tuple[int, ...], dim: int
+    ) -> str | None:
+        """``logits`` are [*lead, vocab] with a vocabulary of at least one."""
+        if len(shape) != len(lead) + 1 or shape[:-1] != lead or shape[-1] < 1:
+            return f"logits must be [{', '.join(map(str, lead))}, vocab], got {list(shape)}"
+        return None
 
     def estimate(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Scores [B, S] from ``logits`` (preferred) or ``router_logits``."""
@@ -363,6 +431,8 @@ class ThresholdEstimator(ComplexityEstimator):
     Gaussian features, lower for a token dominated by a few outliers, 0 for a
     constant token.
     """
+
+    reads = ()
 
     def __init__(
         self,

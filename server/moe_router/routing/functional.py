@@ -62,22 +62,20 @@ def batch_invariant_linear(
     [block_rows, D] problems. Measured here over 608 mixes of shapes, sizes and batch
     mates: with power-of-two blocks a call's rows come out bit-identical whether its
     blocks are multiplied alone or among other calls' blocks of the same size (odd
-    block sizes were not). ``RouterBase.route_many`` relies on that. For T <= 256 the
-    cost is one [B, D] gemm with B < 2T; larger calls match ``F.linear`` within noise.
+    block sizes were not). ``RouterBase.route_many`` relies on that.
+
+    The BLAS kernel's result also depends on where a block starts in memory (a block
+    starting 4 or 8 bytes past a 16-byte boundary came out different in the last bits
+    on this project's CPUs), so every block starts on a 64-byte boundary: when
+    ``block_rows * D`` elements are not a multiple of 64 bytes (small blocks of an odd
+    D) the blocks are laid out with a padded batch stride. For T <= 256 the cost is one
+    [B, D] gemm with B < 2T; larger calls match ``F.linear`` within noise.
     Returns [T, E].
     """
     num_rows, dim = x.shape
     if block_rows is None:
         block_rows = gate_block_rows(num_rows)
-    pad = (-num_rows) % block_rows
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    elif not x.is_contiguous() or x.data_ptr() % _ALIGNMENT:
-        # BLAS kernels treat a misaligned start differently (a tensor viewing a received
-        # message can start anywhere), so multiply a fresh, aligned copy as every other
-        # call does.
-        x = x.clone(memory_format=torch.contiguous_format)
-    blocks = x.reshape(-1, block_rows, dim)
+    blocks = _aligned_blocks(x, block_rows)
     w_t = weight.t().unsqueeze(0).expand(blocks.shape[0], dim, weight.shape[0])
     out = torch.bmm(blocks, w_t).reshape(-1, weight.shape[0])[:num_rows]
     if bias is not None:
@@ -118,6 +116,31 @@ def batch_invariant_elementwise(
     else:
         out = torch.cat([fn(padded[i : i + per_block]) for i in range(0, rows, per_block)])
     return out.narrow(1, 0, width) if pad else out
+
+
+def _aligned_blocks(x: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """x [T, D] as [ceil(T / block_rows), block_rows, D] blocks, each starting on a
+    64-byte boundary, the last one zero-padded; a view of x when it already is that."""
+    num_rows, dim = x.shape
+    count = max(1, -(-num_rows // block_rows))
+    per_line = max(1, _ALIGNMENT // x.element_size())
+    stride = -(-(block_rows * dim) // per_line) * per_line
+    if (
+        stride == block_rows * dim
+        and count * block_rows == num_rows
+        and x.is_contiguous()
+        and x.data_ptr() % _ALIGNMENT == 0
+    ):
+        return x.view(count, block_rows, dim)
+    # A fresh buffer (torch's allocator aligns it); a received message can start anywhere.
+    buffer = x.new_zeros(count * stride)
+    blocks = buffer.as_strided((count, block_rows, dim), (stride, dim, 1))
+    full = num_rows // block_rows
+    if full:
+        blocks[:full].copy_(x[: full * block_rows].reshape(full, block_rows, dim))
+    if full < count:
+        blocks[full, : num_rows - full * block_rows].copy_(x[full * block_rows :])
+    return blocks
 
 
 def score(logits: torch.Tensor, scoring: ScoringFunction) -> torch.Tensor:

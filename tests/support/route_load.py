@@ -1,0 +1,78 @@
+"""Concurrent Route callers against real servers, every outcome recorded (drain tests).
+
+``RouteLoad`` runs ``callers`` coroutines on one ``AsyncRouterClient``; each routes in a
+loop until :meth:`RouteLoad.stop` and records (start time, end time, status code name)
+per call, so a test can ask what happened to the calls in flight at a given moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moe_router_client import AsyncRouterClient
+from moe_router_client.errors import RouterError
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One call: when it started and ended (``time.monotonic``) and how (``OK`` or a code)."""
+
+    started: float
+    ended: float
+    code: str
+    details: str = ""
+
+
+@dataclass
+class RouteLoad:
+    """Callers routing ``inputs`` (router name, hidden states) round-robin until stopped."""
+
+    target: str
+    inputs: Sequence[tuple[str, np.ndarray]]
+    callers: int = 16
+    retries: int = 0
+    load_balancing: str | None = None
+    outcomes: list[Outcome] = field(default_factory=list)
+    _stopping: bool = False
+
+    async def run(self) -> None:
+        """Route until :meth:`stop`; returns when every caller has finished its call."""
+        async with AsyncRouterClient(
+            self.target, timeout=60, retries=self.retries,
+            load_balancing=self.load_balancing,  # type: ignore[arg-type]
+        ) as client:
+            await asyncio.gather(*(self._caller(client, i) for i in range(self.callers)))
+
+    async def _caller(self, client: AsyncRouterClient, index: int) -> None:
+        turn = index
+        while not self._stopping:
+            router, x = self.inputs[turn % len(self.inputs)]
+            turn += 1
+            started = time.monotonic()
+            try:
+                await client.route(router, x, skip_cache=True)
+                self.outcomes.append(Outcome(started, time.monotonic(), "OK"))
+            except RouterError as exc:
+                self.outcomes.append(
+                    Outcome(started, time.monotonic(), exc.code.name, exc.details[:200])
+                )
+                if exc.code.name == "UNAVAILABLE" and self.retries == 0:
+                    await asyncio.sleep(0.05)  # a lone replica is going away: do not spin
+
+    def stop(self) -> None:
+        """Let every caller finish its current call and return."""
+        self._stopping = True
+
+    def counts(self) -> collections.Counter[str]:
+        """Outcomes by code."""
+        return collections.Counter(o.code for o in self.outcomes)
+
+    def in_flight_at(self, moment: float) -> list[Outcome]:
+        """The calls started before ``moment`` that ended after it."""
+        return [o for o in self.outcomes if o.started < moment < o.ended]
