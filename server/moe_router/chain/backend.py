@@ -26,9 +26,12 @@ class RouteOptions:
     ``gradients``), host tensors.
     input_ids: the tokens' ids (int32/int64, hidden_states' leading dims) for hash
     routers, a host tensor; None for every other router.
+    return_losses: compute the call's aux and z losses (serving rarely reads them, so
+    they cost nothing unless asked).
     """
 
     return_router_logits: bool = False
+    return_losses: bool = False
     skip_cache: bool = False
     seed: int | None = None
     extra_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
