@@ -70,6 +70,7 @@ def build_route_request(
     gradients: Any = None,
     request_id: str | None = None,
     input_ids: Any = None,
+    return_losses: bool = False,
 ) -> pb.RouteRequest:
     """The RouteRequest ``route`` sends; tensors are encoded straight into their fields.
 
@@ -77,9 +78,11 @@ def build_route_request(
     float16, bfloat16). ``attention_weights`` ``[B, H, S, S]`` / ``[B, S, S]``, ``logits``
     ``[B, S, V]`` and ``gradients`` (like hidden_states) feed dynamic routers' estimators.
     ``input_ids`` (int32 or int64, ``[T]`` or ``[B, S]``): the tokens' ids, which hash
-    routers (DeepSeek-V4's first layers) route by.
+    routers (DeepSeek-V4's first layers) route by. ``return_losses``: have the answer
+    carry the call's aux and z losses (computed only when asked).
     """
-    request = scalar_fields(router, layer, return_router_logits, skip_cache, seed, request_id)
+    request = scalar_fields(router, layer, return_router_logits, skip_cache, seed, request_id,
+                            return_losses)
     to_wire(hidden_states, out=request.hidden_states)
     extras = (attention_weights, logits, gradients, input_ids)
     for name, value in zip(_EXTRA_INPUTS, extras, strict=True):
@@ -154,18 +157,21 @@ class RouterClient:
         gradients: Any = None,
         request_id: str | None = None,
         input_ids: Any = None,
+        return_losses: bool = False,
         timeout: float | None = None,
         as_torch: bool = False,
     ) -> RouteResult:
         """Route one batch of tokens ``[T, D]`` or ``[B, S, D]`` for one MoE layer.
 
         ``input_ids`` (int32/int64, the leading dims of hidden_states): the tokens' ids,
-        required by hash routers and refused by the others.
+        required by hash routers and refused by the others. ``return_losses``: the answer
+        carries the call's ``aux_loss`` and ``z_loss`` (else they are None).
         """
         request = encode_route_request(
             router, hidden_states, layer, return_router_logits=return_router_logits,
             skip_cache=skip_cache, seed=seed, attention_weights=attention_weights,
             logits=logits, gradients=gradients, request_id=request_id, input_ids=input_ids,
+            return_losses=return_losses,
         )
         try:
             response = self._route(
@@ -322,18 +328,21 @@ class AsyncRouterClient:
         gradients: Any = None,
         request_id: str | None = None,
         input_ids: Any = None,
+        return_losses: bool = False,
         timeout: float | None = None,
         as_torch: bool = False,
     ) -> RouteResult:
         """Route one batch of tokens ``[T, D]`` or ``[B, S, D]`` for one MoE layer.
 
         ``input_ids`` (int32/int64, the leading dims of hidden_states): the tokens' ids,
-        required by hash routers and refused by the others.
+        required by hash routers and refused by the others. ``return_losses``: the answer
+        carries the call's ``aux_loss`` and ``z_loss`` (else they are None).
         """
         request = encode_route_request(
             router, hidden_states, layer, return_router_logits=return_router_logits,
             skip_cache=skip_cache, seed=seed, attention_weights=attention_weights,
             logits=logits, gradients=gradients, request_id=request_id, input_ids=input_ids,
+            return_losses=return_losses,
         )
         try:
             response = await self._route(

@@ -71,6 +71,7 @@ def scalar_fields(
     skip_cache: bool,
     seed: int | None,
     request_id: str | None,
+    return_losses: bool = False,
 ) -> pb.RouteRequest:
     """A RouteRequest with every field but the tensors, the router name checked."""
     if not isinstance(router, str) or not router:
@@ -79,6 +80,7 @@ def scalar_fields(
         router=router,
         layer=layer,
         return_router_logits=return_router_logits,
+        return_losses=return_losses,
         skip_cache=skip_cache,
         request_id=request_id or "",
     )
@@ -100,9 +102,11 @@ def encode_route_request(
     gradients: Any = None,
     request_id: str | None = None,
     input_ids: Any = None,
+    return_losses: bool = False,
 ) -> bytes:
     """The serialized RouteRequest of ``build_route_request`` with the same arguments."""
-    small = scalar_fields(router, layer, return_router_logits, skip_cache, seed, request_id)
+    small = scalar_fields(router, layer, return_router_logits, skip_cache, seed, request_id,
+                          return_losses)
     parts: list[bytes | memoryview] = [small.SerializeToString()]
     tensors = (hidden_states, attention_weights, logits, gradients, input_ids)
     for name, value in zip(_TENSOR_FIELDS, tensors, strict=True):

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from moe_router.chain.backend import RouteCall
+from moe_router.chain.backend import RouteCall, RouteOptions
 from moe_router.chain.batcher import Batcher
 from moe_router.chain.device import DeviceExecutor
 from moe_router.errors import DeadlineExceededError, OverloadedError, ValidationError
@@ -28,9 +28,9 @@ def topk() -> TopKRouter:
     return TopKRouter(RouterConfig(hidden_size=DIM, num_experts=8, top_k=2))
 
 
-def calls_of(sizes, seed=0):
+def calls_of(sizes, seed=0, options=RouteOptions()):
     g = torch.Generator().manual_seed(seed)
-    return [RouteCall("r", 0, torch.randn(n, DIM, generator=g)) for n in sizes]
+    return [RouteCall("r", 0, torch.randn(n, DIM, generator=g), options) for n in sizes]
 
 
 async def route_all(batcher, calls):
@@ -40,18 +40,19 @@ async def route_all(batcher, calls):
 def test_merged_calls_answer_bit_identically_to_alone():
     router = topk()
     batcher = Batcher(executor_for(router), max_queue_delay_us=50_000)
-    calls = calls_of([1, 3, 16, 17, 2, 40, 5, 1])
+    calls = calls_of([1, 3, 16, 17, 2, 40, 5, 1], options=RouteOptions(return_losses=True))
     results = asyncio.run(route_all(batcher, calls))
     # The first call finds the device idle and goes alone; the rest gather behind it.
     assert [r.batch_requests for r in results] == [1] + [len(calls) - 1] * (len(calls) - 1)
     assert results[-1].batch_tokens == sum(c.num_tokens for c in calls[1:])
     with torch.inference_mode():
         for call, result in zip(calls, results, strict=True):
-            alone = router(call.hidden_states)
+            alone = router(call.hidden_states, return_losses=True)
             assert torch.equal(result.output.expert_indices, alone.expert_indices)
             assert torch.equal(result.output.expert_weights, alone.expert_weights)
             assert torch.equal(result.output.router_logits, alone.router_logits)
             assert torch.equal(result.output.aux_loss, alone.aux_loss)
+            assert torch.equal(result.output.z_loss, alone.z_loss)
 
 
 def test_a_bad_call_fails_alone_and_its_batch_mates_are_answered():

@@ -166,3 +166,19 @@ def test_top_k_mask_picks_the_same_set_as_topk_lowest_index_ties_included():
         expected.scatter_(1, F.topk_lowest_index(values, k)[1], True)
         assert torch.equal(F.top_k_mask(values, k), expected)
         assert F.top_k_mask(values, k).sum(-1).tolist() == [k] * 64
+
+
+@pytest.mark.parametrize("width", [33, 64, 128, 256])
+def test_topk_lowest_index_on_wide_rows_equals_the_stable_sort_ties_or_not(width):
+    # Rows wider than 32 take torch.topk and fall back to the sort only on a tie: both
+    # paths must give the stable sort's values and indices, in its order.
+    gen = torch.Generator().manual_seed(width)
+    distinct = torch.randn(16, width, generator=gen)
+    tied = torch.randint(0, 5, (16, width), generator=gen).float()  # ties everywhere
+    masked = distinct.masked_fill(torch.rand(16, width, generator=gen) < 0.7, float("-inf"))
+    for values in (distinct, tied, masked):
+        for k in (1, 2, 8, width - 1):
+            by_sort = torch.sort(values, dim=-1, descending=True, stable=True)
+            got_values, got_indices = F.topk_lowest_index(values, k)
+            assert torch.equal(got_indices, by_sort.indices[:, :k])
+            assert torch.equal(got_values, by_sort.values[:, :k])

@@ -137,7 +137,7 @@ def test_selection_dropping_and_aux_loss_equal_megatrons(reference, case: Case, 
     dropping = _router(case, seed, capacity_factor=case.capacity_factor)
     x = _inputs(case, seed)
     with torch.no_grad():
-        ours_free, ours = free(x), dropping(x)
+        ours_free, ours = free(x, return_losses=True), dropping(x, return_losses=True)
     torch.testing.assert_close(ours.router_logits, ours_free.router_logits, rtol=0, atol=0)
     want = _megatron_answer(reference, case, free, ours.router_logits)
 

@@ -146,3 +146,22 @@ def test_empty_batch_routes_to_empty_answer():
     assert out.expert_indices.shape == (0, 2)
     assert out.tokens_per_expert.tolist() == [0] * 8
     assert float(out.aux_loss) == 0.0
+
+
+def test_losses_are_computed_in_training_or_when_asked_and_never_change_the_answer():
+    router = TopKRouter(RouterConfig(num_experts=8, top_k=2, hidden_size=16,
+                                     scoring=ScoringFunction.SIGMOID))
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    trained = router(x)  # an nn.Module starts in training mode: losses by default
+    assert trained.aux_loss is not None and trained.z_loss is not None
+    router.eval()
+    lean, asked = router(x), router(x, return_losses=True)
+    assert lean.aux_loss is None and lean.z_loss is None
+    torch.testing.assert_close(asked.aux_loss, trained.aux_loss, rtol=0, atol=0)
+    torch.testing.assert_close(asked.z_loss, trained.z_loss, rtol=0, atol=0)
+    for field in ("expert_indices", "expert_weights", "tokens_per_expert", "router_logits"):
+        assert torch.equal(getattr(lean, field), getattr(asked, field))
+    # Merged calls: one flag per call.
+    first, second = router.route_many([x, x[:2]], return_losses=[True, False])
+    torch.testing.assert_close(first.aux_loss, asked.aux_loss, rtol=0, atol=0)
+    assert second.aux_loss is None

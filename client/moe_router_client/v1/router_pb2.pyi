@@ -44,7 +44,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("router", "layer", "hidden_states", "attention_weights", "logits", "gradients", "return_router_logits", "skip_cache", "seed", "request_id", "input_ids")
+    __slots__ = ("router", "layer", "hidden_states", "attention_weights", "logits", "gradients", "return_router_logits", "skip_cache", "seed", "request_id", "input_ids", "return_losses")
     ROUTER_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class RouteRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_LOSSES_FIELD_NUMBER: _ClassVar[int]
     router: str
     layer: int
     hidden_states: Tensor
@@ -67,7 +68,8 @@ class RouteRequest(_message.Message):
     seed: int
     request_id: str
     input_ids: Tensor
-    def __init__(self, router: _Optional[str] = ..., layer: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_weights: _Optional[_Union[Tensor, _Mapping]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., gradients: _Optional[_Union[Tensor, _Mapping]] = ..., return_router_logits: _Optional[bool] = ..., skip_cache: _Optional[bool] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    return_losses: bool
+    def __init__(self, router: _Optional[str] = ..., layer: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_weights: _Optional[_Union[Tensor, _Mapping]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., gradients: _Optional[_Union[Tensor, _Mapping]] = ..., return_router_logits: _Optional[bool] = ..., skip_cache: _Optional[bool] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., return_losses: _Optional[bool] = ...) -> None: ...
 
 class RoutingInfo(_message.Message):
     __slots__ = ("aux_loss", "z_loss", "tokens_per_expert", "dropped_tokens", "router_version", "cache_hit", "batch_requests", "batch_tokens", "queue_time_us", "compute_time_us", "request_id", "layer")

@@ -86,6 +86,7 @@ def cache_key(call: RouteCall, router_version: str) -> tuple[Any, ...]:
         router_version,
         _fingerprint(call.hidden_states),
         options.return_router_logits,
+        options.return_losses,
         options.seed,
         extras,
         input_ids,

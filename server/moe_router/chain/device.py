@@ -212,7 +212,10 @@ class DeviceExecutor:
                     outputs = [self._forward_one(admitted[0])]
                 else:
                     flats = [a.flat.to(self.device, non_blocking=True) for a in admitted]
-                    outputs = router.route_many_validated(flats, [a.lead for a in admitted])
+                    outputs = router.route_many_validated(
+                        flats, [a.lead for a in admitted],
+                        return_losses=[a.call.options.return_losses for a in admitted],
+                    )
                 return [o.to("cpu") if self.device.type != "cpu" else o for o in outputs]
         except DynamicMoEError:
             raise
@@ -243,7 +246,8 @@ class DeviceExecutor:
         if options.input_ids is not None:
             extra["input_ids"] = options.input_ids.to(self.device)
         return admitted.router.route_validated(
-            admitted.flat.to(self.device), admitted.lead, generator=generator, **extra
+            admitted.flat.to(self.device), admitted.lead, generator=generator,
+            return_losses=options.return_losses, **extra,
         )
 
     # ------------------------------------------------------------------ Backend

@@ -137,10 +137,12 @@ class OptimizedRouter:
         weights = torch.cat([_pad(p.expert_weights, k_max, 0.0) for p in parts])
         logits = torch.cat([p.router_logits for p in parts])
         flat_hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-        with torch.set_grad_enabled(grad):
-            selection = self.router.select(logits, flat_hidden, lead_shape=lead)
-            aux_loss = self.router.compute_aux_loss(selection.probs, indices)
-            z_loss = self.router.compute_z_loss(logits)
+        aux_loss = z_loss = None
+        if parts[0].aux_loss is not None:  # the chunks were asked for losses: so is the call
+            with torch.set_grad_enabled(grad):
+                selection = self.router.select(logits, flat_hidden, lead_shape=lead)
+                aux_loss = self.router.compute_aux_loss(selection.probs, indices)
+                z_loss = self.router.compute_z_loss(logits)
         scores = [p.complexity_scores for p in parts if p.complexity_scores is not None]
         return dataclasses.replace(
             parts[0],

@@ -138,6 +138,7 @@ def request_to_call(
         hidden_states=_decode(request.tensors["hidden_states"], "hidden_states"),
         options=RouteOptions(
             return_router_logits=message.return_router_logits,
+            return_losses=message.return_losses,
             skip_cache=message.skip_cache,
             seed=message.seed if message.HasField("seed") else None,
             extra_inputs=extra,

@@ -112,21 +112,31 @@ class RouterBase(nn.Module, ABC):
 
     # ----------------------------------------------------------------- pipeline
     def forward(
-        self, hidden_states: torch.Tensor, generator: torch.Generator | None = None, **kwargs: Any
+        self,
+        hidden_states: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_losses: bool | None = None,
+        **kwargs: Any,
     ) -> RouterOutput:
         """Route ``hidden_states`` [T, D] or [B, S, D]; results keep the leading dims.
 
         ``generator`` seeds any noise the router draws; ``kwargs`` carry extra tensors
         (``attention_weights``, ``logits``, ``gradients``) for complexity estimators.
+        ``return_losses``: compute ``aux_loss`` and ``z_loss`` (None: in training mode
+        only; an eval-mode answer leaves them None unless asked, as serving never reads
+        them and they cost a third of a small call).
         """
         flat, lead = self.validate(hidden_states)
-        return self.route_validated(flat, lead, generator=generator, **kwargs)
+        return self.route_validated(
+            flat, lead, generator=generator, return_losses=return_losses, **kwargs
+        )
 
     def route_validated(
         self,
         flat: torch.Tensor,
         lead: tuple[int, ...],
         generator: torch.Generator | None = None,
+        return_losses: bool | None = None,
         **kwargs: Any,
     ) -> RouterOutput:
         """``forward`` for an input already checked by :meth:`validate`: flat [T, D] and
@@ -134,10 +144,17 @@ class RouterBase(nn.Module, ABC):
         this so no call is validated twice."""
         logits = self.compute_router_logits(flat, generator=generator)
         selection = self.select(logits, flat, generator=generator, lead_shape=lead, **kwargs)
-        return self._finish(logits, selection, lead)
+        return self._finish(logits, selection, lead, self._wants_losses(return_losses))
+
+    def _wants_losses(self, return_losses: bool | None) -> bool:
+        """Whether to compute the losses: as asked, else in training mode only."""
+        return self.training if return_losses is None else bool(return_losses)
 
     def route_many(
-        self, hidden_states: Sequence[torch.Tensor], generator: torch.Generator | None = None
+        self,
+        hidden_states: Sequence[torch.Tensor],
+        generator: torch.Generator | None = None,
+        return_losses: Sequence[bool] | bool | None = None,
     ) -> list[RouterOutput]:
         """Route several calls in one device pass; each answer equals ``forward`` on it alone.
 
@@ -146,16 +163,20 @@ class RouterBase(nn.Module, ABC):
         are computed per call. Each input is [T_i, D] or [B_i, S_i, D].
         """
         flats, leads = zip(*(self.validate(h) for h in hidden_states), strict=True)
-        return self.route_many_validated(flats, leads, generator=generator)
+        return self.route_many_validated(
+            flats, leads, generator=generator, return_losses=return_losses
+        )
 
     def route_many_validated(
         self,
         flats: Sequence[torch.Tensor],
         leads: Sequence[tuple[int, ...]],
         generator: torch.Generator | None = None,
+        return_losses: Sequence[bool] | bool | None = None,
     ) -> list[RouterOutput]:
         """``route_many`` for inputs already checked by :meth:`validate` (flat [T_i, D]
-        views and their leading dims).
+        views and their leading dims). ``return_losses``: one flag for all calls or one
+        per call (see :meth:`forward`).
 
         Only the gate matmul is shared: one batched matmul per block size for every
         call, each call's rows starting on a block boundary (see
@@ -191,28 +212,38 @@ class RouterBase(nn.Module, ABC):
             for i, rows in zip(members, padded, strict=True):
                 logits[i] = out[start : start + sizes[i]]
                 start += rows.shape[0]
+        if return_losses is None or isinstance(return_losses, bool):
+            wants = [self._wants_losses(return_losses)] * len(flats)
+        else:
+            wants = [self._wants_losses(w) for w in return_losses]
         return [
             self._finish(
                 call_logits,
                 self.select(call_logits, flat, generator=generator, lead_shape=lead),
                 lead,
+                want,
             )
-            for call_logits, flat, lead in zip(logits, flats, leads, strict=True)
+            for call_logits, flat, lead, want in zip(logits, flats, leads, wants, strict=True)
         ]
 
     def _finish(
-        self, logits: torch.Tensor, selection: Selection, lead: tuple[int, ...]
+        self,
+        logits: torch.Tensor,
+        selection: Selection,
+        lead: tuple[int, ...],
+        losses: bool = True,
     ) -> RouterOutput:
-        """Capacity, losses, padding, counts and statistics for one call's selection.
+        """Capacity, losses (when ``losses``), padding, counts and statistics for one
+        call's selection.
 
         Order (Megatron-core's ``TopKRouter.routing``): the aux loss counts the
         assignments of the selection (or :meth:`aux_loss_counts`) BEFORE any dropping,
         so dropping never changes it; ``tokens_per_expert`` and the statistics count
-        what was kept.
+        what was kept. A fixed-k answer without dropping needs no padding pass: it
+        costs what a hand-written router's does plus one bincount.
         """
         cfg = self.config
         indices, weights = selection.indices, selection.weights
-        aux_counts = self.aux_loss_counts(selection)
         drops = cfg.drops_tokens and not self.couples_tokens
         dropped = 0
         expert_tokens = expert_token_weights = None
@@ -222,34 +253,38 @@ class RouterBase(nn.Module, ABC):
             )
             indices, weights, dropped = kept.indices, kept.weights, kept.dropped
             expert_tokens, expert_token_weights = kept.expert_tokens, kept.expert_token_weights
-        assignments = None
         if self.fixed_k and not drops:  # every slot is real: no padding to sort out
-            indices_i32, weights_f32 = indices.to(torch.int32), weights.to(torch.float32)
-            num_per_token = torch.full(
-                indices.shape[:1], indices.shape[1], dtype=torch.int32, device=indices.device
-            )
+            indices_i32 = indices.to(torch.int32)
+            weights_f32 = weights if weights.dtype == torch.float32 else weights.float()
+            num_per_token = indices_i32.new_full(indices.shape[:1], indices.shape[1])
             counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts)
             assignments = indices.numel()
         else:
             indices_i32, weights_f32, num_per_token = F.pad_selection(indices, weights)
             counts = F.tokens_per_expert(indices_i32, self.num_experts)
-        if type(self).compute_aux_loss is not RouterBase.compute_aux_loss:
-            aux_loss = self.compute_aux_loss(selection.probs, selection.indices)
-        else:
-            if aux_counts is None:  # the selection's own, before dropping
-                aux_counts = counts if not drops else F.tokens_per_expert(
-                    selection.indices, self.num_experts)
-            aux_loss = F.aux_loss_from_counts(selection.probs, aux_counts, self.k_range[1])
-        z_loss = self.compute_z_loss(logits)
+            assignments = None
+        aux_loss = z_loss = None
+        if losses:
+            aux_loss = self._aux_loss(selection, counts if not drops else None)
+            z_loss = self.compute_z_loss(logits)
         self.update_stats(counts, num_per_token, dropped, assignments)
-        extras = dict(selection.extras)
-        complexity = extras.pop("complexity_scores", None)
-        info = extras.pop("info", {})
+        extras = selection.extras
+        if extras:
+            extras = dict(extras)
+            complexity = extras.pop("complexity_scores", None)
+            info = extras.pop("info", {})
+        else:
+            complexity, info = None, {}
+        if len(lead) > 1:  # [B, S, ...]; a [T, D] call's answers are already [T, ...]
+            indices_i32 = indices_i32.reshape(*lead, indices_i32.shape[-1])
+            weights_f32 = weights_f32.reshape(*lead, weights_f32.shape[-1])
+            num_per_token = num_per_token.reshape(lead)
+            logits = logits.reshape(*lead, logits.shape[-1])
         return RouterOutput(
-            expert_indices=indices_i32.reshape(*lead, indices_i32.shape[-1]),
-            expert_weights=weights_f32.reshape(*lead, weights_f32.shape[-1]),
-            num_experts_per_token=num_per_token.reshape(lead),
-            router_logits=logits.reshape(*lead, logits.shape[-1]),
+            expert_indices=indices_i32,
+            expert_weights=weights_f32,
+            num_experts_per_token=num_per_token,
+            router_logits=logits,
             tokens_per_expert=counts,
             dropped_tokens=dropped,
             aux_loss=aux_loss,
@@ -262,6 +297,17 @@ class RouterBase(nn.Module, ABC):
             info=info,
             **extras,
         )
+
+    def _aux_loss(self, selection: Selection, kept_counts: torch.Tensor | None) -> torch.Tensor:
+        """The call's aux loss from its selection before dropping; ``kept_counts``: the
+        per-expert counts of the answer when nothing was dropped (they are the same)."""
+        if type(self).compute_aux_loss is not RouterBase.compute_aux_loss:
+            return self.compute_aux_loss(selection.probs, selection.indices)
+        counts = self.aux_loss_counts(selection)
+        if counts is None:  # the selection's own, before dropping
+            counts = kept_counts if kept_counts is not None else F.tokens_per_expert(
+                selection.indices, self.num_experts)
+        return F.aux_loss_from_counts(selection.probs, counts, self.k_range[1])
 
     def aux_loss_counts(self, selection: Selection) -> torch.Tensor | None:
         """Per-expert assignment counts [E] the aux loss's f_i uses, or None for the
@@ -344,15 +390,19 @@ class RouterBase(nn.Module, ABC):
         """
         cfg = self.config
         input_dtype = x.dtype
-        x = x.float()
+        if input_dtype != torch.float32:  # a dtype check costs less than a no-op cast
+            x = x.float()
         eps = cfg.jitter_noise
         if self.training and eps > 0:
             noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x * (1.0 - eps + 2.0 * eps * noise)
         if cfg.input_norm is InputNorm.RMS:
             x = scoring.rms_scaled(x, self.input_scale.float(), cfg.input_norm_eps, input_dtype)
-        weight = self.gate.weight.float()
-        bias = None if self.gate.bias is None else self.gate.bias.float()
+        gate = self.gate
+        weight = gate.weight
+        if weight.dtype != torch.float32:
+            weight = weight.float()
+        bias = None if gate.bias is None else gate.bias.float()
         logits = F.batch_invariant_linear(x, weight, bias, block_rows)
         return scoring.transform_logits(logits, cfg.logit_multiplier, cfg.logit_softcap)
 
@@ -392,8 +442,11 @@ class RouterBase(nn.Module, ABC):
         tokens = int(num_per_token.numel())
         if assignments is None:
             assignments = int(num_per_token.sum())
-        with torch.no_grad(), self._stats_lock:
-            self.expert_load.add_(counts.to(self.expert_load.device))
+        load = self.expert_load
+        if counts.device != load.device:
+            counts = counts.to(load.device)
+        with self._stats_lock:  # counts are integers: never part of an autograd graph
+            load.add_(counts)
             totals = self._totals
             totals.batches += 1
             totals.tokens += tokens

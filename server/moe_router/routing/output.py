@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -15,15 +16,23 @@ class Selection(NamedTuple):
 
     indices: [T, k] int64 expert ids, -1 where a slot is unused.
     weights: [T, k] float32 combine weights, 0 where unused.
-    probs:   [T, E] float32 routing probabilities used for the aux loss.
+    routing_probs: [T, E] float32 routing probabilities used for the aux loss, or a
+             function computing them when they cost ops of their own (sigmoid routers
+             renormalise their scores): only calls that want the losses pay for them.
     extras:  optional tensors keyed by RouterOutput field name
              (complexity_scores [T], dispatch_weights, combine_weights, ...).
     """
 
     indices: torch.Tensor
     weights: torch.Tensor
-    probs: torch.Tensor
+    routing_probs: torch.Tensor | Callable[[], torch.Tensor]
     extras: dict[str, Any]
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """The routing probabilities [T, E] (computed now when given as a function)."""
+        probs = self.routing_probs
+        return probs if isinstance(probs, torch.Tensor) else probs()
 
 
 @dataclass(frozen=True)

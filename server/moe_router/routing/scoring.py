@@ -78,11 +78,12 @@ def mask_dropped_groups(
     else:
         group_scores = grouped.amax(dim=-1)
     kept_groups = F.topk_lowest_index(group_scores, topk_group)[1]
-    group_kept = torch.zeros_like(group_scores, dtype=torch.bool)
-    group_kept.scatter_(1, kept_groups, True)
-    expert_kept = group_kept.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, num_experts)
+    group_dropped = torch.ones_like(group_scores, dtype=torch.bool)
+    group_dropped.scatter_(1, kept_groups, False)
+    expert_dropped = group_dropped.unsqueeze(-1).expand_as(grouped).reshape(
+        num_tokens, num_experts)
     value = float("-inf") if fill is GroupMaskFill.NEG_INF else 0.0
-    return choice.masked_fill(~expert_kept, value)
+    return choice.masked_fill(expert_dropped, value)
 
 
 def combine_weights(
@@ -92,6 +93,7 @@ def combine_weights(
     routed_experts: int,
     renormalize: bool,
     eps: float,
+    chosen: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The combine weights of the chosen experts, from the unbiased scores.
 
@@ -102,9 +104,11 @@ def combine_weights(
     with S = E - E_r > 0 scored shared experts (Inkling) every token also takes the
     shared ones, and their scores join the denominator:
         w = [scores[indices], scores[E_r:]] / (sum of both + eps)   [T, k + S]
+    ``chosen``: scores[indices] when the caller already has them (the top-k values of
+    a selection made on the scores themselves), saving the gather.
     Returns (indices [T, k(+S)], weights [T, k(+S)]).
     """
-    weights = scores.gather(1, indices)
+    weights = scores.gather(1, indices) if chosen is None else chosen
     num_experts = scores.shape[1]
     if routed_experts < num_experts:
         shared = scores[:, routed_experts:]
@@ -112,7 +116,10 @@ def combine_weights(
         shared_ids = torch.arange(routed_experts, num_experts, device=indices.device)
         indices = torch.cat([indices, shared_ids.expand(indices.shape[0], -1)], dim=1)
     if renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = weights / (total + eps if eps else total)  # s + 0.0 is s: one op less
+    elif chosen is not None:
+        weights = weights.contiguous()  # not a view that keeps the sorted scores alive
     return indices, weights
 
 

@@ -92,23 +92,28 @@ class TopKRouter(RouterBase):
         scores = F.score(logits, cfg.scoring)
         choice = scores[:, :routed] if routed < cfg.num_experts else scores
         if self.use_correction_bias:
-            bias = self.e_score_correction_bias.float()
+            bias = self.e_score_correction_bias  # an fp32 buffer
             if cfg.correction_bias_target is CorrectionBiasTarget.LOGITS:
                 choice = logits[:, :routed].float() + bias
             else:
                 choice = choice + bias
-        indices = F.topk_lowest_index(self.restrict_choice(choice), cfg.top_k)[1]
+        restricted = self.restrict_choice(choice)
+        top_values, indices = F.topk_lowest_index(restricted, cfg.top_k)
+        # Selected on the scores themselves: the top-k values are the weights (no gather).
+        chosen = top_values if restricted is scores else None
         indices, weights = scoring.combine_weights(
             scores, indices, routed_experts=routed, renormalize=cfg.renormalize,
-            eps=cfg.renormalize_eps,
+            eps=cfg.renormalize_eps, chosen=chosen,
         )
         if cfg.per_expert_scale:
             weights = weights * self.per_expert_scale.float()[indices]
-        weights = weights * cfg.routed_scaling_factor
+        if cfg.routed_scaling_factor != 1.0:  # w * 1.0 is w
+            weights = weights * cfg.routed_scaling_factor
         if cfg.learned_weight_scale:
             weights = weights * self.weight_scale.float()
-        probs = scores if cfg.scoring is ScoringFunction.SOFTMAX else F.renormalize(scores)
-        return Selection(indices, weights, probs, {})
+        if cfg.scoring is ScoringFunction.SOFTMAX:
+            return Selection(indices, weights, scores, {})
+        return Selection(indices, weights, lambda: F.renormalize(scores), {})
 
     def aux_loss_counts(self, selection: Selection) -> torch.Tensor | None:
         """Megatron's plain top-k of the probabilities [T, E] over all experts (ties to
