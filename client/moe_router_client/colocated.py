@@ -7,7 +7,8 @@ server's co-located door, for a serving stack on the same host, falling back to 
         result = client.route("mixtral", hidden_states, layer=3)  # as RouterClient.route
         client.transport                                        # "colocated" or "grpc"
 
-``route`` takes RouterClient.route's arguments and returns the same
+``route`` takes RouterClient.route's arguments (``input_ids`` for hash routers,
+``return_losses`` for the aux and z losses) and returns the same
 :class:`~moe_router_client.results.RouteResult` with the same bits; errors are the same
 :class:`~moe_router_client.errors.RouterError` classes. The door is found at
 ``socket_path`` or, for a loopback target (``127.0.0.1``, ``localhost``, ``::1``), at
@@ -24,6 +25,7 @@ region). Torch is imported only for torch tensors.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
 import threading
@@ -49,6 +51,11 @@ __all__ = ["CoLocatedClient", "AsyncCoLocatedClient", "local_socket_path"]
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 _EXTRA_INPUTS = ("attention_weights", "logits", "gradients")
 _RECEIVE_BYTES = 1 << 18  # an answer: a few scalars and tokens_per_expert
+# RouterClient.route gains return_losses with the gRPC door's RouteRequest field; until a
+# client has it, its gRPC door computes the losses on every call, so the fallback leaves
+# the argument out and the answer still carries them.
+_GRPC_RETURN_LOSSES = "return_losses" in inspect.signature(RouterClient.route).parameters
+_AIO_RETURN_LOSSES = "return_losses" in inspect.signature(AsyncRouterClient.route).parameters
 
 
 def local_socket_path(target: str) -> Path | None:
@@ -96,7 +103,9 @@ def _route_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
     """RouterClient.route's keyword arguments, as Session.route takes them."""
     return {
         "extra_inputs": {n: kwargs[n] for n in _EXTRA_INPUTS if kwargs.get(n) is not None},
+        "input_ids": kwargs["input_ids"],
         "return_router_logits": kwargs["return_router_logits"],
+        "return_losses": kwargs["return_losses"],
         "skip_cache": kwargs["skip_cache"],
         "seed": kwargs["seed"],
         "request_id": kwargs["request_id"],
@@ -228,20 +237,29 @@ class CoLocatedClient:
         layer: int = 0,
         *,
         return_router_logits: bool = False,
+        return_losses: bool = False,
         skip_cache: bool = False,
         seed: int | None = None,
         attention_weights: Any = None,
         logits: Any = None,
         gradients: Any = None,
         request_id: str | None = None,
+        input_ids: Any = None,
         timeout: float | None = None,
         as_torch: bool = False,
     ) -> RouteResult:
         """Route one batch of tokens ``[T, D]`` or ``[B, S, D]`` for one MoE layer
-        (RouterClient.route's arguments and answer)."""
+        (RouterClient.route's arguments and answer).
+
+        ``input_ids`` (int32/int64, the leading dims of hidden_states): the tokens' ids,
+        required by hash routers and refused by the others. ``return_losses``: the answer
+        carries the call's aux and z losses.
+        """
         arguments = dict(locals())
         del arguments["self"]
         if self._grpc is not None:
+            if not _GRPC_RETURN_LOSSES:
+                del arguments["return_losses"]
             return self._grpc.route(**arguments)
         deadline = _Deadline(timeout if timeout is not None else self._timeout)
         with self._slots:
@@ -417,19 +435,24 @@ class AsyncCoLocatedClient:
         layer: int = 0,
         *,
         return_router_logits: bool = False,
+        return_losses: bool = False,
         skip_cache: bool = False,
         seed: int | None = None,
         attention_weights: Any = None,
         logits: Any = None,
         gradients: Any = None,
         request_id: str | None = None,
+        input_ids: Any = None,
         timeout: float | None = None,
         as_torch: bool = False,
     ) -> RouteResult:
-        """Route one batch of tokens for one MoE layer (RouterClient.route's arguments)."""
+        """Route one batch of tokens for one MoE layer (RouterClient.route's arguments;
+        ``input_ids`` and ``return_losses`` as for :meth:`CoLocatedClient.route`)."""
         arguments = dict(locals())
         del arguments["self"]
         if self._grpc is not None:
+            if not _AIO_RETURN_LOSSES:
+                del arguments["return_losses"]
             return await self._grpc.route(**arguments)
         deadline = _Deadline(timeout if timeout is not None else self._timeout)
         async with self._slots:

@@ -47,7 +47,11 @@ ALIGNMENT = 64
 MAX_STRING_BYTES = 4096
 MAX_DIMS = 8
 
-INPUT_NAMES = ("hidden_states", "attention_weights", "logits", "gradients")
+INPUT_NAMES = (
+    "hidden_states", "attention_weights", "logits", "gradients", "input_ids",
+)
+"""The inputs a ROUTE may carry, by slot; ``input_ids`` (int32/int64, hidden_states'
+leading dims) are a hash router's token ids and always travel as host bytes."""
 OUTPUT_NAMES = (
     "expert_indices", "expert_weights", "num_experts_per_token", "complexity_scores",
     "router_logits", "dispatch_weights", "combine_weights", "expert_tokens",
@@ -177,6 +181,8 @@ class Route:
     skip_cache: bool = False
     seed: int | None = None
     timeout_s: float | None = None
+    return_losses: bool = False
+    """Compute the call's aux and z losses (``RouteOptions.return_losses``)."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ call's value; so ``route`` is DESCRIBE (once per router) -> REGISTER (when a reg
 grows) -> ROUTE, whatever the I/O.
 
 Hidden states on a CUDA device go by IPC handle when the server routes on CUDA (no
-copy through the host); otherwise they are copied to the host region.
+copy through the host); otherwise they are copied to the host region. Token ids
+(``input_ids``, a hash router's) always go as host bytes, like the other small inputs:
+the server copies them before it checks them, so they cannot change under the check.
 """
 
 from __future__ import annotations
@@ -184,7 +186,9 @@ class Session:
         layer: int,
         *,
         extra_inputs: dict[str, Any],
+        input_ids: Any,
         return_router_logits: bool,
+        return_losses: bool,
         skip_cache: bool,
         seed: int | None,
         request_id: str | None,
@@ -201,8 +205,11 @@ class Session:
         budget = min(self._inline_limit, self.welcome.inline_limit)
         placed: list[tuple[str, int, tuple[int, ...], Any]] = []  # name, dtype, shape, data
         cuda_refs: dict[str, wire.CudaIpcRef] = {}
-        for name, value in (("hidden_states", hidden_states), *extra_inputs.items()):
-            if (_is_torch(value) and value.device.type == "cuda"
+        inputs_named = [("hidden_states", hidden_states), *extra_inputs.items()]
+        if input_ids is not None:
+            inputs_named.append(("input_ids", input_ids))
+        for name, value in inputs_named:
+            if (name != "input_ids" and _is_torch(value) and value.device.type == "cuda"
                     and self.welcome.device.startswith("cuda")):
                 cuda_refs[name] = _cuda_ref(value)
                 placed.append((name, wire_dtype_of_torch(value.dtype), tuple(value.shape), None))
@@ -234,7 +241,7 @@ class Session:
         message = wire.Route(
             self.next_seq(), router, layer, wire.RegionRef(outputs.name, 0, outputs.size),
             tuple(refs), request_id or "", return_router_logits, skip_cache, seed,
-            timeout_s(),
+            timeout_s(), return_losses=return_losses,
         )
         answer = yield wire.encode(message), []
         return self._result(_expect(answer, wire.Routed), outputs, as_torch)

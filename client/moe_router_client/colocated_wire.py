@@ -17,11 +17,12 @@ boundaries, so there is no framing. Every message starts with ``kind u8, seq u64
                output region ref, n u8, n x tensor ref, then the inline bytes
                                                            -> ROUTED | ERROR
 
-A str is ``u16 length`` + UTF-8; a region ref is ``name str, offset u64, byte_size u64``
-(offset from the region's start, Triton's rule). A tensor ref is ``slot u8`` (index in
-:data:`INPUT_NAMES`), ``dtype u8`` (the wire DType), ``ndim u8``, ``ndim x u64`` dims,
-``place u8`` and then: INLINE ``nbytes u64`` (the bytes follow the refs, in order), REGION
-a region ref, CUDA_IPC the fields of :class:`CudaIpcRef`.
+ROUTE's flags: 1 return_router_logits, 2 skip_cache, 4 seed set, 8 timeout set,
+16 return_losses. A str is ``u16 length`` + UTF-8; a region ref is ``name str, offset
+u64, byte_size u64`` (offset from the region's start, Triton's rule). A tensor ref is
+``slot u8`` (index in :data:`INPUT_NAMES`), ``dtype u8`` (the wire DType), ``ndim u8``,
+``ndim x u64`` dims, ``place u8`` and then: INLINE ``nbytes u64`` (the bytes follow the
+refs, in order), REGION a region ref, CUDA_IPC the fields of :class:`CudaIpcRef`.
 
 ROUTED lists each output as ``slot u8`` (index in :data:`OUTPUT_NAMES`), dtype, shape,
 ``offset u64, nbytes u64`` inside the request's output region, then RoutingInfo's
@@ -94,7 +95,7 @@ _CUDA = struct.Struct("<iQQQQB")
 _ROUTED = struct.Struct("<BddQQQQQQiB")
 _RETRY = struct.Struct("<d")
 
-_LOGITS, _SKIP_CACHE, _HAS_SEED, _HAS_TIMEOUT = 1, 2, 4, 8
+_LOGITS, _SKIP_CACHE, _HAS_SEED, _HAS_TIMEOUT, _LOSSES = 1, 2, 4, 8, 16
 _HAS_AUX, _HAS_Z, _CACHE_HIT = 1, 2, 4
 
 
@@ -154,7 +155,8 @@ def encode(message: Message) -> bytes:
         flags = ((_LOGITS if message.return_router_logits else 0)
                  | (_SKIP_CACHE if message.skip_cache else 0)
                  | (_HAS_SEED if message.seed is not None else 0)
-                 | (_HAS_TIMEOUT if message.timeout_s is not None else 0))
+                 | (_HAS_TIMEOUT if message.timeout_s is not None else 0)
+                 | (_LOSSES if message.return_losses else 0))
         fixed = _ROUTE.pack(flags, message.layer, message.seed or 0,
                             message.timeout_s or 0.0, len(message.tensors))
         parts: list[bytes | memoryview] = [
@@ -294,6 +296,7 @@ def _read_route(seq: int, r: _Reader) -> Route:
         return_router_logits=bool(flags & _LOGITS), skip_cache=bool(flags & _SKIP_CACHE),
         seed=seed if flags & _HAS_SEED else None,
         timeout_s=timeout_s if flags & _HAS_TIMEOUT else None,
+        return_losses=bool(flags & _LOSSES),
     )
 
 

@@ -36,6 +36,10 @@ MESSAGES = [
                "req-2"),
     wire.Error(12, "INVALID_ARGUMENT", "bad"),
     wire.Ok(13),
+    wire.Route(14, "hashed", 0, wire.RegionRef("out", 0, 4096), (
+        wire.TensorRef("hidden_states", 1, (2, 3, 16), wire.RegionRef("in", 0, 384)),
+        wire.TensorRef("input_ids", 5, (2, 3), None, bytes(range(48))),
+    ), "", return_losses=True),
 ]
 
 

@@ -194,6 +194,8 @@ def test_errors_take_the_status_codes_route_gives(
          InvalidArgumentError),
         (("mixtral", hidden((1, 64), 0)), {"attention_weights": hidden((1, 1, 1), 0)},
          InvalidArgumentError),
+        (("dynamic", hidden((1, 6, 32), 0)), {"logits": torch.ones(1, 6, 50, dtype=torch.int32),
+                                              "skip_cache": True}, InvalidArgumentError),
     ]
     for args, kwargs, error in cases:
         with pytest.raises(error) as over_door:
@@ -202,6 +204,7 @@ def test_errors_take_the_status_codes_route_gives(
             grpc_client.route(*args, **kwargs)
         assert over_door.value.code == over_grpc.value.code
         assert over_door.value.reason == over_grpc.value.reason
+        assert over_door.value.details.split(" (request id")[0] in over_grpc.value.details
     # the client stays usable after every error
     assert client.route("mixtral", hidden((1, 64), 1), skip_cache=True).info.layer == 0
 

@@ -95,6 +95,84 @@ def test_hidden_states_are_a_view_of_the_received_bytes(tmp_path):
         pool.shutdown(wait=False)
 
 
+def test_the_return_losses_parameter_sets_the_calls_option(tmp_path):
+    """A bool request parameter, False when absent; any other kind is refused."""
+    from server_process import small_routers, write_config
+
+    from moe_router.chain.hosted import build_chain
+    from moe_router.chain.pool import DevicePool
+    from moe_router.config import load_config
+    from moe_router.loading.registry import load_routers
+
+    config = load_config(write_config(tmp_path / "c.yaml", small_routers()[:1]), env={})
+    pool = DevicePool(max_workers=1, autoscale=False, name="test")
+    try:
+        chains = {n: build_chain(r, config, pool, None) for n, r in load_routers(config).items()}
+        request = oip.ModelInferRequest(model_name="mixtral")
+        request.inputs.add(name="hidden_states", datatype="FP32", shape=[1, 64])
+        request.raw_input_contents.append(np.zeros(64, np.float32).tobytes())
+
+        def call_of(message: oip.ModelInferRequest) -> Any:
+            view = parse_infer_request(message.SerializeToString())
+            return request_to_call(view, chains, SharedMemoryRegistry(), owner="", peer="p",
+                                   time_remaining=None)[0]
+
+        assert call_of(request).options.return_losses is False
+        for asked in (True, False):
+            request.parameters["return_losses"].bool_param = asked
+            assert call_of(request).options.return_losses is asked
+        request.parameters["return_losses"].int64_param = 1
+        with pytest.raises(ValidationError, match="parameter return_losses: expected a bool"):
+            call_of(request)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_input_ids_in_shared_memory_are_copied_not_viewed(tmp_path):
+    """Ids index the hash table: rewriting the region after the call was decoded (where
+    the device stage would check their range) must not reach the call."""
+    import torch
+    from safetensors.torch import save_file
+    from server_process import write_config
+
+    from moe_router.chain.hosted import build_chain
+    from moe_router.chain.pool import DevicePool
+    from moe_router.config import load_config
+    from moe_router.loading.registry import load_routers
+    from moe_router_client.colocated_session import MemfdRegion
+
+    gen = torch.Generator().manual_seed(0)
+    save_file({"g": torch.randn(4, 8, generator=gen), "t": torch.randint(0, 4, (16, 2))},
+              str(tmp_path / "hash.safetensors"))
+    hashed = {"name": "hashed", "kind": "hash", "input_dim": 8, "num_experts": 4, "top_k": 2,
+              "vocab_size": 16, "weights": {"path": str(tmp_path / "hash.safetensors"),
+                                             "gate": "g", "tensors": {"token_experts": "t"}}}
+    config = load_config(write_config(tmp_path / "c.yaml", [hashed]), env={})
+    pool = DevicePool(max_workers=1, autoscale=False, name="test")
+    regions, region = SharedMemoryRegistry(), MemfdRegion("ids", 4096)
+    try:
+        chains = {n: build_chain(r, config, pool, None) for n, r in load_routers(config).items()}
+        assert region.fd is not None
+        regions.register_descriptor("ids", region.fd, region.size)
+        region.fd = None  # the registry owns it now
+        region.bytes[:24] = np.array([1, 2, 3], dtype="<i8").view(np.uint8)
+        request = oip.ModelInferRequest(model_name="hashed")
+        request.inputs.add(name="hidden_states", datatype="FP32", shape=[3, 8])
+        ids = request.inputs.add(name="input_ids", datatype="INT64", shape=[3])
+        ids.parameters["shared_memory_region"].string_param = "ids"
+        ids.parameters["shared_memory_byte_size"].int64_param = 24
+        request.raw_input_contents.append(np.zeros((3, 8), np.float32).tobytes())
+        call, _ = request_to_call(parse_infer_request(request.SerializeToString()), chains,
+                                  regions, owner="", peer="p", time_remaining=None)
+        region.bytes[:24] = np.array([99, 99, 99], dtype="<i8").view(np.uint8)
+        assert call.options.input_ids is not None
+        assert call.options.input_ids.tolist() == [1, 2, 3]
+    finally:
+        regions.unregister("ids")
+        region.close()
+        pool.shutdown(wait=False)
+
+
 def test_infer_is_unavailable_while_loading_and_while_draining():
     async def scenario() -> None:
         health = HealthState(["mixtral"])

@@ -4,6 +4,7 @@ bit for bit, errors with KServe's status codes, streaming and statistics."""
 
 from __future__ import annotations
 
+import inspect
 import queue
 
 import grpc
@@ -180,6 +181,26 @@ def test_a_repeated_call_is_a_cache_hit_and_route_shares_the_cache(client, route
     assert not first.get_response().parameters["cache_hit"].bool_param
     assert second.get_response().parameters["cache_hit"].bool_param
     assert router_client.route("mixtral", x).info.cache_hit  # one chain, one cache
+
+
+def test_return_losses_answers_routes_aux_and_z_losses(client, router_client):
+    """Parameter return_losses=True: the response parameters carry the losses Route
+    answers with return_losses (RouteRequest field 12, where the client has it)."""
+    x = hidden((2, 3, 64), seed=13)
+    result = client.infer("mixtral", [infer_input(triton, "hidden_states", x, "FP32")],
+                          parameters={"layer": 1, "return_losses": True, "skip_cache": True})
+    losses = {} if "return_losses" not in inspect.signature(router_client.route).parameters \
+        else {"return_losses": True}
+    expected = router_client.route("mixtral", x, layer=1, skip_cache=True, **losses)
+    parameters = result.get_response().parameters
+    assert expected.info.aux_loss is not None and expected.info.z_loss is not None
+    # double_param holds the float32 the router computed: the same number, exactly
+    assert parameters["aux_loss"].double_param == expected.info.aux_loss
+    assert parameters["z_loss"].double_param == expected.info.z_loss
+    assert_same_bits(result.as_numpy("expert_weights"), expected.expert_weights)
+    error = _bad_call(client, parameters={"return_losses": 1})
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "parameter return_losses: expected a bool" in error.message()
 
 
 # ---------------------------------------------------------------- errors

@@ -8,6 +8,9 @@ bytes of the datagram (inline), or the caller's CUDA memory opened by its IPC ha
 (:mod:`moe_router.doors.cuda_ipc`). Every reference is checked by the region registry
 before a view exists (registered by this owner, inside the region, file not shrunk), so
 a bad one is INVALID_ARGUMENT and nothing outside a region is ever read or written.
+Token ids (``input_ids``) are the exception: copied out of the caller's bytes, since
+they index the hash table and the caller could rewrite its region between the device
+stage's range check and the lookup.
 """
 
 from __future__ import annotations
@@ -25,25 +28,38 @@ from moe_router.chain.backend import RouteCall, RouteOptions, RouteResult
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.cuda_ipc import open_cuda_tensor
 from moe_router.doors.shm_regions import SharedMemoryRegistry
+from moe_router.doors.v1_convert import ACCEPTED_DTYPES
 from moe_router.errors import NotFoundError, ValidationError
 from moe_router.routing.kinds import RoutingMethod
 from moe_router.status_mapping import status_entry_for, to_status
 from moe_router_client import colocated_wire as wire
-from moe_router_client.tensors import TensorCodecError, from_parts, to_parts
+from moe_router_client.tensors import TensorCodecError, dtype_name, from_parts, to_parts
 from moe_router_client.v1 import router_pb2 as pb
 
 __all__ = ["route_to_call", "result_to_routed", "error_to_message", "describe"]
 
 _OPTIONAL_OUTPUTS = wire.OUTPUT_NAMES[3:]
 _HOST_DTYPES = {torch.int32: pb.INT32, torch.float32: pb.FLOAT32}
+_ESTIMATOR_INPUTS = frozenset(wire.INPUT_NAMES) - {"hidden_states", "input_ids"}
 
 
 def _tensor(
     ref: wire.TensorRef, regions: SharedMemoryRegistry, owner: str, device: torch.device
 ) -> torch.Tensor:
-    """The input ``ref`` names, as a view where it lies."""
+    """The input ``ref`` names, as a view where it lies (estimator inputs must be
+    floats, as Route's; checked before anything is opened)."""
+    if ref.name in _ESTIMATOR_INPUTS and ref.dtype not in ACCEPTED_DTYPES:
+        raise ValidationError(
+            f"{ref.name}: dtype {dtype_name(ref.dtype)} is not accepted; expected FLOAT32, "
+            "FLOAT16 or BFLOAT16"
+        )
     place = ref.place
     if isinstance(place, wire.CudaIpcRef):
+        if ref.name == "input_ids":
+            raise ValidationError(
+                "input_ids: send them as host bytes (inline or in a region), not by CUDA IPC "
+                "handle; the client does so for a CUDA tensor"
+            )
         return open_cuda_tensor(place, ref.dtype, ref.shape, device=device, name=ref.name)
     data = ref.data if place is None else regions.view(
         place.name, place.offset, place.byte_size, owner=owner
@@ -83,6 +99,9 @@ def route_to_call(
         raise ValidationError(
             "hidden_states: required, a [tokens, dim] or [batch, seq, dim] tensor"
         )
+    input_ids = tensors.pop("input_ids", None)
+    if input_ids is not None:  # dtype, shape and range: DeviceExecutor.admit, as for Route
+        input_ids = input_ids.clone()
     timeout = message.timeout_s
     return RouteCall(
         router=message.router,
@@ -90,9 +109,11 @@ def route_to_call(
         hidden_states=hidden,
         options=RouteOptions(
             return_router_logits=message.return_router_logits,
+            return_losses=message.return_losses,
             skip_cache=message.skip_cache,
             seed=message.seed,
             extra_inputs=tensors,
+            input_ids=input_ids,
         ),
         deadline=None if timeout is None else time.monotonic() + timeout,
         request_id=message.request_id or uuid.uuid4().hex[:16],

@@ -12,8 +12,9 @@ file). Outputs (``oip_models.model_outputs``) come in the order requested, all o
 is named; each is in ``raw_output_contents`` or written into the output region named.
 
 Tensor bytes are produced by the same codec as Route's (``to_parts``), so the two doors
-answer the same bits. Request parameters: ``layer``, ``skip_cache``, ``seed`` and Triton's
-``timeout`` (microseconds; shortens the deadline); ``priority`` is accepted and ignored
+answer the same bits. Request parameters: ``layer``, ``skip_cache``, ``return_losses``
+(bool: answer the aux and z losses, as Route's field), ``seed`` and Triton's ``timeout``
+(microseconds; shortens the deadline); ``priority`` is accepted and ignored
 (one queue), anything else is refused so that a misspelt option is not silently lost.
 """
 
@@ -58,7 +59,8 @@ _ESTIMATOR_INPUTS = ("attention_weights", "logits", "gradients")
 _SHM_REGION, _SHM_OFFSET, _SHM_SIZE = (
     "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size",
 )
-_REQUEST_PARAMETERS = ("layer", "skip_cache", "seed", "timeout", "priority")
+_REQUEST_PARAMETERS = ("layer", "skip_cache", "return_losses", "seed", "timeout", "priority")
+_BOOL_PARAMETERS = ("skip_cache", "return_losses")
 _RAW_INPUTS = oip.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
 
 
@@ -134,12 +136,17 @@ def request_to_call(
         deadline = until if deadline is None else min(deadline, until)
     hidden = tensors.pop("hidden_states")
     input_ids = tensors.pop("input_ids", None)
+    if input_ids is not None:
+        # A copy: the ids index the hash table, and a caller could rewrite its shared
+        # memory region between the device stage's range check and the lookup.
+        input_ids = input_ids.clone()
     call = RouteCall(
         router=ref.router,
         layer=layer,
         hidden_states=hidden,
         options=RouteOptions(
             return_router_logits=any(o.name == "router_logits" for o in outputs),
+            return_losses=bool(parameters.get("return_losses", False)),
             skip_cache=bool(parameters.get("skip_cache", False)),
             seed=parameters.get("seed"),
             extra_inputs=tensors,
@@ -160,7 +167,7 @@ def _request_parameters(message: oip.ModelInferRequest) -> dict[str, int]:
                 f"request parameter '{key[:100]}' is not one this server reads; "
                 f"expected {list(_REQUEST_PARAMETERS)}"
             )
-        if key == "skip_cache":
+        if key in _BOOL_PARAMETERS:
             values[key] = int(_bool(value, key))
         elif key != "priority":
             number = _integer(value, key)
