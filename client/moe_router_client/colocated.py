@@ -25,7 +25,6 @@ region). Torch is imported only for torch tensors.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import socket
 import threading
@@ -51,11 +50,6 @@ __all__ = ["CoLocatedClient", "AsyncCoLocatedClient", "local_socket_path"]
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 _EXTRA_INPUTS = ("attention_weights", "logits", "gradients")
 _RECEIVE_BYTES = 1 << 18  # an answer: a few scalars and tokens_per_expert
-# RouterClient.route gains return_losses with the gRPC door's RouteRequest field; until a
-# client has it, its gRPC door computes the losses on every call, so the fallback leaves
-# the argument out and the answer still carries them.
-_GRPC_RETURN_LOSSES = "return_losses" in inspect.signature(RouterClient.route).parameters
-_AIO_RETURN_LOSSES = "return_losses" in inspect.signature(AsyncRouterClient.route).parameters
 
 
 def local_socket_path(target: str) -> Path | None:
@@ -258,8 +252,6 @@ class CoLocatedClient:
         arguments = dict(locals())
         del arguments["self"]
         if self._grpc is not None:
-            if not _GRPC_RETURN_LOSSES:
-                del arguments["return_losses"]
             return self._grpc.route(**arguments)
         deadline = _Deadline(timeout if timeout is not None else self._timeout)
         with self._slots:
@@ -451,8 +443,6 @@ class AsyncCoLocatedClient:
         arguments = dict(locals())
         del arguments["self"]
         if self._grpc is not None:
-            if not _AIO_RETURN_LOSSES:
-                del arguments["return_losses"]
             return await self._grpc.route(**arguments)
         deadline = _Deadline(timeout if timeout is not None else self._timeout)
         async with self._slots:

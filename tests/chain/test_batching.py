@@ -28,8 +28,9 @@ def topk() -> TopKRouter:
     return TopKRouter(RouterConfig(hidden_size=DIM, num_experts=8, top_k=2))
 
 
-def calls_of(sizes, seed=0, options=RouteOptions()):
+def calls_of(sizes, seed=0, options=None):
     g = torch.Generator().manual_seed(seed)
+    options = options or RouteOptions()
     return [RouteCall("r", 0, torch.randn(n, DIM, generator=g), options) for n in sizes]
 
 

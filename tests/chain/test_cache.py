@@ -167,8 +167,9 @@ def test_byte_bound_evicts_and_counts_bytes() -> None:
     inner = TopKBackend()
     one = asyncio.run(_route_n(inner, [make_call()]))[0]
     per_entry = output_nbytes(one.output)
-    # [4, 2] int32 + [4, 2] f32 + [4] int32 + [4, 8] f32 logits + [8] int64 + 2 scalars
-    assert per_entry == 32 + 32 + 16 + 128 + 64 + 4 + 4
+    # [4, 2] int32 + [4, 2] f32 + [4] int32 + [4, 8] f32 logits + [8] int64 (no losses:
+    # the call did not ask for them)
+    assert per_entry == 32 + 32 + 16 + 128 + 64
     cache = _cache(inner, cache_size=100, max_bytes=2 * per_entry + 10, adaptive=False)
     asyncio.run(_route_n(cache, [make_call(seed_tensor=i) for i in range(5)]))
     stats = cache.stats()

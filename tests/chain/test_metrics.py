@@ -92,7 +92,8 @@ def traffic() -> tuple[CollectorRegistry, TopKBackend]:
         await good.route(make_call(seed_tensor=1))
         await good.route(make_call(seed_tensor=1))  # cache hit
         await good.route(make_call(seed_tensor=2))  # evicts entry 1
-        await good.route(make_call(torch.randn(2, 3, HIDDEN)))  # [B, S, D]
+        # [B, S, D], asking for its losses: the loss gauges follow calls that ask
+        await good.route(make_call(torch.randn(2, 3, HIDDEN), return_losses=True))
         for _ in range(2):
             with pytest.raises(ValidationError):  # wrong dim: misses, then fails in the router
                 await good.route(make_call(torch.randn(2, HIDDEN + 1)))

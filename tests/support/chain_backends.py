@@ -42,7 +42,8 @@ class TopKBackend:
 
         def forward() -> Any:
             with torch.no_grad():
-                return self.router(call.hidden_states, **extra)
+                return self.router(call.hidden_states, return_losses=call.options.return_losses,
+                                   **extra)
 
         output = await asyncio.to_thread(forward)
         elapsed_us = int((time.perf_counter() - started) * 1e6)

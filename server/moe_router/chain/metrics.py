@@ -139,10 +139,11 @@ class RouterMetrics:
             "moe_router_rate_limited_total", "Calls refused by the per-caller rate limit.",
             ["router"], registry=r)
         self.aux_loss = Gauge(
-            "moe_router_aux_loss", "Load-balancing aux loss of the last computed call.",
+            "moe_router_aux_loss",
+            "Load-balancing aux loss of the last sampled call (one a second).",
             ["router"], registry=r)
         self.z_loss = Gauge(
-            "moe_router_z_loss", "Router z-loss of the last computed call.",
+            "moe_router_z_loss", "Router z-loss of the last sampled call (one a second).",
             ["router"], registry=r)
         self.build_info = Gauge(
             "moe_router_build_info", "Build and runtime versions (value 1).",
@@ -167,6 +168,16 @@ class RouterMetrics:
 
         return observe
 
+    def loss_observer(self, router: str) -> Callable[[float, float], None]:
+        """``on_losses(aux, z)`` for the device stage: the losses of a sampled call."""
+        aux, z = self.aux_loss.labels(router), self.z_loss.labels(router)
+
+        def observe(aux_loss: float, z_loss: float) -> None:
+            aux.set(aux_loss)
+            z.set(z_loss)
+
+        return observe
+
     def queue_depth_observer(self, router: str) -> Callable[[int], None]:
         """``on_queue_depth(depth)`` for the batcher: sets the queue depth gauge."""
         return self.queue_depth.labels(router).set
@@ -183,24 +194,58 @@ class RouterMetrics:
         ).set(1)
 
     # ------------------------------------------------------------------ per call
+    def series(self, router: str) -> RouterSeries:
+        """``router``'s children of the per-call families, looked up once."""
+        return RouterSeries(
+            requests_ok=self.requests.labels(router, "OK"),
+            request_duration=self.request_duration.labels(router),
+            request_size=self.request_size.labels(router),
+            response_size=self.response_size.labels(router),
+            queue_time=self.queue_time.labels(router),
+            compute_time=self.compute_time.labels(router),
+            tokens_routed=self.tokens_routed.labels(router),
+            aux_loss=self.aux_loss.labels(router),
+            z_loss=self.z_loss.labels(router),
+            in_flight=self.in_flight.labels(router),
+        )
+
     def record(self, router: str, call: RouteCall, result: RouteResult | None, code: str,
-               duration_s: float) -> None:
-        """Record one finished call (``result`` None when it failed with ``code``)."""
-        self.requests.labels(router, code).inc()
-        self.request_duration.labels(router).observe(duration_s)
-        self.request_size.labels(router).observe(_request_nbytes(call))
+               duration_s: float, series: RouterSeries | None = None) -> None:
+        """Record one finished call (``result`` None when it failed with ``code``);
+        ``series``: ``router``'s children when the caller keeps them (saves the lookups)."""
+        s = series if series is not None else self.series(router)
+        (s.requests_ok if code == "OK" else self.requests.labels(router, code)).inc()
+        s.request_duration.observe(duration_s)
+        s.request_size.observe(_request_nbytes(call))
         if result is None:
             return
         output = result.output
-        self.response_size.labels(router).observe(output_nbytes(output))
-        self.tokens_routed.labels(router).inc(call.num_tokens)
+        s.response_size.observe(output_nbytes(output))
+        s.tokens_routed.inc(call.num_tokens)
         if not result.cache_hit:
-            self.queue_time.labels(router).observe(result.queue_time_us / 1e6)
-            self.compute_time.labels(router).observe(result.compute_time_us / 1e6)
+            s.queue_time.observe(result.queue_time_us / 1e6)
+            s.compute_time.observe(result.compute_time_us / 1e6)
             if output.aux_loss is not None:
-                self.aux_loss.labels(router).set(float(output.aux_loss.detach()))
+                s.aux_loss.set(float(output.aux_loss.detach()))
             if output.z_loss is not None:
-                self.z_loss.labels(router).set(float(output.z_loss.detach()))
+                s.z_loss.set(float(output.z_loss.detach()))
+
+
+@dataclass(frozen=True)
+class RouterSeries:
+    """One router's children of the per-call metric families: ``labels()`` takes a lock
+    and a dict lookup, eight of them per call before this was kept."""
+
+    requests_ok: Any
+    request_duration: Any
+    request_size: Any
+    response_size: Any
+    queue_time: Any
+    compute_time: Any
+    tokens_routed: Any
+    aux_loss: Any
+    z_loss: Any
+    in_flight: Any
 
 
 class MetricsBackend:
@@ -215,7 +260,8 @@ class MetricsBackend:
         self._inner = inner
         self._router = router
         self._metrics = metrics
-        self._in_flight = metrics.in_flight.labels(router)
+        self._series = metrics.series(router)
+        self._in_flight = self._series.in_flight
         self._calls_in_flight = 0
 
     async def route(self, call: RouteCall) -> RouteResult:
@@ -239,7 +285,8 @@ class MetricsBackend:
         finally:
             self._in_flight.dec()
             self._calls_in_flight -= 1
-            self._metrics.record(self._router, call, result, code, time.perf_counter() - started)
+            self._metrics.record(self._router, call, result, code,
+                                 time.perf_counter() - started, self._series)
 
     def stats(self) -> MetricsFigures:
         """Calls inside this stage now (the rest of its figures live in Prometheus)."""

@@ -245,8 +245,8 @@ async def create_server(
 
     # Workers start on demand up to server.max_workers (all at once with
     # optimization.enable_autoscaling off); the in-process optimized router uses it too.
-    pool = DevicePool(
-        max_workers=config.server.max_workers,
+    pool = DevicePool(  # more threads than cores only contend for the GIL and the cores
+        max_workers=min(config.server.max_workers, os.cpu_count() or 1),
         autoscale=config.optimization.enable_autoscaling,
         name="device",
     )

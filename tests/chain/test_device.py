@@ -1,0 +1,102 @@
+"""DeviceExecutor: inline passes for cheap calls, loss sampling for the gauges."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from moe_router.chain.backend import RouteCall, RouteOptions
+from moe_router.chain.batcher import Batcher
+from moe_router.chain.device import DeviceExecutor
+from moe_router.routing import RouterConfig, TopKRouter
+
+DIM = 32
+
+
+def _router() -> TopKRouter:
+    torch.manual_seed(0)
+    return TopKRouter(RouterConfig(hidden_size=DIM, num_experts=8, top_k=2)).eval()
+
+
+def _call(seed: int, tokens: int = 1, **options) -> RouteCall:
+    x = torch.randn(tokens, DIM, generator=torch.Generator().manual_seed(seed))
+    return RouteCall("r", 0, x, RouteOptions(**options))
+
+
+class _ThreadRecorder(ThreadPoolExecutor):
+    """A pool that remembers how many calls it was given."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_cheap_passes_run_on_the_loop_after_one_measured_pass_and_answer_the_same():
+    router, pool = _router(), _ThreadRecorder()
+    device = DeviceExecutor("r", [router], ["v"], torch.device("cpu"), pool,
+                            inline_max_us=1_000_000)
+    calls = [_call(i) for i in range(5)]
+
+    async def run():
+        return [await device.route(call) for call in calls]
+
+    results = asyncio.run(run())
+    assert pool.submitted == 1  # the first pass measures its cost in the pool
+    assert device.stats().inline_passes == 4 and device.stats().passes == 5
+    with torch.inference_mode():
+        for call, result in zip(calls, results, strict=True):
+            alone = router(call.hidden_states)
+            assert torch.equal(result.output.expert_indices, alone.expert_indices)
+            assert torch.equal(result.output.expert_weights, alone.expert_weights)
+
+
+def test_passes_over_the_budget_and_passes_beside_a_running_one_stay_in_the_pool():
+    router, pool = _router(), _ThreadRecorder()
+    never = DeviceExecutor("r", [router], ["v"], torch.device("cpu"), pool, inline_max_us=0)
+
+    async def sequential():
+        for i in range(4):
+            await never.route(_call(i))
+
+    asyncio.run(sequential())
+    assert pool.submitted == 4 and never.stats().inline_passes == 0
+    # Generous budget, but concurrent calls: while a pass is in the pool the others queue
+    # behind it in the batcher and go as one merged pass, never inline beside it.
+    pool2 = _ThreadRecorder()
+    device = DeviceExecutor("r", [router], ["v"], torch.device("cpu"), pool2,
+                            inline_max_us=1_000_000)
+    batcher = Batcher(device, max_queue_delay_us=50_000)
+
+    async def burst():
+        return await asyncio.gather(*(batcher.route(_call(i, tokens=3)) for i in range(6)))
+
+    results = asyncio.run(burst())
+    assert pool2.submitted >= 1 and device.stats().inline_passes <= device.stats().passes - 1
+    assert max(r.batch_requests for r in results) > 1
+
+
+def test_one_call_a_second_computes_losses_for_the_gauges_and_answers_only_what_was_asked():
+    router = _router()
+    seen: list[tuple[float, float]] = []
+    device = DeviceExecutor("r", [router], ["v"], torch.device("cpu"), ThreadPoolExecutor(1),
+                            on_losses=lambda aux, z: seen.append((aux, z)),
+                            loss_sample_interval_s=3600.0)
+    first, second = _call(1), _call(2, return_losses=True)
+
+    async def run():
+        return await device.route(first), await device.route(second), await device.route(first)
+
+    a, b, c = asyncio.run(run())
+    with torch.inference_mode():
+        expected = router(first.hidden_states, return_losses=True)
+    assert seen == [(float(expected.aux_loss), float(expected.z_loss))]  # one sample
+    assert a.output.aux_loss is None and a.output.z_loss is None  # not asked: not answered
+    assert b.output.aux_loss is not None and b.output.z_loss is not None  # asked
+    assert c.output.aux_loss is None
+    assert torch.equal(a.output.expert_weights, c.output.expert_weights)
