@@ -164,17 +164,22 @@ def torch_dtype(dtype: int) -> torch.dtype:
     return table[dtype]
 
 
+_TORCH_WIRE_DTYPES: dict[Any, int] = {}  # filled on first use: torch is imported lazily
+
+
 def wire_dtype_of_torch(t_dtype: torch.dtype) -> int:
     """The wire dtype of a torch dtype."""
-    import torch
+    table = _TORCH_WIRE_DTYPES
+    if not table:
+        import torch
 
-    table = {
-        torch.float32: pb.FLOAT32,
-        torch.float16: pb.FLOAT16,
-        torch.bfloat16: pb.BFLOAT16,
-        torch.int32: pb.INT32,
-        torch.int64: pb.INT64,
-    }
+        table.update({
+            torch.float32: pb.FLOAT32,
+            torch.float16: pb.FLOAT16,
+            torch.bfloat16: pb.BFLOAT16,
+            torch.int32: pb.INT32,
+            torch.int64: pb.INT64,
+        })
     if t_dtype not in table:
         raise TensorCodecError(
             f"dtype {t_dtype} has no wire dtype; send float32, float16, bfloat16, int32 or "
@@ -199,7 +204,9 @@ def _torch_storage_view(tensor: torch.Tensor) -> tuple[int, np.ndarray]:
         tensor = tensor.cpu()
     if tensor.dtype == torch.bfloat16:  # numpy has no bf16: same-size view of the bit pattern
         tensor = tensor.view(torch.int16)
-    return wire, tensor.resolve_conj().resolve_neg().numpy()
+    if tensor.is_neg():  # a lazily negated view (conjugation: no complex dtype is sent)
+        tensor = tensor.resolve_neg()
+    return wire, tensor.numpy()
 
 
 def _numpy_storage_view(array: np.ndarray, dtype: int | None) -> tuple[int, np.ndarray]:

@@ -80,3 +80,40 @@ def test_no_calls_no_rates() -> None:
     figures = RequestStatsBackend(TopKBackend(), layers=2, experts=8).stats()
     assert figures.error_rate is None and figures.load_share_variance is None
     assert figures.latency.samples == 0 and figures.avg_experts_per_token == 0.0
+
+
+def test_pending_answers_fold_into_totals_and_the_recent_window_in_order(monkeypatch) -> None:
+    # Answers are added to a pending list and folded every 256 calls, when the window's
+    # bucket moves on, and when read: every way must give the same figures as adding
+    # each call on its own, and an answer must land in the bucket of the time it came.
+    from moe_router.chain import request_stats as rs
+
+    load = rs._ExpertLoad(layers=2, experts=4, window_s=10.0)
+    now = [100.0]
+    monkeypatch.setattr(rs.time, "monotonic", lambda: now[0])
+    load._current_start = now[0]
+    expected = torch.zeros(2, 4, dtype=torch.int64)
+    per_k = torch.zeros(5, dtype=torch.int64)
+    for i in range(600):  # two automatic folds (256, 512) and a remainder
+        counts = torch.tensor([i % 3, 1, 0, 2])
+        per_token = torch.full((i % 5 + 1,), 2, dtype=torch.int32)
+        out = type("Out", (), {"tokens_per_expert": counts, "dropped_tokens": 1,
+                               "num_experts_per_token": per_token})
+        load.add(i % 2, type("Result", (), {"output": out})())
+        expected[i % 2] += counts
+        per_k[2] += i % 5 + 1
+    total, recent, got_per_k, dropped = load.snapshot()
+    assert torch.equal(torch.tensor(total), expected)
+    assert torch.equal(torch.tensor(recent), expected)  # all in the current window
+    assert torch.equal(torch.tensor(got_per_k), per_k) and dropped == 600
+    # Pending answers of a bucket the ring has left go to that bucket, then age out.
+    out = type("Out", (), {"tokens_per_expert": torch.tensor([0, 0, 0, 7]),
+                           "dropped_tokens": 0,
+                           "num_experts_per_token": torch.tensor([2], dtype=torch.int32)})
+    load.add(0, type("Result", (), {"output": out})())
+    now[0] += 5.0  # half the window later: the pending call is still recent
+    assert load.snapshot()[1][0][3] == expected[0, 3] + 7
+    now[0] += 10.0  # a whole window later: nothing is recent, the totals stay
+    total, recent, _, _ = load.snapshot()
+    assert recent == ((0, 0, 0, 0), (0, 0, 0, 0))
+    assert total[0][3] == expected[0, 3] + 7

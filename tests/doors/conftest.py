@@ -23,7 +23,8 @@ def oip_server(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("oip")
     routers = small_routers()
     mixtral = next(r for r in routers if r["name"] == "mixtral")
-    routers.append({**mixtral, "name": "mixtral-wait", "batching": {"max_queue_delay_us": 50000}})
+    routers.append({**mixtral, "name": "mixtral-wait", "batching": {"max_queue_delay_us": 50000,
+                                                                    "inline_max_us": 0}})
     dynamic = next(r for r in routers if r["name"] == "dynamic")
     routers.append({**dynamic, "name": "dynamic-logits", "load_balancing": False,
                     "complexity_estimator": "perplexity_proxy"})

@@ -46,7 +46,7 @@ FIELDS = ("expert_indices", "expert_weights", "num_experts_per_token", "router_l
 def config(tmp_path: Path, threads: int) -> Path:
     return write_config(
         tmp_path / f"batching-{threads}.yaml", ROUTERS, cache={"enabled": False},
-        batching={"max_queue_delay_us": 20000},
+        batching={"max_queue_delay_us": 20000, "inline_max_us": 0},
         server={"intra_op_threads": threads, "max_workers": 2},
     )
 

@@ -44,7 +44,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer
     `mixtral-wait`, whose batcher holds calls up to 50 ms so that concurrent calls meet."""
     routers = small_routers()
     mixtral = next(r for r in routers if r["name"] == "mixtral")
-    routers.append({**mixtral, "name": "mixtral-wait", "batching": {"max_queue_delay_us": 50000}})
+    routers.append({**mixtral, "name": "mixtral-wait", "batching": {"max_queue_delay_us": 50000,
+                                                                    "inline_max_us": 0}})
     dynamic = next(r for r in routers if r["name"] == "dynamic")
     dynamic.update(load_balancing=False, complexity_estimator="perplexity_proxy")
     config = write_config(tmp_path_factory.mktemp("colocated") / "config.yaml", routers)

@@ -61,7 +61,8 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("middleware")
     routers = small_routers(fault_dir=tmp)
     mixtral = next(r for r in routers if r["name"] == "mixtral")
-    routers.append({**mixtral, "name": "mixtral-wait", "batching": {"max_queue_delay_us": 50000}})
+    routers.append({**mixtral, "name": "mixtral-wait", "batching": {"max_queue_delay_us": 50000,
+                                                                    "inline_max_us": 0}})
     config = write_config(
         tmp / "config.yaml",
         routers,

@@ -47,7 +47,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         tmp / "config.yaml",
         small_routers(fault_dir=tmp),
         testing={"enable_fault_injection": True},
-        batching={"max_queue_delay_us": 20000},
+        batching={"max_queue_delay_us": 20000, "inline_max_us": 0},
         cache={"enabled": False},
     )
     hosted = load_routers(load_config(config, env={}))

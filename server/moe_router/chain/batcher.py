@@ -43,6 +43,10 @@ class DevicePasses(Protocol):
         """Route calls of one layer in one pass; a per-call refusal in its slot."""
         ...
 
+    def runs_inline(self, tokens: int) -> bool:
+        """Whether a pass of ``tokens`` tokens would run on the event loop right now."""
+        ...
+
 
 @dataclass(frozen=True)
 class BatcherFigures:
@@ -99,6 +103,12 @@ class Batcher:
         self._set_depth(self._depth + 1)
         try:
             if not admitted.batchable or admitted.num_tokens >= self.max_batch_tokens:
+                return await self._run_alone(admitted)
+            if (self._passes_in_flight == 0 and not self._queues
+                    and self.device.runs_inline(admitted.num_tokens)):
+                # Nothing to wait for and the pass is cheap: route it now, on the loop,
+                # without a queue entry, a future or a task (calls that arrive meanwhile
+                # find the device free again when it returns).
                 return await self._run_alone(admitted)
             return await self._enqueue(admitted)
         finally:

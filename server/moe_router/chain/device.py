@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -185,7 +186,7 @@ class DeviceExecutor:
         """
         tokens = sum(a.num_tokens for a in admitted)
         size = _size_class(tokens)
-        if self._in_pool == 0 and self._pass_cost.get(size, _NEVER) <= self._inline_max_s:
+        if self.runs_inline(tokens):
             self._inline_passes += 1
             return self._pass(admitted, size)
         loop = asyncio.get_running_loop()
@@ -194,6 +195,12 @@ class DeviceExecutor:
             return await loop.run_in_executor(self.pool, self._pass, admitted, size)
         finally:
             self._in_pool -= 1
+
+    def runs_inline(self, tokens: int) -> bool:
+        """Whether a pass of ``tokens`` tokens runs on the event loop now: none of this
+        router's passes is in the pool and passes of that size cost at most the budget."""
+        return (self._in_pool == 0
+                and self._pass_cost.get(_size_class(tokens), _NEVER) <= self._inline_max_s)
 
     def _pass(self, admitted: Sequence[AdmittedCall], size: int) -> list[PassAnswer]:
         """One blocking device pass (a worker thread, or the loop when cheap)."""
@@ -339,7 +346,7 @@ def _value_problem(name: str, values: torch.Tensor) -> str | None:
     if not values.numel() or not values.is_floating_point():
         return None
     flat = values.reshape(-1)
-    if torch.isfinite(torch.linalg.vector_norm(flat, dtype=torch.float32)):
+    if math.isfinite(torch.linalg.vector_norm(flat, dtype=torch.float32).item()):
         return None
     bad = int((~torch.isfinite(flat)).sum())
     if bad:

@@ -84,7 +84,7 @@ def build_chain(
     merge_calls = hosted.device.type != "cpu" or config.server.intra_op_threads == 1
     executor = DeviceExecutor(
         name, hosted.layers, hosted.versions, hosted.device, pool, merge_calls=merge_calls,
-        inline_max_us=config.server.inline_max_us,
+        inline_max_us=spec.batching.inline_max_us,
         on_losses=None if metrics is None else metrics.loss_observer(name),
     )
     first = hosted.layers[0]

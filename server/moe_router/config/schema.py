@@ -113,10 +113,6 @@ class ServerConfig:
                                    "alone; with more, CPU calls are never merged.", lo=1)
     max_workers: int = _field(4, "Device executor threads (at most one per CPU core).",
                               env="DYNAMIC_MOE_MAX_WORKERS", lo=1)
-    inline_max_us: int = _field(300, "Device passes measured to take at most this long "
-                                "(microseconds, a running mean per power-of-two token count) "
-                                "run on the event loop instead of a device thread, when no "
-                                "other pass of the router is running; 0: never.", lo=0)
     log_level: LogLevel = _field("INFO", "Logging level name.", env="DYNAMIC_MOE_LOG_LEVEL")
 
 
