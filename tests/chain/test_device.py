@@ -10,6 +10,7 @@ import torch
 from moe_router.chain.backend import RouteCall, RouteOptions
 from moe_router.chain.batcher import Batcher
 from moe_router.chain.device import DeviceExecutor
+from moe_router.errors import ValidationError
 from moe_router.routing import RouterConfig, TopKRouter
 
 DIM = 32
@@ -100,3 +101,23 @@ def test_one_call_a_second_computes_losses_for_the_gauges_and_answers_only_what_
     assert b.output.aux_loss is not None and b.output.z_loss is not None  # asked
     assert c.output.aux_loss is None
     assert torch.equal(a.output.expert_weights, c.output.expert_weights)
+
+
+def test_top_k_values_are_judged_by_their_logits_and_a_bad_call_fails_alone():
+    router = _router()
+    device = DeviceExecutor("r", [router], ["v"], torch.device("cpu"), ThreadPoolExecutor(1))
+    good = _call(1, tokens=3)
+    nan = _call(2, tokens=3)
+    nan.hidden_states[1, 5] = float("nan")
+    huge = RouteCall("r", 0, torch.full((2, DIM), 3e38))  # finite, but the logits are not
+
+    async def run():
+        admitted = [device.admit(c) for c in (good, nan, huge)]
+        return await device.run_pass(admitted)
+
+    first, second, third = asyncio.run(run())
+    with torch.inference_mode():
+        alone = router(good.hidden_states)
+    assert torch.equal(first.output.expert_weights, alone.expert_weights)
+    assert isinstance(second, ValidationError) and "1 non-finite values" in str(second)
+    assert isinstance(third, ValidationError) and "too large" in str(third)

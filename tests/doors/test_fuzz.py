@@ -272,15 +272,15 @@ def test_a_good_request_after_the_shapes(raw):
 
 # ----------------------------------------------------------------- values
 def expected_for_values(values: np.ndarray) -> set[str]:
-    """OK while the sum of squares fits float32 (the server's one check), else
-    INVALID_ARGUMENT; either near the edge, where float32 rounding decides."""
+    """INVALID_ARGUMENT for any NaN or Inf; OK while the values are moderate; either for
+    huge finite values. These per-token routers are judged by their gate logits (finite
+    and below 1.8e19): with the fuzz routers' weights (|w_e| < 1) a sum of squares under
+    1e36 keeps every logit under 1e18, and beyond that the weights decide."""
     as64 = values.astype(np.float64)
     if not np.isfinite(as64).all():
         return {"INVALID_ARGUMENT"}
     energy = float(np.sum(as64 * as64))
-    if energy < 3.0e38:
-        return {"OK"}
-    return {"INVALID_ARGUMENT"} if energy > 3.7e38 else {"OK", "INVALID_ARGUMENT"}
+    return {"OK"} if energy < 1e36 else {"OK", "INVALID_ARGUMENT"}
 
 
 special = st.sampled_from([0.0, -0.0, 1.0, float("nan"), float("inf"), float("-inf"),

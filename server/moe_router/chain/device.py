@@ -212,9 +212,13 @@ class DeviceExecutor:
             self._next_loss_sample = now + self._loss_interval
             sampled = todo[0]
         started, cpu_started = time.perf_counter(), time.thread_time()
-        outputs = self._forward(todo, sampled) if todo else []
+        outputs: list[RouterOutput | DynamicMoEError] = list(
+            self._forward(todo, sampled) if todo else [])
         finished, cpu = time.perf_counter(), time.thread_time() - cpu_started
-        if sampled is not None:
+        for i, (a, out) in enumerate(zip(todo, outputs, strict=True)):
+            if _judged_by_logits(a) and not _finite(out.router_logits):  # type: ignore[union-attr]
+                outputs[i] = ValidationError(self._logits_problem(a))
+        if sampled is not None and isinstance(outputs[0], RouterOutput):
             outputs[0] = self._report_losses(outputs[0], sampled)
         tokens = sum(a.num_tokens for a in admitted)
         results = iter(outputs)
@@ -225,19 +229,19 @@ class DeviceExecutor:
         with self._count_lock:
             self._passes += 1
             self._calls += len(todo)
-        return [
-            answer
-            if answer is not None
-            else RouteResult(
-                output=next(results),
+        for i, (a, answer) in enumerate(zip(admitted, answers, strict=True)):
+            if answer is not None:
+                continue
+            out = next(results)
+            answers[i] = out if isinstance(out, DynamicMoEError) else RouteResult(
+                output=out,
                 router_version=self.versions[a.call.layer],
                 batch_requests=len(admitted),
                 batch_tokens=tokens,
                 queue_time_us=max(0, int((started - a.admitted) * 1e6)),
                 compute_time_us=int((finished - started) * 1e6),
             )
-            for a, answer in zip(admitted, answers, strict=True)
-        ]
+        return answers  # type: ignore[return-value]  # every slot is filled
 
     def _refusal(self, admitted: AdmittedCall, now: float) -> DynamicMoEError | None:
         """Why the call must not run (deadline passed, values it cannot route), or None.
@@ -247,12 +251,21 @@ class DeviceExecutor:
         non-finite for any NaN or Inf, and also for finite values so large that the
         router's own sums overflow float32 (hidden states of 3e38 made the gate logits
         infinite and the estimators fail). What was wrong is counted only on that path.
+
+        A batchable call to a router whose ``values_judged_by_logits`` (it works row by
+        row and never fails on a non-finite row) is not read here: the pass checks its
+        [T, E] gate logits
+        instead (``_finite``: finite and below 1.8e19), which any NaN or Inf in the input
+        makes non-finite. Reading the [T, D] input cost a fifth of the gate matmul
+        (measured here: 1.6 ms against 7.8 ms at [2048, 4096]).
         """
         deadline = admitted.call.deadline
         if deadline is not None and now >= deadline:
             return DeadlineExceededError(
                 f"deadline passed before router '{self.name}' could start the call"
             )
+        if _judged_by_logits(admitted):
+            return None
         problem = _value_problem("hidden_states", admitted.flat)
         for name, values in admitted.call.options.extra_inputs.items():
             if problem is not None:
@@ -261,6 +274,13 @@ class DeviceExecutor:
                 name, values
             )
         return None if problem is None else ValidationError(problem)
+
+    def _logits_problem(self, admitted: AdmittedCall) -> str:
+        """What made a batchable call's gate logits non-finite (its answer is refused)."""
+        return _value_problem("hidden_states", admitted.flat) or (
+            f"hidden_states made router '{self.name}' compute non-finite gate logits; "
+            "expected values whose products with the gate weights fit in float32"
+        )
 
     def _report_losses(self, output: RouterOutput, admitted: AdmittedCall) -> RouterOutput:
         """Hand a sampled call's losses to ``on_losses``; answer only what it asked for."""
@@ -339,6 +359,17 @@ class DeviceExecutor:
 
 
 _NORM_BOUND = 1.8e19  # sqrt of float32's largest value: past it the sum of squares overflows
+
+
+def _judged_by_logits(admitted: AdmittedCall) -> bool:
+    """Whether the call's values are checked on its logits after the pass (see _refusal)."""
+    return admitted.batchable and admitted.router.values_judged_by_logits
+
+
+def _finite(logits: torch.Tensor) -> bool:
+    """Whether every gate logit [..., E] is finite and below :data:`_NORM_BOUND` in
+    magnitude (so that its square, the z-loss, stays finite); NaN compares False."""
+    return not logits.numel() or bool(logits.abs().amax() < _NORM_BOUND)
 
 
 def _value_problem(name: str, values: torch.Tensor) -> str | None:

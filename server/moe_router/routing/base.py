@@ -43,6 +43,10 @@ class RouterBase(nn.Module, ABC):
     accepts_estimator_inputs: bool = False
     #: Whether select() needs the tokens' ids (``input_ids`` [T], hash routers).
     takes_input_ids: bool = False
+    #: Whether a NaN, Inf or huge value in a row only makes that row's answer non-finite
+    #: and never raises (the row-wise top-k family): the serving chain then judges a
+    #: call's values by its [T, E] gate logits instead of reading its [T, D] input.
+    values_judged_by_logits: bool = False
 
     input_scale: nn.Parameter  # [D], only with config.input_norm rms
     per_expert_scale: nn.Parameter  # [E], only with config.per_expert_scale

@@ -46,6 +46,7 @@ class TopKRouter(RouterBase):
     """
 
     fixed_k = True
+    values_judged_by_logits = True
 
     e_score_correction_bias: torch.Tensor  # [E_r] fp32, only when use_correction_bias
 
