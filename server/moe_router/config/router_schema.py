@@ -47,7 +47,7 @@ class BatchingConfig:
     max_queue_delay_us: int = _field(500, "Longest a call waits for company, microseconds.",
                                      lo=0)
     max_queue_size: int = _field(1024, "Calls queued before new ones are refused.", lo=1)
-    inline_max_us: int = _field(300, "Device passes measured to cost at most this much CPU "
+    inline_max_us: int = _field(1000, "Device passes measured to cost at most this much CPU "
                                 "time (microseconds, a running mean per power-of-two token "
                                 "count) run on the event loop instead of a device thread "
                                 "when no other pass of the router is running; 0: never.", lo=0)
