@@ -65,6 +65,7 @@ from moe_router.doors.colocated_convert import (
     result_to_routed,
     route_to_call,
 )
+from moe_router.doors.eager_start import start_eagerly
 from moe_router.doors.health import HealthState
 from moe_router.doors.security import key_id
 from moe_router.doors.shm_regions import SharedMemoryRegistry
@@ -317,9 +318,7 @@ class CoLocatedDoor:
                 raise AuthenticationError("send HELLO first (with the API key when the "
                                           "server requires one)")
             if isinstance(message, wire.Route):
-                task = asyncio.ensure_future(self._route(connection, message))
-                connection.tasks.add(task)
-                task.add_done_callback(connection.tasks.discard)
+                self._start_route(connection, message)
                 return
             if isinstance(message, wire.Register):
                 handed, fds = fds, []  # _register owns them from here (keeps or closes)
@@ -427,6 +426,15 @@ class CoLocatedDoor:
                 f"{sorted(self.chains)}"
             )
         return describe(chain, message.seq)
+
+    def _start_route(self, connection: _Connection, message: wire.Route) -> None:
+        """Run a ROUTE now, as far as it goes without waiting; only a call that waits (a
+        pass in the pool, a batch) becomes a task. A call whose pass runs inline is then
+        answered from this read, without a task or another turn of the loop."""
+        task = start_eagerly(self._route(connection, message))
+        if task is not None:
+            connection.tasks.add(task)
+            task.add_done_callback(connection.tasks.discard)
 
     async def _route(self, connection: _Connection, message: wire.Route) -> None:
         """Run one ROUTE through its router's chain and answer it."""
