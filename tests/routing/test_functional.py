@@ -168,17 +168,23 @@ def test_top_k_mask_picks_the_same_set_as_topk_lowest_index_ties_included():
         assert F.top_k_mask(values, k).sum(-1).tolist() == [k] * 64
 
 
-@pytest.mark.parametrize("width", [33, 64, 128, 256])
-def test_topk_lowest_index_on_wide_rows_equals_the_stable_sort_ties_or_not(width):
-    # Rows wider than 32 take torch.topk and fall back to the sort only on a tie: both
-    # paths must give the stable sort's values and indices, in its order.
+@pytest.mark.parametrize(("rows", "width"), [(1, 256), (64, 33), (32, 64), (16, 128),
+                                             (8, 256), (2048, 8), (1024, 32)])
+def test_topk_lowest_index_on_large_inputs_equals_the_stable_sort_ties_or_not(rows, width):
+    # Large inputs take torch.topk and fall back to the sort only on a tie; small ones
+    # sort: every path must give the stable sort's values and indices, in its order.
     gen = torch.Generator().manual_seed(width)
-    distinct = torch.randn(16, width, generator=gen)
-    tied = torch.randint(0, 5, (16, width), generator=gen).float()  # ties everywhere
-    masked = distinct.masked_fill(torch.rand(16, width, generator=gen) < 0.7, float("-inf"))
+    distinct = torch.randn(rows, width, generator=gen)
+    tied = torch.randint(0, 5, (rows, width), generator=gen).float()  # ties everywhere
+    masked = distinct.masked_fill(torch.rand(rows, width, generator=gen) < 0.7,
+                                  float("-inf"))
     for values in (distinct, tied, masked):
         for k in (1, 2, 8, width - 1):
             by_sort = torch.sort(values, dim=-1, descending=True, stable=True)
             got_values, got_indices = F.topk_lowest_index(values, k)
             assert torch.equal(got_indices, by_sort.indices[:, :k])
             assert torch.equal(got_values, by_sort.values[:, :k])
+    # the grouped router's shape: [T, groups, experts per group]
+    grouped = torch.randn(64, 8, 32, generator=gen)
+    by_sort = torch.sort(grouped, dim=-1, descending=True, stable=True)
+    assert torch.equal(F.topk_lowest_index(grouped, 2)[1], by_sort.indices[..., :2])
