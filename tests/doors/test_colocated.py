@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from inprocess_server import InProcessServer, serve_in_process
+from routed_answers import assert_same_answer
 from server_process import small_routers, write_config
 
 from moe_router_client import (
@@ -33,8 +34,6 @@ from moe_router_client.colocated import local_socket_path
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the door is Linux-only")
 
-TENSORS = ("expert_indices", "expert_weights", "num_experts_per_token", "complexity_scores",
-           "router_logits", "dispatch_weights", "combine_weights")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -64,20 +63,6 @@ def client(server: InProcessServer) -> Iterator[CoLocatedClient]:
     with CoLocatedClient(server.target, timeout=30) as c:
         assert c.transport == "colocated"
         yield c
-
-
-def assert_same_answer(got: RouteResult, expected: RouteResult) -> None:
-    """Every tensor bit for bit (dtype, shape, bytes), and the routing scalars."""
-    for name in TENSORS:
-        a, b = getattr(got, name), getattr(expected, name)
-        assert (a is None) == (b is None), name
-        if a is not None:
-            a, b = np.asarray(a), np.asarray(b)
-            assert (a.dtype, a.shape) == (b.dtype, b.shape), name
-            assert a.tobytes() == b.tobytes(), name
-    for field in ("aux_loss", "z_loss", "tokens_per_expert", "dropped_tokens",
-                  "router_version", "layer"):
-        assert getattr(got.info, field) == getattr(expected.info, field), field
 
 
 def wait_until(condition: Callable[[], bool], limit_s: float = 30.0) -> bool:

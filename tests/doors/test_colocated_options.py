@@ -7,7 +7,6 @@ carries the gRPC door's aux and z losses; the gRPC fallback passes both on."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import sys
 from collections.abc import Iterator
@@ -17,8 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hash_router import VOCAB, D, K, write_hash_router
 from inprocess_server import InProcessServer, serve_in_process
-from safetensors.torch import save_file
+from routed_answers import assert_same_answer
 from server_process import small_routers, write_config
 
 from moe_router.doors.colocated_convert import route_to_call
@@ -36,28 +36,13 @@ from moe_router_client.v1 import router_pb2 as pb
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the door is Linux-only")
 
-D, E, K, VOCAB = 16, 8, 2, 32
-TENSORS = ("expert_indices", "expert_weights", "num_experts_per_token", "router_logits")
-#: RouterClient.route takes return_losses once RouteRequest carries it (field 12); until
-#: then the gRPC door computes the losses on every call.
-GRPC_RETURN_LOSSES = "return_losses" in inspect.signature(RouterClient.route).parameters
-
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[InProcessServer, Any]]:
     """A hash router (its table known here) and mixtral, cache on."""
     tmp = tmp_path_factory.mktemp("colocated-options")
-    gen = torch.Generator().manual_seed(4)
-    gate = torch.randn(E, D, generator=gen)
-    table = torch.randint(0, E, (VOCAB, K), generator=gen)
-    save_file({"layers.0.gate.weight": gate, "layers.0.gate.tid2eid": table},
-              str(tmp / "hash.safetensors"))
-    hashed = {
-        "name": "hashed", "kind": "hash", "input_dim": D, "num_experts": E, "top_k": K,
-        "scoring": "sqrtsoftplus", "vocab_size": VOCAB, "routed_scaling_factor": 1.5,
-        "weights": {"path": str(tmp / "hash.safetensors"), "gate": "layers.{layer}.gate.weight",
-                    "tensors": {"token_experts": "layers.{layer}.gate.tid2eid"}},
-    }
+    router = write_hash_router(tmp)
+    hashed, table = router.entry, router.table
     config = write_config(tmp / "config.yaml", [hashed, small_routers()[0]])
     with serve_in_process(config) as server:
         yield server, table
@@ -74,27 +59,6 @@ def client(served: tuple[InProcessServer, Any]) -> Iterator[CoLocatedClient]:
     with CoLocatedClient(served[0].target, timeout=30) as c:
         assert c.transport == "colocated"
         yield c
-
-
-def grpc_route(client: RouterClient, *args: Any, return_losses: bool = False,
-               **kwargs: Any) -> RouteResult:
-    """RouterClient.route, with return_losses when this client has the argument."""
-    if GRPC_RETURN_LOSSES:
-        kwargs["return_losses"] = return_losses
-    return client.route(*args, **kwargs)
-
-
-def assert_same_answer(got: RouteResult, expected: RouteResult) -> None:
-    """Every tensor bit for bit (dtype, shape, bytes), and the routing scalars."""
-    for name in TENSORS:
-        a, b = getattr(got, name), getattr(expected, name)
-        assert (a is None) == (b is None), name
-        if a is not None:
-            a, b = np.asarray(a), np.asarray(b)
-            assert (a.dtype, a.shape, a.tobytes()) == (b.dtype, b.shape, b.tobytes()), name
-    for field in ("aux_loss", "z_loss", "tokens_per_expert", "dropped_tokens",
-                  "router_version", "layer"):
-        assert getattr(got.info, field) == getattr(expected.info, field), field
 
 
 def hidden(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -260,7 +224,7 @@ def test_return_losses_answers_the_grpc_doors_losses(
     server, _ = served
     x = hidden((2, 3, 64), seed=12)
     got = client.route("mixtral", x, layer=1, return_losses=True, skip_cache=True)
-    expected = grpc_route(grpc_client, "mixtral", x, layer=1, return_losses=True,
+    expected = grpc_client.route("mixtral", x, layer=1, return_losses=True,
                           skip_cache=True)
     assert got.info.aux_loss is not None and got.info.z_loss is not None
     assert (got.info.aux_loss, got.info.z_loss) == (expected.info.aux_loss,
@@ -280,7 +244,7 @@ def test_the_grpc_fallback_passes_input_ids_and_return_losses(
     server, _ = served
     absent = tmp_path / "no-door.sock"
     x, ids = hidden((3, D), seed=5), np.array([9, 8, 7], dtype=np.int32)
-    expected = grpc_route(grpc_client, "hashed", x, input_ids=ids, return_losses=True,
+    expected = grpc_client.route("hashed", x, input_ids=ids, return_losses=True,
                           skip_cache=True)
     with CoLocatedClient(server.target, socket_path=absent, timeout=30) as client:
         assert client.transport == "grpc"

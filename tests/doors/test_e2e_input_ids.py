@@ -6,30 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hash_router import VOCAB, D, K, write_hash_router
 from inprocess_server import serve_in_process
-from safetensors.torch import save_file
 from server_process import small_routers, write_config
 
 from moe_router_client import RouterClient
 from moe_router_client.errors import InvalidArgumentError
 
-D, E, K, VOCAB = 16, 8, 2, 32
-
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("hash")
-    gen = torch.Generator().manual_seed(4)
-    gate = torch.randn(E, D, generator=gen)
-    table = torch.randint(0, E, (VOCAB, K), generator=gen)
-    save_file({"layers.0.gate.weight": gate, "layers.0.gate.tid2eid": table},
-              str(tmp / "hash.safetensors"))
-    hashed = {
-        "name": "hashed", "kind": "hash", "input_dim": D, "num_experts": E, "top_k": K,
-        "scoring": "sqrtsoftplus", "vocab_size": VOCAB, "routed_scaling_factor": 1.5,
-        "weights": {"path": str(tmp / "hash.safetensors"), "gate": "layers.{layer}.gate.weight",
-                    "tensors": {"token_experts": "layers.{layer}.gate.tid2eid"}},
-    }
+    router = write_hash_router(tmp)
+    hashed, gate, table = router.entry, router.gate, router.table
     config = write_config(tmp / "config.yaml", [hashed, small_routers()[0]],
                           cache={"enabled": False})
     with serve_in_process(config) as server, RouterClient(server.target, timeout=30) as client:
