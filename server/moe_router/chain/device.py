@@ -1,17 +1,18 @@
-"""DeviceExecutor: the last stage of a router's chain — forward passes in worker threads.
+"""DeviceExecutor: the last stage of a router's chain, its forward passes.
 
-A device pass goes to the device pool, except a pass measured to be cheap: when no pass
-of this router is in the pool and passes of its size have taken at most
-``inline_max_us`` of CPU time (a running mean per power-of-two token count), it runs on the
-event loop itself. The hop to a worker and back costs more than routing a token or a
-few (measured here: a 1-token Mixtral pass took 0.1 ms, the hop 0.15 ms and the GIL
-handover under load several times that), and the bound keeps the loop from being held
-for longer than about that budget. A call is
-checked once, on admission (:meth:`DeviceExecutor.admit`: layer, dtype, rank, dim,
-estimator inputs, token ids), and carries the result of that check (:class:`AdmittedCall`) to its
-pass, so nothing is looked up or validated twice. Inputs move to the router's device,
-are routed under ``torch.inference_mode()``, and the answer comes back to the host.
-Failures are sorted into the error tree here, once.
+A pass goes to the device pool's worker threads, except one measured to be cheap: when
+no pass of this router is in the pool and passes of its size (a running mean per
+power-of-two token count; CPU time on a CPU, wall time on a GPU) have taken at most
+``inline_max_us``, it runs on the event loop itself. The hop to a worker and back costs
+more than routing a token or a few (measured here: a 1-token Mixtral pass took 0.1 ms,
+the hop 0.15 ms and the GIL handover under load several times that), and the budget
+bounds how long the loop is held.
+
+A call is checked once, on admission (:meth:`DeviceExecutor.admit`: layer, dtype, rank,
+dim, estimator inputs, token ids), and carries the result of that check
+(:class:`AdmittedCall`) to its pass, so nothing is looked up or validated twice. Inputs
+move to the router's device, are routed under ``torch.inference_mode()``, and the answer
+comes back to the host. Failures are sorted into the error tree here, once.
 """
 
 from __future__ import annotations
@@ -223,10 +224,13 @@ class DeviceExecutor:
             outputs[0] = self._report_losses(outputs[0], sampled)
         tokens = sum(a.num_tokens for a in admitted)
         results = iter(outputs)
-        # The pass's own CPU time: in a worker its wall time also counts the waits for
-        # the GIL, which an inline pass does not have.
+        # On a CPU the pass's own CPU time: in a worker its wall time also counts the
+        # waits for the GIL, which an inline pass does not have. On a GPU the wall time:
+        # a synchronise that sleeps instead of spinning leaves the kernels' time out of
+        # the CPU time, and the loop would wait for them all the same.
+        spent = cpu if self.device.type == "cpu" else finished - started
         cost = self._pass_cost.get(size)
-        self._pass_cost[size] = cpu if cost is None else cost + 0.2 * (cpu - cost)
+        self._pass_cost[size] = spent if cost is None else cost + 0.2 * (spent - cost)
         with self._count_lock:
             self._passes += 1
             self._calls += len(todo)
