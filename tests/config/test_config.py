@@ -445,7 +445,7 @@ BAD_CONFIGS = [
     ("servr: {}\n" + ROUTER, "servr: unknown key; did you mean 'server'?"),
     ("server: {prot: 1}\n" + ROUTER, "server.prot: unknown key; did you mean 'port'?"),
     ("server: {zzz: 1}\n" + ROUTER,
-     "server.zzz: unknown key; valid keys: device, drain_delay_s, drain_grace_s"),
+     "server.zzz: unknown key; valid keys: busy_poll_us, device, drain_delay_s"),
     (R + ", top_kk: 2}\n", "routers[0].top_kk: unknown key; did you mean 'top_k'?"),
     (R + ", weights: {seeds: 1}}\n", "routers[0].weights.seeds: unknown key; did you mean 'seed'"),
     ("security: {tls: {enable: true}}\n" + ROUTER,

@@ -352,6 +352,11 @@ class DeviceExecutor:
         return answer
 
     @property
+    def passes_in_pool(self) -> int:
+        """This router's passes running (or waiting) in the device pool now."""
+        return self._in_pool
+
+    @property
     def merges_calls(self) -> bool:
         """Whether calls of this router may share a device pass."""
         return self._may_batch

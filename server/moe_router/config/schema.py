@@ -114,6 +114,10 @@ class ServerConfig:
     max_workers: int = _field(4, "Device executor threads (at most one per CPU core).",
                               env="DYNAMIC_MOE_MAX_WORKERS", lo=1)
     log_level: LogLevel = _field("INFO", "Logging level name.", env="DYNAMIC_MOE_LOG_LEVEL")
+    busy_poll_us: int = _field(300, "After a wake-up with work, the event loop polls this "
+                               "long for the next message before it sleeps (0: never); "
+                               "saves the wake-up of a small call's ping-pong.",
+                               lo=0, hi=100_000)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -46,6 +46,7 @@ from moe_router.chain.metrics import RouterMetrics, start_metrics_http_server
 from moe_router.chain.pool import DevicePool
 from moe_router.config import ServiceConfig
 from moe_router.doors.admission import Admission
+from moe_router.doors.busy_poll import BusyPollSelector
 from moe_router.doors.colocated import CoLocatedDoor
 from moe_router.doors.health import (
     HealthState,
@@ -355,8 +356,10 @@ async def _watch_alerts(chains: dict[str, HostedRouterChain], alerts: AlertMonit
 _LINGER_S = 0.1  # after the drain: time for the last answers to leave the sockets
 
 
-async def _serve(config: ServiceConfig) -> None:
+async def _serve(config: ServiceConfig, selector: BusyPollSelector) -> None:
     running = await create_server(config)
+    chains = running.chains.values()
+    selector.may_spin = lambda: not any(c.executor.passes_in_pool for c in chains)
     if running.metrics_port is not None:
         print(f"metrics on http://{config.metrics.host}:{running.metrics_port}/metrics", flush=True)
     if running.health_port is not None:
@@ -410,5 +413,7 @@ def serve(config: ServiceConfig) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    asyncio.run(_serve(config))
+    selector = BusyPollSelector(config.server.busy_poll_us / 1e6)
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+        runner.run(_serve(config, selector))
     return 0  # not reached: _serve exits the process
