@@ -338,8 +338,11 @@ class DeviceExecutor:
         }
         if options.input_ids is not None:
             extra["input_ids"] = options.input_ids.to(self.device)
+        flat = admitted.flat
+        if flat.device != self.device:  # a no-op .to() still costs an op
+            flat = flat.to(self.device)
         return admitted.router.route_validated(
-            admitted.flat.to(self.device), admitted.lead, generator=generator,
+            flat, admitted.lead, generator=generator,
             return_losses=losses, **extra,
         )
 

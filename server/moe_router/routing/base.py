@@ -18,6 +18,7 @@ from torch import nn
 from moe_router.errors import ValidationError
 from moe_router.routing import capacity, scoring
 from moe_router.routing import functional as F
+from moe_router.routing.gate_columns import KeptGateColumns
 from moe_router.routing.output import RouterOutput, Selection
 from moe_router.routing.router_config import InputNorm, RouterConfig
 
@@ -63,6 +64,7 @@ class RouterBase(nn.Module, ABC):
         if config.learned_weight_scale:
             self.weight_scale = nn.Parameter(torch.ones(1))
         self._stats_lock = threading.Lock()
+        self._gate_columns = KeptGateColumns()
         self.register_buffer(
             "expert_load", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
         )
@@ -127,8 +129,7 @@ class RouterBase(nn.Module, ABC):
         ``generator`` seeds any noise the router draws; ``kwargs`` carry extra tensors
         (``attention_weights``, ``logits``, ``gradients``) for complexity estimators.
         ``return_losses``: compute ``aux_loss`` and ``z_loss`` (None: in training mode
-        only; an eval-mode answer leaves them None unless asked, as serving never reads
-        them and they cost a third of a small call).
+        only; serving never reads them, and they cost a third of a small call).
         """
         flat, lead = self.validate(hidden_states)
         return self.route_validated(
@@ -351,7 +352,8 @@ class RouterBase(nn.Module, ABC):
                 f"{who} input_dim {self.hidden_size}"
             )
         lead = tuple(hidden_states.shape[:-1])
-        return hidden_states.reshape(-1, self.hidden_size), lead
+        flat = hidden_states if len(lead) == 1 else hidden_states.reshape(-1, self.hidden_size)
+        return flat, lead  # a [T, D] input as it is: a reshape would be an op for nothing
 
     @property
     def required_estimator_inputs(self) -> tuple[str, ...]:
@@ -403,11 +405,10 @@ class RouterBase(nn.Module, ABC):
         if cfg.input_norm is InputNorm.RMS:
             x = scoring.rms_scaled(x, self.input_scale.float(), cfg.input_norm_eps, input_dtype)
         gate = self.gate
-        weight = gate.weight
-        if weight.dtype != torch.float32:
-            weight = weight.float()
         bias = None if gate.bias is None else gate.bias.float()
-        logits = F.batch_invariant_linear(x, weight, bias, block_rows)
+        logits = F.batch_invariant_linear(
+            x, gate.weight, bias, block_rows, columns=self._gate_columns(gate.weight)
+        )
         return scoring.transform_logits(logits, cfg.logit_multiplier, cfg.logit_softcap)
 
     @abstractmethod

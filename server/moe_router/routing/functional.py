@@ -20,6 +20,7 @@ __all__ = [
     "batch_invariant_linear",
     "batch_invariant_elementwise",
     "gate_block_rows",
+    "gate_columns",
     "score",
     "topk_lowest_index",
     "top_k_mask",
@@ -46,11 +47,20 @@ def gate_block_rows(num_rows: int) -> int:
     return min(GATE_MAX_BLOCK_ROWS, 1 << max(num_rows - 1, 0).bit_length())
 
 
+def gate_columns(weight: torch.Tensor) -> torch.Tensor:
+    """weight [E, D] as the fp32 columns [1, D, E] :func:`batch_invariant_linear` multiplies
+    by (a view of it when it is fp32)."""
+    if weight.dtype != torch.float32:
+        weight = weight.float()
+    return weight.t().unsqueeze(0)
+
+
 def batch_invariant_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     block_rows: int | None = None,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gate matmul x [T, D] @ weight[E, D]^T whose rows do not depend on the other rows.
 
@@ -70,13 +80,14 @@ def batch_invariant_linear(
     ``block_rows * D`` elements are not a multiple of 64 bytes (small blocks of an odd
     D) the blocks are laid out with a padded batch stride. For T <= 256 the cost is one
     [B, D] gemm with B < 2T; larger calls match ``F.linear`` within noise.
+    ``columns``: :func:`gate_columns` of ``weight`` when the caller keeps them.
     Returns [T, E].
     """
     num_rows, dim = x.shape
     if block_rows is None:
         block_rows = gate_block_rows(num_rows)
     blocks = _aligned_blocks(x, block_rows)
-    w_t = weight.t().unsqueeze(0)
+    w_t = gate_columns(weight) if columns is None else columns
     if blocks.shape[0] > 1:
         w_t = w_t.expand(blocks.shape[0], dim, weight.shape[0])
     out = torch.bmm(blocks, w_t).reshape(-1, weight.shape[0])

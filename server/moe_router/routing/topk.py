@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -63,6 +64,16 @@ class TopKRouter(RouterBase):
             )
         super().__init__(config)
         self.use_correction_bias = use_correction_bias
+        # A softmax top-k chosen on the scores sums to at least its top-1 score, about
+        # 1/E: at least 2^-(c + 1) with c = ceil(log2 E) (a binade of margin for
+        # rounding), whose float32 half-ulp is at least 2^-(c + 25). An eps below
+        # 2^-(c + 26) rounds away (s + eps is s), so the addition is skipped: one op
+        # less (Mixtral's 1e-20 against 2^-29 for E = 8).
+        self._eps_vanishes = (
+            config.scoring is ScoringFunction.SOFTMAX
+            and config.routed_experts == config.num_experts
+            and config.renormalize_eps < 2.0 ** -(math.ceil(math.log2(config.num_experts)) + 26)
+        )
         if use_correction_bias:
             self.register_buffer(
                 "e_score_correction_bias",
@@ -102,9 +113,12 @@ class TopKRouter(RouterBase):
         top_values, indices = F.topk_lowest_index(restricted, cfg.top_k)
         # Selected on the scores themselves: the top-k values are the weights (no gather).
         chosen = top_values if restricted is scores else None
+        eps = cfg.renormalize_eps
+        if chosen is not None and self._eps_vanishes:
+            eps = 0.0
         indices, weights = scoring.combine_weights(
             scores, indices, routed_experts=routed, renormalize=cfg.renormalize,
-            eps=cfg.renormalize_eps, chosen=chosen,
+            eps=eps, chosen=chosen,
         )
         if cfg.per_expert_scale:
             weights = weights * self.per_expert_scale.float()[indices]
