@@ -165,3 +165,25 @@ def test_losses_are_computed_in_training_or_when_asked_and_never_change_the_answ
     first, second = router.route_many([x, x[:2]], return_losses=[True, False])
     torch.testing.assert_close(first.aux_loss, asked.aux_loss, rtol=0, atol=0)
     assert second.aux_loss is None
+
+
+@pytest.mark.parametrize("experts,top_k", [(2, 1), (8, 2), (60, 4), (256, 8)])
+def test_skipping_a_vanishing_renormalize_eps_changes_no_bit(experts: int, top_k: int) -> None:
+    """Softmax top-k: s + 1e-20 rounds to s for every sum of chosen scores, so the
+    router leaves the addition out; answers match the eps-adding computation exactly."""
+    torch.manual_seed(experts)
+    router = TopKRouter(RouterConfig(hidden_size=32, num_experts=experts, top_k=top_k,
+                                     renormalize=True, renormalize_eps=1e-20)).eval()
+    assert router._eps_vanishes
+    x = torch.cat([torch.randn(500, 32), torch.randn(500, 32) * 300.0])  # flat and peaked
+    with torch.inference_mode():
+        skipped = router(x).expert_weights
+        router._eps_vanishes = False
+        added = router(x).expert_weights
+    assert torch.equal(skipped, added)
+
+
+def test_a_large_renormalize_eps_is_still_added() -> None:
+    router = TopKRouter(RouterConfig(hidden_size=8, num_experts=8, top_k=2, renormalize=True,
+                                     renormalize_eps=1e-3))
+    assert not router._eps_vanishes
