@@ -188,3 +188,14 @@ def test_topk_lowest_index_on_large_inputs_equals_the_stable_sort_ties_or_not(ro
     grouped = torch.randn(64, 8, 32, generator=gen)
     by_sort = torch.sort(grouped, dim=-1, descending=True, stable=True)
     assert torch.equal(F.topk_lowest_index(grouped, 2)[1], by_sort.indices[..., :2])
+
+
+def test_tensor_fields_name_every_tensor_field_of_router_output() -> None:
+    import dataclasses
+    import typing
+
+    from moe_router.routing.output import TENSOR_FIELDS, RouterOutput
+
+    hints = typing.get_type_hints(RouterOutput)
+    tensors = {f.name for f in dataclasses.fields(RouterOutput) if "Tensor" in str(hints[f.name])}
+    assert set(TENSOR_FIELDS) == tensors

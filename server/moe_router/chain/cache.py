@@ -25,7 +25,7 @@ import torch
 
 from moe_router.chain.backend import Backend, RouteCall, RouteResult
 from moe_router.errors import RouterConfigurationError
-from moe_router.routing.output import RouterOutput
+from moe_router.routing.output import TENSOR_FIELDS, RouterOutput
 
 try:
     import xxhash
@@ -109,9 +109,9 @@ def _payload_bytes(call: RouteCall) -> int:
 def output_nbytes(output: RouterOutput) -> int:
     """Bytes held by the tensors of a RouterOutput (what a cache entry costs)."""
     total = 0
-    for field in dataclasses.fields(output):
-        value = getattr(output, field.name)
-        if isinstance(value, torch.Tensor):
+    for name in TENSOR_FIELDS:
+        value = getattr(output, name)
+        if value is not None:
             total += value.numel() * value.element_size()
     return total
 

@@ -26,7 +26,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     GCCollector,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     start_http_server,
@@ -41,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from moe_router.chain.backend import Backend, RouteCall, RouteResult
 from moe_router.chain.cache import output_nbytes
+from moe_router.chain.call_metrics import CallMetricsCollector, RouterSeries
 from moe_router.chain.figures import RouterFigures
 from moe_router.config.schema import ExpertGranularity
 from moe_router.errors import OverloadedError
@@ -48,24 +48,12 @@ from moe_router.status_mapping import status_code_for
 
 __all__ = [
     "FiguresSource",
-    "LATENCY_BUCKETS",
     "MetricsFigures",
     "RouterMetrics",
     "MetricsBackend",
     "start_metrics_http_server",
 ]
 
-#: Request latency buckets in seconds, 50 us to 10 s.
-LATENCY_BUCKETS = (
-    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)
-#: Payload size buckets in bytes, 256 B to 1 GiB by powers of four.
-SIZE_BUCKETS = tuple(float(256 * 4**i) for i in range(12))
-#: Batch size buckets in tokens, 1 to 64 Ki by powers of two.
-TOKEN_BUCKETS = tuple(float(2**i) for i in range(17))
-#: Batch size buckets in requests.
-REQUEST_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 #: Experts-per-token buckets (integers; dynamic routers vary between min and max).
 EXPERTS_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
 
@@ -99,36 +87,9 @@ class RouterMetrics:
         r = registry
         for collector in (ProcessCollector, GCCollector, PlatformCollector):
             collector(registry=r)
-        self.requests = Counter(
-            "moe_router_requests_total", "Route calls by router and gRPC status code.",
-            ["router", "code"], registry=r)
-        self.request_duration = Histogram(
-            "moe_router_request_duration_seconds", "Route call latency inside the server.",
-            ["router"], buckets=LATENCY_BUCKETS, registry=r)
-        self.request_size = Histogram(
-            "moe_router_request_size_bytes", "Tensor bytes of a Route request.",
-            ["router"], buckets=SIZE_BUCKETS, registry=r)
-        self.response_size = Histogram(
-            "moe_router_response_size_bytes", "Tensor bytes of a Route answer.",
-            ["router"], buckets=SIZE_BUCKETS, registry=r)
-        self.queue_time = Histogram(
-            "moe_router_queue_time_seconds", "Time a computed call waited for the device.",
-            ["router"], buckets=LATENCY_BUCKETS, registry=r)
-        self.compute_time = Histogram(
-            "moe_router_compute_time_seconds", "Device time of the batch a call rode in.",
-            ["router"], buckets=LATENCY_BUCKETS, registry=r)
-        self.tokens_routed = Counter(
-            "moe_router_tokens_routed_total", "Tokens answered (cache hits included).",
-            ["router"], registry=r)
-        self.batch_tokens = Histogram(
-            "moe_router_batch_size_tokens", "Tokens per device call.",
-            ["router"], buckets=TOKEN_BUCKETS, registry=r)
-        self.batch_requests = Histogram(
-            "moe_router_batch_size_requests", "Requests merged into one device call.",
-            ["router"], buckets=REQUEST_BUCKETS, registry=r)
-        self.in_flight = Gauge(
-            "moe_router_in_flight_requests", "Route calls being answered now.",
-            ["router"], registry=r)
+        # The per-call families (requests, sizes, times, batches, in flight): plain counts.
+        self._calls = CallMetricsCollector()
+        r.register(self._calls)
         self.queue_depth = Gauge(
             "moe_router_queue_depth", "Calls waiting in the batcher's queue.",
             ["router"], registry=r)
@@ -159,10 +120,10 @@ class RouterMetrics:
     # ------------------------------------------------------------------ hooks for stages
     def batch_observer(self, router: str) -> Callable[[int, int], None]:
         """``on_batch(requests, tokens)`` for the batcher: one device call's size."""
-        tokens_hist = self.batch_tokens.labels(router)
-        requests_hist = self.batch_requests.labels(router)
+        series = self.series(router)
+        requests_hist, tokens_hist = series.batch_requests, series.batch_tokens
 
-        def observe(requests: int, tokens: int) -> None:
+        def observe(requests: int, tokens: int) -> None:  # on the event loop (call_metrics)
             requests_hist.observe(requests)
             tokens_hist.observe(tokens)
 
@@ -195,57 +156,30 @@ class RouterMetrics:
 
     # ------------------------------------------------------------------ per call
     def series(self, router: str) -> RouterSeries:
-        """``router``'s children of the per-call families, looked up once."""
-        return RouterSeries(
-            requests_ok=self.requests.labels(router, "OK"),
-            request_duration=self.request_duration.labels(router),
-            request_size=self.request_size.labels(router),
-            response_size=self.response_size.labels(router),
-            queue_time=self.queue_time.labels(router),
-            compute_time=self.compute_time.labels(router),
-            tokens_routed=self.tokens_routed.labels(router),
-            aux_loss=self.aux_loss.labels(router),
-            z_loss=self.z_loss.labels(router),
-            in_flight=self.in_flight.labels(router),
-        )
+        """``router``'s per-call series (one object per router, kept by its stage)."""
+        return self._calls.series(router)
 
     def record(self, router: str, call: RouteCall, result: RouteResult | None, code: str,
                duration_s: float, series: RouterSeries | None = None) -> None:
         """Record one finished call (``result`` None when it failed with ``code``);
-        ``series``: ``router``'s children when the caller keeps them (saves the lookups)."""
+        ``series``: ``router``'s series when the caller keeps them."""
         s = series if series is not None else self.series(router)
-        (s.requests_ok if code == "OK" else self.requests.labels(router, code)).inc()
+        codes = s.codes
+        codes[code] = codes.get(code, 0) + 1
         s.request_duration.observe(duration_s)
         s.request_size.observe(_request_nbytes(call))
         if result is None:
             return
         output = result.output
         s.response_size.observe(output_nbytes(output))
-        s.tokens_routed.inc(call.num_tokens)
+        s.tokens_routed += call.num_tokens
         if not result.cache_hit:
             s.queue_time.observe(result.queue_time_us / 1e6)
             s.compute_time.observe(result.compute_time_us / 1e6)
             if output.aux_loss is not None:
-                s.aux_loss.set(float(output.aux_loss.detach()))
+                self.aux_loss.labels(router).set(float(output.aux_loss.detach()))
             if output.z_loss is not None:
-                s.z_loss.set(float(output.z_loss.detach()))
-
-
-@dataclass(frozen=True)
-class RouterSeries:
-    """One router's children of the per-call metric families: ``labels()`` takes a lock
-    and a dict lookup, eight of them per call before this was kept."""
-
-    requests_ok: Any
-    request_duration: Any
-    request_size: Any
-    response_size: Any
-    queue_time: Any
-    compute_time: Any
-    tokens_routed: Any
-    aux_loss: Any
-    z_loss: Any
-    in_flight: Any
+                self.z_loss.labels(router).set(float(output.z_loss.detach()))
 
 
 class MetricsBackend:
@@ -261,13 +195,11 @@ class MetricsBackend:
         self._router = router
         self._metrics = metrics
         self._series = metrics.series(router)
-        self._in_flight = self._series.in_flight
-        self._calls_in_flight = 0
 
     async def route(self, call: RouteCall) -> RouteResult:
         """Pass the call on and record how it went."""
-        self._in_flight.inc()
-        self._calls_in_flight += 1
+        series = self._series
+        series.in_flight += 1
         started = time.perf_counter()
         code = "OK"
         result = None
@@ -283,14 +215,13 @@ class MetricsBackend:
                 self._metrics.rate_limited.labels(self._router).inc()
             raise
         finally:
-            self._in_flight.dec()
-            self._calls_in_flight -= 1
+            series.in_flight -= 1
             self._metrics.record(self._router, call, result, code,
-                                 time.perf_counter() - started, self._series)
+                                 time.perf_counter() - started, series)
 
     def stats(self) -> MetricsFigures:
         """Calls inside this stage now (the rest of its figures live in Prometheus)."""
-        return MetricsFigures(in_flight=self._calls_in_flight)
+        return MetricsFigures(in_flight=self._series.in_flight)
 
 
 def start_metrics_http_server(

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["RouterOutput", "Selection"]
+__all__ = ["RouterOutput", "Selection", "TENSOR_FIELDS"]
 
 
 class Selection(NamedTuple):
@@ -92,7 +92,7 @@ class RouterOutput:
 
         return replace(
             self,
-            **{name: cut(getattr(self, name)) for name in _TENSOR_FIELDS},
+            **{name: cut(getattr(self, name)) for name in TENSOR_FIELDS},
         )
 
     def to(self, device: torch.device | str) -> RouterOutput:
@@ -100,10 +100,10 @@ class RouterOutput:
         def move(value: Any) -> Any:
             return value.to(device) if isinstance(value, torch.Tensor) else value
 
-        return replace(self, **{name: move(getattr(self, name)) for name in _TENSOR_FIELDS})
+        return replace(self, **{name: move(getattr(self, name)) for name in TENSOR_FIELDS})
 
 
-_TENSOR_FIELDS = (
+TENSOR_FIELDS = (  # every tensor field of RouterOutput (a test keeps the two in step)
     "expert_indices",
     "expert_weights",
     "num_experts_per_token",
