@@ -82,6 +82,7 @@ _LE_NUMPY: dict[int, np.dtype] = {
 }
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 _TORCH_READONLY_WARNING = "The given buffer is not writable"
+_readonly_warning_spent = False  # torch has given its one read-only buffer warning
 
 
 class TensorCodecError(ValueError):
@@ -331,9 +332,14 @@ def _torch_from_bytes(
     if _BIG_ENDIAN_HOST:  # into native order: one copy, into a writable buffer
         swapped = np.frombuffer(data, dtype=_LE_NUMPY[dtype]).byteswap()
         return torch.frombuffer(swapped.data, dtype=t_dtype).reshape(shape)
-    if isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly):
+    global _readonly_warning_spent
+    if (_readonly_warning_spent or isinstance(data, bytearray)
+            or (isinstance(data, memoryview) and not data.readonly)):
         return torch.frombuffer(data, dtype=t_dtype).reshape(shape)  # writable: no warning
     with warnings.catch_warnings():
-        # Documented above: the view is read-only by contract, not by flag.
+        # Documented above: the view is read-only by contract, not by flag. torch warns
+        # once per process: after that the filter (5 us a call) is not needed.
         warnings.filterwarnings("ignore", message=_TORCH_READONLY_WARNING, category=UserWarning)
-        return torch.frombuffer(data, dtype=t_dtype).reshape(shape)
+        tensor = torch.frombuffer(data, dtype=t_dtype).reshape(shape)
+    _readonly_warning_spent = True
+    return tensor

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from collections.abc import Mapping
 
 import numpy as np
@@ -27,6 +26,7 @@ from google.rpc import error_details_pb2
 from moe_router.chain.backend import RouteCall, RouteOptions, RouteResult
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.cuda_ipc import open_cuda_tensor
+from moe_router.doors.rpc_errors import new_request_id
 from moe_router.doors.shm_regions import SharedMemoryRegistry
 from moe_router.doors.v1_convert import ACCEPTED_DTYPES
 from moe_router.errors import NotFoundError, ValidationError
@@ -116,7 +116,7 @@ def route_to_call(
             input_ids=input_ids,
         ),
         deadline=None if timeout is None else time.monotonic() + timeout,
-        request_id=message.request_id or uuid.uuid4().hex[:16],
+        request_id=message.request_id or new_request_id(),
         peer=peer,
     )
 

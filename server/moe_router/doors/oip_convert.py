@@ -21,7 +21,6 @@ answer the same bits. Request parameters: ``layer``, ``skip_cache``, ``return_lo
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ from moe_router.chain.backend import RouteCall, RouteOptions, RouteResult
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.oip_models import model_outputs, resolve_model
 from moe_router.doors.request_wire import split_repeated_bytes
+from moe_router.doors.rpc_errors import new_request_id
 from moe_router.doors.shm_regions import SharedMemoryRegistry
 from moe_router.errors import NotFoundError, ValidationError
 from moe_router_client.inference import grpc_service_pb2 as oip
@@ -153,7 +153,7 @@ def request_to_call(
             input_ids=input_ids,
         ),
         deadline=deadline,
-        request_id=message.id or uuid.uuid4().hex[:16],
+        request_id=message.id or new_request_id(),
         peer=peer,
     )
     return call, outputs

@@ -11,8 +11,10 @@ the method's message INVALID_ARGUMENT (as Route answers them) instead of gRPC's 
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
-import uuid
+import os
+import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
@@ -37,8 +39,15 @@ log = logging.getLogger("moe_router.doors.v1_service")
 
 
 def new_request_id() -> str:
-    """A fresh request id (16 hex digits) for a call that did not bring one."""
-    return uuid.uuid4().hex[:16]
+    """A fresh request id (16 hex digits) for a call that did not bring one: 8 random
+    digits drawn per process (again in a forked child) and an 8-digit call counter, unique
+    within a process without a uuid4's random draw (a syscall) per call."""
+    return f"{_ID_PREFIX[0]}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
+
+
+_ID_PREFIX = [secrets.token_hex(4)]
+_ID_COUNTER = itertools.count()
+os.register_at_fork(after_in_child=lambda: _ID_PREFIX.__setitem__(0, secrets.token_hex(4)))
 
 
 class Failure(NamedTuple):
