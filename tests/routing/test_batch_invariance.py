@@ -50,6 +50,13 @@ def routers() -> dict[str, RouterBase]:
             hidden_size=65, num_experts=24, top_k=4, n_group=4, topk_group=2,
             scoring=ScoringFunction.SIGMOID, renormalize=True, routed_scaling_factor=2.5),
             use_correction_bias=True),
+        # 32 experts or more: every block multiplies by the gate's contiguous copy.
+        "top_k softmax, D 96, E 64": TopKRouter(
+            RouterConfig(hidden_size=96, num_experts=64, top_k=6, renormalize=True)),
+        "grouped, D 80, E 256": GroupedTopKRouter(RouterConfig(
+            hidden_size=80, num_experts=256, top_k=8, n_group=8, topk_group=4,
+            scoring=ScoringFunction.SIGMOID, renormalize=True, routed_scaling_factor=2.5),
+            use_correction_bias=True),
         "moe_router MLP, D 97": MLPTopKRouter(
             RouterConfig(hidden_size=97, num_experts=12, top_k=2), hidden_layers=[33]),
         "dynamic threshold": DynamicRouter(

@@ -406,8 +406,9 @@ class RouterBase(nn.Module, ABC):
             x = scoring.rms_scaled(x, self.input_scale.float(), cfg.input_norm_eps, input_dtype)
         gate = self.gate
         bias = None if gate.bias is None else gate.bias.float()
+        rows = F.gate_block_rows(x.shape[0]) if block_rows is None else block_rows
         logits = F.batch_invariant_linear(
-            x, gate.weight, bias, block_rows, columns=self._gate_columns(gate.weight)
+            x, gate.weight, bias, rows, columns=self._gate_columns(gate.weight, rows)
         )
         return scoring.transform_logits(logits, cfg.logit_multiplier, cfg.logit_softcap)
 
