@@ -404,12 +404,10 @@ class RouterBase(nn.Module, ABC):
             x = x * (1.0 - eps + 2.0 * eps * noise)
         if cfg.input_norm is InputNorm.RMS:
             x = scoring.rms_scaled(x, self.input_scale.float(), cfg.input_norm_eps, input_dtype)
-        gate = self.gate
-        bias = None if gate.bias is None else gate.bias.float()
+        weight, bias = self.gate.weight, self.gate.bias
         rows = F.gate_block_rows(x.shape[0]) if block_rows is None else block_rows
-        logits = F.batch_invariant_linear(
-            x, gate.weight, bias, rows, columns=self._gate_columns(gate.weight, rows)
-        )
+        logits = F.batch_invariant_linear(x, weight, None if bias is None else bias.float(),
+                                          rows, columns=self._gate_columns(weight, rows))
         return scoring.transform_logits(logits, cfg.logit_multiplier, cfg.logit_softcap)
 
     @abstractmethod
