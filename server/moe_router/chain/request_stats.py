@@ -187,11 +187,14 @@ class _ExpertLoad:
         if not pending:
             return
         layers = torch.tensor([layer for layer, _, _ in pending], dtype=torch.int64)
-        counts = torch.stack([c.detach().to("cpu", torch.int64) for _, c, _ in pending])
+        # One router's answers: integer tensors on one device, never in an autograd
+        # graph. Stacked as they are and moved once (two ops per call less than moving
+        # each one: detach and .to are dispatches even when they change nothing).
+        counts = torch.stack([c for _, c, _ in pending]).to("cpu", torch.int64)
         self._load.index_add_(0, layers, counts)
         self._ring[self._current].index_add_(0, layers, counts)
-        per_token = torch.cat([k.detach().reshape(-1).to("cpu", torch.int64)
-                               for _, _, k in pending])
+        per_token = torch.cat([k if k.dim() == 1 else k.reshape(-1)
+                               for _, _, k in pending]).to("cpu", torch.int64)
         width = self._per_k.numel()
         self._per_k.add_(torch.bincount(per_token, minlength=width)[:width])
 
