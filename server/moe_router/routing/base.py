@@ -262,7 +262,7 @@ class RouterBase(nn.Module, ABC):
             indices_i32 = indices.to(torch.int32)
             weights_f32 = weights if weights.dtype == torch.float32 else weights.float()
             num_per_token = indices_i32.new_full(indices.shape[:1], indices.shape[1])
-            counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts)
+            counts = torch.bincount(indices_i32.view(-1), minlength=self.num_experts)
             assignments = indices.numel()
         else:
             indices_i32, weights_f32, num_per_token = F.pad_selection(indices, weights)
