@@ -29,6 +29,13 @@ def _selector(spin_s: float, sock: socket.socket, may_spin=None) -> BusyPollSele
     return selector
 
 
+def _arm(selector: BusyPollSelector, a: socket.socket, b: socket.socket) -> None:
+    """One wake-up with an event (read and consumed): the next select may poll."""
+    b.send(b"x")
+    assert selector.select(1.0)
+    a.recv(1)
+
+
 def test_polls_after_events_then_sleeps_without_polling_again(pair) -> None:
     a, b = pair
     selector = _selector(0.01, a)
@@ -46,9 +53,7 @@ def test_polls_after_events_then_sleeps_without_polling_again(pair) -> None:
 def test_an_event_during_the_poll_returns_at_once(pair) -> None:
     a, b = pair
     selector = _selector(5.0, a)
-    b.send(b"x")
-    selector.select(1.0)
-    a.recv(1)
+    _arm(selector, a, b)
     threading.Timer(0.01, b.send, (b"y",)).start()
     started = time.monotonic()
     events = selector.select(None)
@@ -60,9 +65,7 @@ def test_an_event_during_the_poll_returns_at_once(pair) -> None:
 def test_vetoed_or_zero_budget_never_polls(pair) -> None:
     a, b = pair
     for selector in (_selector(0.05, a, may_spin=lambda: False), _selector(0.0, a)):
-        b.send(b"x")
-        selector.select(1.0)
-        a.recv(1)
+        _arm(selector, a, b)
         assert selector.select(0.01) == []
         assert selector.polls == 0
         selector.close()
@@ -71,9 +74,7 @@ def test_vetoed_or_zero_budget_never_polls(pair) -> None:
 def test_the_loop_timeout_bounds_the_poll(pair) -> None:
     a, b = pair
     selector = _selector(10.0, a)
-    b.send(b"x")
-    selector.select(1.0)
-    a.recv(1)
+    _arm(selector, a, b)
     started = time.monotonic()
     assert selector.select(0.02) == []
     assert time.monotonic() - started < 5.0  # the loop's 20 ms, not the 10 s budget
