@@ -83,10 +83,10 @@ def mask_dropped_groups(
     kept_groups = F.topk_lowest_index(group_scores, topk_group)[1]
     group_dropped = torch.ones_like(group_scores, dtype=torch.bool)
     group_dropped.scatter_(1, kept_groups, False)
-    expert_dropped = group_dropped.unsqueeze(-1).expand_as(grouped).reshape(
-        num_tokens, num_experts)
     value = float("-inf") if fill is GroupMaskFill.NEG_INF else 0.0
-    return choice.masked_fill(expert_dropped, value)
+    # The [T, G, 1] group mask broadcast over each group's experts: no [T, E] mask made.
+    masked = grouped.masked_fill(group_dropped.unsqueeze(-1), value)
+    return masked.view(num_tokens, num_experts)
 
 
 def combine_weights(
