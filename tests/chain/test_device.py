@@ -121,3 +121,31 @@ def test_top_k_values_are_judged_by_their_logits_and_a_bad_call_fails_alone():
     assert torch.equal(first.output.expert_weights, alone.expert_weights)
     assert isinstance(second, ValidationError) and "1 non-finite values" in str(second)
     assert isinstance(third, ValidationError) and "too large" in str(third)
+
+
+class _SleepingRouter(TopKRouter):
+    """A router that waits instead of computing: almost no CPU time, long wall time."""
+
+    def route_validated(self, *args, **kwargs):
+        import time
+
+        time.sleep(0.05)
+        return super().route_validated(*args, **kwargs)
+
+
+def test_a_pass_that_waits_holds_the_loop_once_then_its_router_stays_off_it():
+    torch.manual_seed(0)
+    router = _SleepingRouter(RouterConfig(hidden_size=DIM, num_experts=8, top_k=2)).eval()
+    pool = _ThreadRecorder()
+    device = DeviceExecutor("r", [router], ["v"], torch.device("cpu"), pool,
+                            inline_max_us=5_000)  # 5 ms; each pass sleeps 50 ms
+
+    async def run():
+        for i in range(6):
+            await device.route(_call(i))
+
+    asyncio.run(run())
+    # Pass 1 in the pool measures ~0 CPU time; pass 2 runs inline, takes 50 ms of wall
+    # time (10x the budget) and keeps every later pass in the pool for INLINE_HOLD_S.
+    assert device.stats().inline_passes == 1
+    assert pool.submitted == 5

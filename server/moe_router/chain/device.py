@@ -3,7 +3,9 @@
 A pass goes to the device pool's worker threads, except one measured to be cheap: when
 no pass of this router is in the pool and passes of its size (a running mean per
 power-of-two token count; CPU time on a CPU, wall time on a GPU) have taken at most
-``inline_max_us``, it runs on the event loop itself. The hop to a worker and back costs
+``inline_max_us``, it runs on the event loop itself (an inline pass is judged by its wall
+time too, and one far over the budget keeps the router off the loop for a while:
+:data:`INLINE_HOLD_S`). The hop to a worker and back costs
 more than routing a token or a few (measured here: a 1-token Mixtral pass took 0.1 ms,
 the hop 0.15 ms and the GIL handover under load several times that), and the budget
 bounds how long the loop is held.
@@ -93,6 +95,12 @@ LOSS_SAMPLE_INTERVAL_S = 1.0
 ``moe_router_aux_loss`` / ``moe_router_z_loss`` gauges (``on_losses``); serving callers do
 not ask for losses, which cost about a third of a small call."""
 
+INLINE_OVERRUN_FACTOR = 4
+INLINE_HOLD_S = 10.0
+"""An inline pass whose wall time passes ``INLINE_OVERRUN_FACTOR`` times the budget (a
+router that waits instead of computing, a stalled machine) keeps the router's passes off
+the loop for ``INLINE_HOLD_S``: the loop is held that long at most once per hold."""
+
 _NEVER = float("inf")
 
 
@@ -143,6 +151,7 @@ class DeviceExecutor:
         self._inline_max_s = inline_max_us / 1e6
         self._in_pool = 0  # passes of this router handed to the pool and not back yet
         self._pass_cost: dict[int, float] = {}  # token size class -> running mean seconds
+        self._inline_held_until = 0.0  # no pass on the loop before this monotonic time
         self._on_losses = on_losses
         self._loss_interval = loss_sample_interval_s
         self._next_loss_sample = 0.0
@@ -189,7 +198,7 @@ class DeviceExecutor:
         tokens = sum(a.num_tokens for a in admitted)
         if self.runs_inline(tokens):
             self._inline_passes += 1
-            return self._pass(admitted, tokens)
+            return self._pass(admitted, tokens, inline=True)
         loop = asyncio.get_running_loop()
         self._in_pool += 1
         try:
@@ -201,11 +210,14 @@ class DeviceExecutor:
         """Whether a pass of ``tokens`` tokens runs on the event loop now: none of this
         router's passes is in the pool and passes of that size cost at most the budget."""
         return (self._in_pool == 0
-                and self._pass_cost.get(_size_class(tokens), _NEVER) <= self._inline_max_s)
+                and self._pass_cost.get(_size_class(tokens), _NEVER) <= self._inline_max_s
+                and time.monotonic() >= self._inline_held_until)
 
-    def _pass(self, admitted: Sequence[AdmittedCall], tokens: int) -> list[PassAnswer]:
+    def _pass(
+        self, admitted: Sequence[AdmittedCall], tokens: int, inline: bool = False
+    ) -> list[PassAnswer]:
         """One blocking device pass of ``tokens`` tokens in all (a worker thread, or the
-        loop when cheap)."""
+        loop when cheap: ``inline``)."""
         now = time.monotonic()
         answers: list[PassAnswer | None] = [self._refusal(a, now) for a in admitted]
         todo = [a for a, answer in zip(admitted, answers, strict=True) if answer is None]
@@ -227,7 +239,12 @@ class DeviceExecutor:
         # waits for the GIL, which an inline pass does not have. On a GPU the wall time:
         # a synchronise that sleeps instead of spinning leaves the kernels' time out of
         # the CPU time, and the loop would wait for them all the same.
-        spent = cpu if self.device.type == "cpu" else finished - started
+        wall = finished - started
+        spent = cpu if self.device.type == "cpu" else wall
+        if inline:  # what the loop waited, waits included (a router that sleeps)
+            spent = max(spent, wall)
+            if wall > INLINE_OVERRUN_FACTOR * self._inline_max_s:
+                self._inline_held_until = time.monotonic() + INLINE_HOLD_S
         size = _size_class(tokens)
         cost = self._pass_cost.get(size)
         self._pass_cost[size] = spent if cost is None else cost + 0.2 * (spent - cost)
