@@ -43,7 +43,8 @@ class KeptGateColumns:
     __slots__ = ("_kept",)
 
     def __init__(self) -> None:
-        self._kept: tuple[torch.Tensor, int, int, torch.Tensor, list[torch.Tensor]] | None = None
+        # (weight, address, version, transposed view, contiguous copy once made)
+        self._kept: tuple[torch.Tensor, int, int, torch.Tensor, torch.Tensor | None] | None = None
 
     def __call__(self, weight: torch.Tensor, block_rows: int) -> torch.Tensor:
         """The columns to multiply blocks of ``block_rows`` rows by, for ``weight`` now."""
@@ -53,15 +54,16 @@ class KeptGateColumns:
         kept = self._kept
         if not (kept is not None and kept[0] is weight and kept[1] == address
                 and kept[2] == version):
-            kept = self._kept = (weight, address, version, F.gate_columns(weight), [])
+            kept = self._kept = (weight, address, version, F.gate_columns(weight), None)
         if weight.device.type != "cpu" or (
             block_rows < COPY_MIN_ROWS and weight.shape[0] < COPY_MIN_EXPERTS
         ):
             return kept[3]
-        copies = kept[4]
-        if not copies:
-            copies.append(kept[3].contiguous())
-        return copies[0]
+        copy = kept[4]
+        if copy is None:
+            copy = kept[3].contiguous()
+            self._kept = (*kept[:4], copy)
+        return copy
 
     @property
     def kept(self) -> torch.Tensor | None:

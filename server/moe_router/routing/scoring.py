@@ -75,8 +75,8 @@ def mask_dropped_groups(
     grouped = choice.reshape(num_tokens, n_group, num_experts // n_group)
     if group_score is GroupScore.TOP2_SUM:
         # Only the two largest values count, largest first, not which experts hold them:
-        # a plain top-k gives them (ties change nothing), at 0.4x a stable sort's cost
-        # (measured here: [256, 8, 32] 0.56 against 1.36 ms).
+        # a plain top-k gives them (ties change nothing), without the stable sort or the
+        # tie check of topk_lowest_index (measured here: [16, 8, 32] 14 against 47 us).
         group_scores = torch.topk(grouped, 2, dim=-1).values.sum(dim=-1)
     else:
         group_scores = grouped.amax(dim=-1)
