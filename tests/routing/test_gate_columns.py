@@ -1,6 +1,9 @@
 """The gate's kept fp32 columns follow the weight: every change a user makes to it (an
 in-place update, a load, a new tensor, a move, a dtype change) shows in the next answer,
-and training still gets its gradient."""
+and training still gets its gradient.
+
+The routers here score by sigmoid: the plain softmax top-k routes through the fused CPU
+op, which reads the weight itself on every call (tests/routing/test_fused_topk.py)."""
 
 from __future__ import annotations
 
@@ -9,18 +12,24 @@ import torch
 
 from moe_router.routing import RouterConfig, ScoringFunction, TopKRouter
 from moe_router.routing import functional as F
+from moe_router.routing.gate_columns import KeptGateColumns
 
 
 def _router(dim: int = 16, experts: int = 6) -> TopKRouter:
     torch.manual_seed(0)
     return TopKRouter(RouterConfig(hidden_size=dim, num_experts=experts, top_k=2,
-                                   renormalize=True)).eval()
+                                   renormalize=True, scoring=ScoringFunction.SIGMOID)).eval()
 
 
 def _expected_logits(router: TopKRouter, x: torch.Tensor) -> torch.Tensor:
-    """The gate logits computed from the weight as it is now, nothing kept."""
+    """The gate logits computed from the weight as it is now, nothing kept: fresh columns
+    in the layout the router multiplies this block size by (the view and the contiguous
+    copy differ in the last bits on some CPUs)."""
     weight = router.gate.weight.detach()
-    return F.batch_invariant_linear(x.float(), weight, columns=F.gate_columns(weight))
+    rows = F.gate_block_rows(x.shape[0])
+    with torch.no_grad():
+        columns = KeptGateColumns()(weight, rows)
+    return F.batch_invariant_linear(x.float(), weight, block_rows=rows, columns=columns)
 
 
 def _route(router: TopKRouter, x: torch.Tensor) -> torch.Tensor:
