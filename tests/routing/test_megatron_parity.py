@@ -138,12 +138,15 @@ def test_selection_dropping_and_aux_loss_equal_megatrons(reference, case: Case, 
     x = _inputs(case, seed)
     with torch.no_grad():
         ours_free, ours = free(x, return_losses=True), dropping(x, return_losses=True)
-    torch.testing.assert_close(ours.router_logits, ours_free.router_logits, rtol=0, atol=0)
+    # The plain router may route through the fused CPU op (its own matmul): the same
+    # logits to float32 rounding; each answer is judged on its own logits.
+    torch.testing.assert_close(ours.router_logits, ours_free.router_logits, rtol=0, atol=1e-5)
     want = _megatron_answer(reference, case, free, ours.router_logits)
+    want_free = _megatron_answer(reference, case, free, ours_free.router_logits)
 
     probs, routing_map = _dense(ours_free, num_experts)
-    assert int((routing_map != want["map"]).sum()) == 0
-    torch.testing.assert_close(probs, want["probs"], rtol=0, atol=1e-6)
+    assert int((routing_map != want_free["map"]).sum()) == 0
+    torch.testing.assert_close(probs, want_free["probs"], rtol=0, atol=1e-6)
 
     kept_probs, kept_map = _dense(ours, num_experts)
     assert int(want["map"].sum() - want["final_map"].sum()) > 0, "the case must drop"
@@ -152,8 +155,8 @@ def test_selection_dropping_and_aux_loss_equal_megatrons(reference, case: Case, 
     assert ours.dropped_tokens == int(want["map"].sum() - want["final_map"].sum())
     assert ours.tokens_per_expert.tolist() == want["final_map"].sum(dim=0).tolist()
 
-    for out in (ours, ours_free):
-        assert abs(float(out.aux_loss) - float(want["aux_loss"])) <= 1e-6
+    for out, wanted in ((ours, want), (ours_free, want_free)):
+        assert abs(float(out.aux_loss) - float(wanted["aux_loss"])) <= 1e-6
 
 
 @pytest.mark.parametrize("reference", REFERENCES)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from moe_router.errors import RouterConfigurationError
 from moe_router.routing import functional as F
-from moe_router.routing import scoring
+from moe_router.routing import fused_topk, scoring
 from moe_router.routing.base import RouterBase
-from moe_router.routing.output import Selection
+from moe_router.routing.output import RouterOutput, Selection
 from moe_router.routing.router_config import (
     AuxLossAssignments,
     CorrectionBiasTarget,
+    InputNorm,
     RouterConfig,
     ScoringFunction,
 )
@@ -44,6 +46,10 @@ class TopKRouter(RouterBase):
     only those (GPT-OSS, Granite, JetMoE) are softmax + renormalize, the same numbers.
     ``use_correction_bias`` adds the ``e_score_correction_bias`` [E_r] buffer
     (DeepSeek-V3's ``noaux_tc`` without groups: Ernie 4.5, MiniMax-M2, HunYuan-V3).
+
+    Inference on a CPU of the plain softmax top-k (no bias, groups, shared experts, logit
+    or input transforms, learned scales or dropping: Mixtral, Qwen-MoE, OLMoE) runs as one
+    compiled op, :mod:`~moe_router.routing.fused_topk`, when the host can build it.
     """
 
     fixed_k = True
@@ -74,11 +80,110 @@ class TopKRouter(RouterBase):
             and config.routed_experts == config.num_experts
             and config.renormalize_eps < 2.0 ** -(math.ceil(math.log2(config.num_experts)) + 26)
         )
+        # The plain softmax top-k, whose whole inference route the fused CPU op computes
+        # (a subclass changes the selection: never fused).
+        self._fusable = (
+            type(self) is TopKRouter
+            and not use_correction_bias
+            and config.scoring is ScoringFunction.SOFTMAX
+            and config.routed_experts == config.num_experts
+            and config.top_k < config.num_experts
+            and config.n_group == 1
+            and not (config.gate_bias or config.per_expert_scale or config.learned_weight_scale)
+            and config.input_norm is InputNorm.NONE
+            and config.logit_multiplier == 1.0
+            and config.logit_softcap is None
+            and not config.drops_tokens
+        )
         if use_correction_bias:
             self.register_buffer(
                 "e_score_correction_bias",
                 torch.zeros(config.routed_experts, dtype=torch.float32),
             )
+
+    def route_validated(
+        self,
+        flat: torch.Tensor,
+        lead: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        return_losses: bool | None = None,
+        **kwargs: Any,
+    ) -> RouterOutput:
+        """:meth:`RouterBase.route_validated`, through the fused CPU op when it applies."""
+        weight = self._fused_gate(flat)
+        if weight is not None:
+            return self._route_fused(flat, lead, weight, self._wants_losses(return_losses))
+        return super().route_validated(
+            flat, lead, generator=generator, return_losses=return_losses, **kwargs
+        )
+
+    def route_many_validated(
+        self,
+        flats: Sequence[torch.Tensor],
+        leads: Sequence[tuple[int, ...]],
+        generator: torch.Generator | None = None,
+        return_losses: Sequence[bool] | bool | None = None,
+    ) -> list[RouterOutput]:
+        """:meth:`RouterBase.route_many_validated`; with the fused op each call is its own
+        op call, the very one routing it alone makes (the op's rows are independent)."""
+        weight = self._fused_gate(flats[0]) if flats else None
+        if weight is not None:
+            if return_losses is None or isinstance(return_losses, bool):
+                wants = [self._wants_losses(return_losses)] * len(flats)
+            else:
+                wants = [self._wants_losses(w) for w in return_losses]
+            return [self._route_fused(f, lead, weight, want)
+                    for f, lead, want in zip(flats, leads, wants, strict=True)]
+        return super().route_many_validated(
+            flats, leads, generator=generator, return_losses=return_losses
+        )
+
+    def _fused_gate(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """The gate weight [E, D] when this call goes through the fused op, else None: a
+        plain softmax top-k (``_fusable``), inference without autograd, input and fp32
+        gate on the CPU, and the op built on this host."""
+        if not self._fusable or self.training or torch.is_grad_enabled():
+            return None
+        # The dicts nn.Module's __getattr__ would search (1 us a call through it).
+        weight = self._modules["gate"]._parameters["weight"]  # type: ignore[union-attr]
+        if (flat.is_cpu and weight.is_cpu and weight.dtype == torch.float32  # type: ignore[union-attr]
+                and fused_topk.kernel_available()):
+            return weight
+        return None
+
+    def _route_fused(
+        self, flat: torch.Tensor, lead: tuple[int, ...], weight: torch.Tensor, losses: bool
+    ) -> RouterOutput:
+        """Route flat [T, D] with the fused op and gate ``weight`` (:meth:`_fused_gate`);
+        the losses, counts and statistics as :meth:`RouterBase._finish` makes them."""
+        cfg = self.config
+        route = fused_topk.topk_softmax_route(
+            flat if flat.is_contiguous() else flat.contiguous(),
+            weight if weight.is_contiguous() else weight.contiguous(),
+            cfg.top_k, cfg.renormalize, 0.0 if self._eps_vanishes else cfg.renormalize_eps,
+            cfg.routed_scaling_factor,
+        )
+        indices, weights, per_token, logits = (
+            route.indices, route.weights, route.num_per_token, route.logits)
+        aux_loss = z_loss = None
+        if losses:
+            aux_loss = F.aux_loss_from_counts(route.probs, route.counts, cfg.top_k)
+            z_loss = self.compute_z_loss(logits)
+        self.update_stats(route.counts, per_token, 0, indices.numel())
+        if len(lead) > 1:  # [B, S, ...]
+            indices = indices.reshape(*lead, cfg.top_k)
+            weights = weights.reshape(*lead, cfg.top_k)
+            per_token = per_token.reshape(lead)
+            logits = logits.reshape(*lead, cfg.num_experts)
+        return RouterOutput(
+            expert_indices=indices,
+            expert_weights=weights,
+            num_experts_per_token=per_token,
+            router_logits=logits,
+            tokens_per_expert=route.counts,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+        )
 
     @property
     def k_range(self) -> tuple[int, int]:

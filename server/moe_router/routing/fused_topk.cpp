@@ -1,0 +1,185 @@
+// The softmax top-k route as one CPU op: gate matmul, softmax, top-k (ties to the lower
+// index), renormalisation, int32 indices and per-expert counts in a single pass over each
+// token's row. See fused_topk.py for when the routers use it and why.
+//
+// Shapes: T tokens, D hidden size, E experts, k = top_k.
+//
+//     logits[t, e] = sum_d x[t, d] * w[e, d]                  [T, E] fp32
+//     probs[t]     = softmax(logits[t])                       [T, E]
+//     indices[t]   = the k largest probs, largest first,      [T, k] int32
+//                    equal values in index order (a stable descending sort's order)
+//     weights[t]   = probs[t, indices[t]]                     [T, k] fp32
+//                    / (sum + eps, or sum when eps is 0)      if renormalize
+//                    * scale                                  if scale != 1
+//     counts[e]    = how many of the T * k slots chose e      [E] int64
+//
+// Every row is computed by the same code in the same order whatever the other rows are
+// and however the rows are split between threads (the dot products keep 16 partial sums
+// per expert, added pairwise at the end), so a token's answer never depends on its batch
+// mates or on the intra-op thread count.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;   // partial sums per dot product: two AVX2 / one AVX-512 register
+constexpr int kExperts = 4;  // experts per pass over a row: each x value feeds four of them
+
+// logits[0..n) = the dot products of row x [D] with n (1..kExperts) gate rows w [n, D].
+template <typename In, int n>
+inline void dot_rows(const In* x, const float* w, int64_t d, float* logits) {
+  float acc[n][kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float xv = static_cast<float>(x[i + j]);
+      for (int r = 0; r < n; ++r) acc[r][j] += xv * w[r * d + i + j];
+    }
+  }
+  for (int j = 0; i + j < d; ++j) {
+    const float xv = static_cast<float>(x[i + j]);
+    for (int r = 0; r < n; ++r) acc[r][j] += xv * w[r * d + i + j];
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int r = 0; r < n; ++r) {
+      for (int j = 0; j < width; ++j) acc[r][j] += acc[r][j + width];
+    }
+  }
+  for (int r = 0; r < n; ++r) logits[r] = acc[r][0];
+}
+
+template <typename In>
+inline void row_logits(const In* x, const float* w, int64_t d, int64_t e, float* logits) {
+  int64_t first = 0;
+  for (; first + kExperts <= e; first += kExperts) {
+    dot_rows<In, kExperts>(x, w + first * d, d, logits + first);
+  }
+  switch (e - first) {
+    case 3: dot_rows<In, 3>(x, w + first * d, d, logits + first); break;
+    case 2: dot_rows<In, 2>(x, w + first * d, d, logits + first); break;
+    case 1: dot_rows<In, 1>(x, w + first * d, d, logits + first); break;
+    default: break;
+  }
+}
+
+// probs [E] = softmax(logits [E]): exp(l - max) / sum.
+inline void row_softmax(const float* logits, int64_t e, float* probs) {
+  float top = logits[0];
+  for (int64_t i = 1; i < e; ++i) top = logits[i] > top ? logits[i] : top;
+  float total = 0.0f;
+  for (int64_t i = 0; i < e; ++i) {
+    probs[i] = std::exp(logits[i] - top);
+    total += probs[i];
+  }
+  for (int64_t i = 0; i < e; ++i) probs[i] /= total;
+}
+
+// The k largest of probs [E] into indices/values [k], largest first; an equal value
+// never passes one already kept, so ties go to the lower index (scan in index order).
+inline void row_top_k(const float* probs, int64_t e, int64_t k, int32_t* indices,
+                      float* values) {
+  int64_t kept = 0;
+  for (int64_t i = 0; i < e; ++i) {
+    const float v = probs[i];
+    if (kept == k && !(v > values[k - 1])) continue;
+    int64_t at = kept < k ? kept++ : k - 1;
+    while (at > 0 && v > values[at - 1]) {
+      values[at] = values[at - 1];
+      indices[at] = indices[at - 1];
+      --at;
+    }
+    values[at] = v;
+    indices[at] = static_cast<int32_t>(i);
+  }
+}
+
+template <typename In>
+void route_rows(const In* x, const float* w, int64_t rows, int64_t d, int64_t e,
+                int64_t k, bool renormalize, float eps, float scale, float* logits,
+                float* probs, int32_t* indices, float* weights) {
+  // Rows per task: about 256K multiply-adds, so small calls stay on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, d * e));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* row_logit = logits + t * e;
+      float* row_prob = probs + t * e;
+      int32_t* row_index = indices + t * k;
+      float* row_weight = weights + t * k;
+      row_logits(x + t * d, w, d, e, row_logit);
+      row_softmax(row_logit, e, row_prob);
+      row_top_k(row_prob, e, k, row_index, row_weight);
+      if (renormalize) {
+        float total = 0.0f;
+        for (int64_t j = 0; j < k; ++j) total += row_weight[j];
+        const float denominator = eps != 0.0f ? total + eps : total;
+        for (int64_t j = 0; j < k; ++j) row_weight[j] /= denominator;
+      }
+      if (scale != 1.0f) {
+        for (int64_t j = 0; j < k; ++j) row_weight[j] *= scale;
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> topk_softmax_route(const at::Tensor& x, const at::Tensor& weight,
+                                           int64_t k, bool renormalize, double eps,
+                                           double scale) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: expected a contiguous [T, D] tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kFloat,
+              "weight: expected a contiguous float32 [E, D] tensor");
+  TORCH_CHECK(x.size(1) == weight.size(1), "x and weight: hidden sizes differ");
+  const int64_t rows = x.size(0), d = x.size(1), e = weight.size(0);
+  TORCH_CHECK(k >= 1 && k <= e, "k: expected 1..E");
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor logits = at::empty({rows, e}, f32);
+  at::Tensor probs = at::empty({rows, e}, f32);
+  at::Tensor indices = at::empty({rows, k}, f32.dtype(at::kInt));
+  at::Tensor weights = at::empty({rows, k}, f32);
+  const float* w = weight.const_data_ptr<float>();
+  const float eps_f = static_cast<float>(eps), scale_f = static_cast<float>(scale);
+  float* l = logits.mutable_data_ptr<float>();
+  float* p = probs.mutable_data_ptr<float>();
+  int32_t* ix = indices.mutable_data_ptr<int32_t>();
+  float* wt = weights.mutable_data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      route_rows(x.const_data_ptr<float>(), w, rows, d, e, k, renormalize, eps_f, scale_f,
+                 l, p, ix, wt);
+      break;
+    case at::kBFloat16:
+      route_rows(x.const_data_ptr<c10::BFloat16>(), w, rows, d, e, k, renormalize, eps_f,
+                 scale_f, l, p, ix, wt);
+      break;
+    case at::kHalf:
+      route_rows(x.const_data_ptr<c10::Half>(), w, rows, d, e, k, renormalize, eps_f,
+                 scale_f, l, p, ix, wt);
+      break;
+    default:
+      TORCH_CHECK(false, "x: expected float32, bfloat16 or float16");
+  }
+  // Filled here rather than by at::zeros / at::full: two dispatches less.
+  at::Tensor counts = at::empty({e}, f32.dtype(at::kLong));
+  int64_t* c = counts.mutable_data_ptr<int64_t>();
+  std::fill(c, c + e, int64_t{0});
+  for (int64_t i = 0; i < rows * k; ++i) c[ix[i]] += 1;
+  at::Tensor per_token = at::empty({rows}, f32.dtype(at::kInt));
+  int32_t* per = per_token.mutable_data_ptr<int32_t>();
+  std::fill(per, per + rows, static_cast<int32_t>(k));
+  return {indices, weights, per_token, counts, logits, probs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moe_router, m) {
+  m.def("topk_softmax_route(Tensor x, Tensor weight, int k, bool renormalize, float eps, "
+        "float scale) -> Tensor[]");
+  m.impl("topk_softmax_route", c10::DispatchKey::CPU, topk_softmax_route);
+}

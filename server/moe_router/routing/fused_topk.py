@@ -1,0 +1,124 @@
+"""The softmax top-k route as one compiled CPU op (``fused_topk.cpp``), built on first use.
+
+Routing a few tokens is a handful of tiny tensor ops, each costing its dispatch more than
+its arithmetic: eager PyTorch's softmax top-k is five calls (matmul, softmax, topk, sum,
+div) and ours, which also answers int32 indices, per-token and per-expert counts and
+keeps batch invariance, was thirteen. One op that does it all per row costs one dispatch:
+measured here on one thread (AMD EPYC, 2 cores), against plain PyTorch routing
+(``x @ W.T``, softmax, top-k, renormalise):
+
+    E = 8,   D = 4096:  1 token 4.6 against 7.3 us, 16 tokens 20 against 30,
+                        256 tokens 308 against 394 (the matmul alone: 348)
+    E = 128, D = 2048:  1 token 15 against 19
+
+Its gate matmul is its own: each row's dot products keep 16 partial sums per expert,
+added in a fixed order, so a token's logits do not depend on its batch mates nor on the
+intra-op thread count (the rows are split between threads, never a dot product). The
+answers equal PyTorch's to float32 rounding (indices exactly, save for near ties).
+
+:func:`topk_softmax_route` returns None when the op cannot be had (no C++ compiler or
+ninja on the host, a build error: logged once); the routers then use PyTorch ops. The
+build takes about 10 s once per machine and is kept in ``torch.utils.cpp_extension``'s
+build cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name
+that carries a digest of the source, the flags and torch's version (:func:`library_name`);
+later processes load it from there in a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["FusedRoute", "kernel_available", "library_name", "topk_softmax_route"]
+
+log = logging.getLogger("moe_router")
+
+_SOURCE = Path(__file__).with_name("fused_topk.cpp")
+# Vector extensions to compile for, by what torch found on this CPU (never more than it has).
+_ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma", "-mf16c"],
+              "AVX512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw"]}
+
+
+class FusedRoute(NamedTuple):
+    """One call's answer from the op: T tokens, E experts, k = top_k."""
+
+    indices: torch.Tensor  # [T, k] int32, largest weight first
+    weights: torch.Tensor  # [T, k] float32
+    num_per_token: torch.Tensor  # [T] int32, all k
+    counts: torch.Tensor  # [E] int64
+    logits: torch.Tensor  # [T, E] float32
+    probs: torch.Tensor  # [T, E] float32, the softmax
+
+
+class _Kernel:
+    """The op once built and loaded (or the reason it is not), for the whole process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tried = False
+        self.op: object | None = None
+
+    def get(self) -> object | None:
+        if not self._tried:
+            with self._lock:
+                if not self._tried:
+                    self.op = _build()
+                    self._tried = True
+        return self.op
+
+
+def library_name() -> tuple[str, list[str]]:
+    """The op's library name on this host and its compiler flags. The name carries a digest
+    of the source, the flags and torch's version, so a library of that name in the build
+    cache is this very build (and one of another CPU's vector extensions is never taken)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", *_ISA_FLAGS.get(capability, [])]
+    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest.update(" ".join([*flags, torch.__version__]).encode())
+    return f"moe_router_fused_topk_{capability.lower()}_{digest.hexdigest()[:12]}", flags
+
+
+def _build() -> object | None:
+    """Load the op from the build cache, else compile it there first (ninja and a C++
+    compiler); None, logged, when that fails."""
+    try:
+        from torch.utils import cpp_extension
+
+        name, flags = library_name()
+        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+        if built.is_file():  # no ninja run in every process that routes
+            torch.ops.load_library(str(built))
+        else:
+            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
+                               is_python_module=False, verbose=False)
+        return torch.ops.moe_router.topk_softmax_route
+    except Exception as exc:  # no compiler, no ninja, a failed build: PyTorch ops instead
+        log.warning("fused CPU top-k op unavailable (%s: %s); routing with PyTorch ops",
+                    type(exc).__name__, str(exc).strip().splitlines()[-1:] or "")
+        return None
+
+
+_KERNEL = _Kernel()
+
+
+def kernel_available() -> bool:
+    """Whether the op is built and loaded in this process (building it if not tried yet)."""
+    return _KERNEL.get() is not None
+
+
+def topk_softmax_route(
+    x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, eps: float, scale: float
+) -> FusedRoute:
+    """Route x [T, D] (fp32, bf16 or fp16, contiguous, CPU) through gate ``weight`` [E, D]
+    (fp32, contiguous): softmax top-``k``, renormalised with ``eps`` when ``renormalize``
+    (w / (sum w + eps), w / sum w when eps is 0), times ``scale``. Only where
+    :func:`kernel_available`."""
+    op = _KERNEL.get()
+    if op is None:
+        raise RuntimeError("the fused top-k op is not available on this host")
+    return FusedRoute(*op(x, weight, k, renormalize, eps, scale))  # type: ignore[operator]

@@ -1,0 +1,241 @@
+"""The fused CPU softmax top-k op and the routers that use it.
+
+Checked against float64 routing computed here by hand (softmax of x @ W^T, a stable
+descending sort for the top-k, renormalisation), against the routers' own PyTorch path,
+and for the promises the serving chain builds on: rows independent of their batch mates
+and of the thread count, ties to the lower index, every weight change seen, training
+untouched, and a host without the op still routing.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from moe_router.routing import RouterConfig, ScoringFunction, TopKRouter, fused_topk
+
+needs_op = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="no C++ compiler on this host: the op cannot be built (the routers use PyTorch ops)",
+)
+
+
+def _router(dim: int = 64, experts: int = 8, k: int = 2, seed: int = 0, **options) -> TopKRouter:
+    torch.manual_seed(seed)
+    return TopKRouter(RouterConfig(hidden_size=dim, num_experts=experts, top_k=k,
+                                   **options)).eval()
+
+
+def _by_hand(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, eps: float,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices [T, k], weights [T, k], logits [T, E]) in float64, ties to the lower index."""
+    logits = x.double() @ weight.double().T
+    probs = logits.softmax(dim=-1)
+    values, indices = probs.sort(dim=-1, descending=True, stable=True)
+    values, indices = values[:, :k], indices[:, :k]
+    if renormalize:
+        values = values / (values.sum(dim=-1, keepdim=True) + eps)
+    return indices, values * scale, logits
+
+
+def _torch_path(router: TopKRouter, x: torch.Tensor, **kwargs):
+    """The same router's answer through its PyTorch ops."""
+    router._fusable = False
+    try:
+        return router(x, **kwargs)
+    finally:
+        router._fusable = True
+
+
+@needs_op
+def test_the_op_builds_on_a_host_with_a_compiler() -> None:
+    assert fused_topk.kernel_available()
+
+
+@needs_op
+@pytest.mark.parametrize(("experts", "k", "dim"), [(2, 1, 16), (3, 2, 17), (8, 2, 4096),
+                                                   (60, 4, 15), (128, 8, 64), (256, 8, 1)])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_the_op_routes_as_float64_by_hand(experts: int, k: int, dim: int, tokens: int,
+                                          renormalize: bool) -> None:
+    gen = torch.Generator().manual_seed(experts * 1000 + tokens)
+    x = torch.randn(tokens, dim, generator=gen)
+    weight = torch.randn(experts, dim, generator=gen) / dim**0.5
+    eps, scale = (1e-6, 2.5) if renormalize else (0.0, 1.0)
+    got = fused_topk.topk_softmax_route(x, weight, k, renormalize, eps, scale)
+    indices, weights, logits = _by_hand(x, weight, k, renormalize, eps, scale)
+    assert got.indices.dtype == torch.int32 and got.num_per_token.dtype == torch.int32
+    assert got.weights.dtype == got.logits.dtype == got.probs.dtype == torch.float32
+    assert torch.equal(got.indices.long(), indices)
+    torch.testing.assert_close(got.weights.double(), weights, rtol=0, atol=4e-6 * scale)
+    torch.testing.assert_close(got.logits.double(), logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.probs.double(), logits.softmax(-1), rtol=0, atol=1e-6)
+    assert got.num_per_token.tolist() == [k] * tokens
+    assert got.counts.dtype == torch.int64
+    assert torch.equal(got.counts, torch.bincount(indices.reshape(-1), minlength=experts))
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_are_widened_exactly(dtype: torch.dtype) -> None:
+    x = torch.randn(9, 48).to(dtype)
+    weight = torch.randn(16, 48)
+    narrow = fused_topk.topk_softmax_route(x, weight, 4, True, 0.0, 1.0)
+    wide = fused_topk.topk_softmax_route(x.float(), weight, 4, True, 0.0, 1.0)
+    for got, want in zip(narrow, wide, strict=True):
+        assert torch.equal(got, want)  # bf16 / fp16 -> fp32 is exact: the same bits
+
+
+@needs_op
+def test_equal_scores_go_to_the_lower_index() -> None:
+    # Experts 1, 3 and 6 share one gate row, 2 and 5 another: their scores tie exactly.
+    weight = torch.randn(8, 32)
+    weight[3] = weight[6] = weight[1]
+    weight[5] = weight[2]
+    x = torch.randn(50, 32)
+    got = fused_topk.topk_softmax_route(x, weight, 5, True, 0.0, 1.0)
+    indices, _, _ = _by_hand(x, weight, 5, True, 0.0, 1.0)
+    assert torch.equal(got.indices.long(), indices)
+    # A stable sort of the op's own probabilities gives the same order.
+    stable = got.probs.sort(dim=-1, descending=True, stable=True).indices[:, :5]
+    assert torch.equal(got.indices.long(), stable)
+
+
+@needs_op
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_a_rows_answer_does_not_depend_on_its_batch_mates_or_the_threads(threads: int) -> None:
+    weight = torch.randn(8, 4096) / 64
+    batch = torch.randn(333, 4096)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        together = fused_topk.topk_softmax_route(batch, weight, 2, True, 1e-20, 1.0)
+        for row in (0, 1, 100, 332):
+            alone = fused_topk.topk_softmax_route(batch[row : row + 1], weight, 2, True,
+                                                  1e-20, 1.0)
+            for got, want in zip(alone[:2] + alone[4:], together[:2] + together[4:],
+                                 strict=True):
+                assert torch.equal(got[0], want[row])
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_op
+@pytest.mark.parametrize("options", [{}, {"renormalize": False},
+                                     {"routed_scaling_factor": 2.5, "renormalize_eps": 1e-6}])
+def test_the_router_answers_as_its_pytorch_path(options: dict) -> None:
+    router = _router(dim=256, experts=16, k=4, **options)
+    x = torch.randn(2, 5, 256)
+    with torch.inference_mode():
+        fused = router(x, return_losses=True)
+        plain = _torch_path(router, x, return_losses=True)
+    assert torch.equal(fused.expert_indices, plain.expert_indices)
+    assert fused.expert_indices.shape == (2, 5, 4) and fused.router_logits.shape == (2, 5, 16)
+    assert torch.equal(fused.num_experts_per_token, plain.num_experts_per_token)
+    assert torch.equal(fused.tokens_per_expert, plain.tokens_per_expert)
+    torch.testing.assert_close(fused.expert_weights, plain.expert_weights, rtol=0, atol=2e-6)
+    torch.testing.assert_close(fused.router_logits, plain.router_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.aux_loss, plain.aux_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused.z_loss, plain.z_loss, rtol=1e-5, atol=1e-5)
+    assert fused.dropped_tokens == 0 and fused.info == {}
+    stats = router.get_stats()
+    assert stats["total_batches"] == 2 and stats["total_tokens"] == 20
+    assert stats["tokens_per_expert"] == (2 * plain.tokens_per_expert).tolist()
+
+
+@needs_op
+def test_merged_calls_answer_what_each_call_alone_does() -> None:
+    router = _router(dim=128, experts=8)
+    calls = [torch.randn(n, 128) for n in (1, 3, 16, 40)]
+    with torch.inference_mode():
+        merged = router.route_many(calls, return_losses=[False, True, False, True])
+        alone = [router(c, return_losses=want) for c, want in zip(calls, [0, 1, 0, 1], strict=True)]
+    for got, want in zip(merged, alone, strict=True):
+        for name in ("expert_indices", "expert_weights", "router_logits", "tokens_per_expert"):
+            assert torch.equal(getattr(got, name), getattr(want, name))
+        assert (got.aux_loss is None) == (want.aux_loss is None)
+
+
+@needs_op
+@pytest.mark.parametrize("change", ["in_place", "load_state_dict", "new_parameter"])
+def test_every_weight_change_shows_in_the_next_answer(change: str) -> None:
+    router = _router(dim=32, experts=6)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        before = router(x).router_logits
+    replacement = torch.randn(6, 32)
+    with torch.no_grad():
+        if change == "in_place":
+            router.gate.weight.mul_(-2.0)
+        elif change == "load_state_dict":
+            router.load_state_dict({**router.state_dict(), "gate.weight": replacement})
+        else:
+            router.gate.weight = torch.nn.Parameter(replacement)
+    with torch.inference_mode():
+        after = router(x).router_logits
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, x @ router.gate.weight.detach().T, rtol=1e-5, atol=1e-5)
+
+
+def test_training_and_autograd_take_the_pytorch_path() -> None:
+    router = _router(dim=32, experts=6)
+    x = torch.randn(4, 32)
+    out = router(x)  # grad enabled: the logits carry the graph to the gate
+    assert out.router_logits.requires_grad
+    out.expert_weights.sum().backward()
+    assert router.gate.weight.grad is not None
+    router.train()
+    with torch.no_grad():
+        assert router(x, return_losses=True).aux_loss is not None
+
+
+def test_the_router_still_routes_where_the_op_cannot_be_built(monkeypatch) -> None:
+    router = _router(dim=32, experts=6)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        want = _torch_path(router, x)
+    unavailable = fused_topk._Kernel()
+    unavailable._tried = True  # as after a failed build
+    monkeypatch.setattr(fused_topk, "_KERNEL", unavailable)
+    assert not fused_topk.kernel_available()
+    with torch.inference_mode():
+        got = router(x)
+    for name in ("expert_indices", "expert_weights", "router_logits", "tokens_per_expert"):
+        assert torch.equal(getattr(got, name), getattr(want, name))
+
+
+@needs_op
+def test_only_the_plain_softmax_top_k_is_fused() -> None:
+    fused = [_router(), _router(renormalize=False), _router(routed_scaling_factor=2.0)]
+    torch_only = [
+        _router(scoring=ScoringFunction.SIGMOID),
+        _router(gate_bias=True),
+        _router(logit_softcap=30.0),
+        _router(logit_multiplier=2.0),
+        _router(capacity_factor=1.0),
+        _router(per_expert_scale=True),
+        TopKRouter(RouterConfig(hidden_size=64, num_experts=8, top_k=2),
+                   use_correction_bias=True).eval(),
+    ]
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        assert all(r._fused_gate(x) is not None for r in fused)
+        assert all(r._fused_gate(x) is None for r in torch_only)
+        assert fused[0]._fused_gate(x.to(torch.bfloat16)) is not None
+    assert fused[0]._fused_gate(x) is None  # outside inference: autograd may want the graph
+
+
+@needs_op
+def test_non_finite_rows_answer_in_range_and_show_in_the_logits() -> None:
+    weight = torch.randn(8, 16)
+    x = torch.randn(3, 16)
+    x[1, 4] = float("nan")
+    x[2, 0] = float("inf")
+    got = fused_topk.topk_softmax_route(x, weight, 2, True, 0.0, 1.0)
+    assert ((got.indices >= 0) & (got.indices < 8)).all()
+    assert (got.indices[:, 0] != got.indices[:, 1]).all()
+    assert torch.isfinite(got.logits[0]).all() and not torch.isfinite(got.logits[1:]).all()
+    assert int(got.counts.sum()) == 6
