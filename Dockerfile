@@ -11,8 +11,11 @@
 #
 # Stages: `deps` installs the pinned dependencies (deploy/image/constraints.txt) and never
 # sees the source, so a code change rebuilds only the last layers; `wheel` builds our
-# wheel; `runtime` is the slim base plus the virtual environment, the wheel, a config and
-# a non-root user. No compiler or build tool reaches the runtime image.
+# wheel; `ops` compiles the fused CPU top-k ops (routing/fused_topk.cpp) for this build
+# host's CPU; `runtime` is the slim base plus the virtual environment, the wheel, the
+# compiled ops, a config and a non-root user. No compiler or build tool reaches the
+# runtime image: on a CPU whose vector extensions differ from the build host's the ops
+# are not found, the server logs it once and routes with PyTorch ops.
 
 # The base, pinned to an exact release (override with --build-arg BASE_IMAGE=...@sha256:...
 # to pin a digest from your registry).
@@ -47,6 +50,19 @@ RUN mkdir -p /dist/etc \
  && sed 's/^\(  host:\) 127\.0\.0\.1/\1 0.0.0.0/' /tmp/config.yaml > /dist/etc/config.yaml \
  && grep -c '^  host: 0.0.0.0' /dist/etc/config.yaml | grep -qx 3
 
+FROM deps AS ops
+ENV TORCH_EXTENSIONS_DIR=/opt/moe-router-ops
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/* \
+ && pip install ninja
+COPY --from=wheel /dist/*.whl /tmp/wheel/
+# Built through the same loader the server uses, so the library's name (a digest of the
+# source, the flags and torch's version) is the one the server looks for.
+RUN pip install --no-deps /tmp/wheel/*.whl \
+ && python -c "from moe_router.routing import fused_topk; assert fused_topk.kernel_available()" \
+ && find /opt/moe-router-ops -type f ! -name '*.so' -delete
+
 FROM ${BASE_IMAGE} AS runtime
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 LABEL org.opencontainers.image.title="moe-router" \
@@ -63,10 +79,13 @@ ENV PATH=/opt/moe-router/bin:$PATH \
     MALLOC_MMAP_THRESHOLD_=33554432 \
     MALLOC_TRIM_THRESHOLD_=1073741824 \
     MALLOC_TOP_PAD_=67108864
+# Where the ops stage compiled the fused CPU top-k ops; the server only reads there.
+ENV TORCH_EXTENSIONS_DIR=/opt/moe-router-ops
 RUN groupadd --system --gid 10001 moe \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin moe
 COPY --from=deps /opt/moe-router /opt/moe-router
+COPY --from=ops /opt/moe-router-ops /opt/moe-router-ops
 COPY --from=wheel /dist/*.whl /tmp/wheel/
 RUN pip install --no-deps /tmp/wheel/*.whl && rm -rf /tmp/wheel
 COPY --from=wheel /dist/etc/config.yaml /etc/moe-router/config.yaml

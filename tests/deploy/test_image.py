@@ -147,7 +147,7 @@ def test_the_dockerfile_pins_its_base_and_installs_dependencies_before_the_sourc
     assert re.fullmatch(r"BASE_IMAGE=python:\d+\.\d+\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?",
                         base), base
     stages = [rest for word, rest in steps if word == "FROM"]
-    assert [s.split(" AS ")[1] for s in stages] == ["deps", "wheel", "runtime"]
+    assert [s.split(" AS ")[1] for s in stages] == ["deps", "wheel", "ops", "runtime"]
     deps = steps[steps.index(("FROM", stages[0])):steps.index(("FROM", stages[1]))]
     assert [rest for word, rest in deps if word == "COPY"] == [
         "deploy/image/constraints.txt /tmp/constraints.txt"]  # never the source
@@ -166,6 +166,10 @@ def test_the_runtime_stage_is_non_root_with_a_grpc_healthcheck():
     assert set(words["EXPOSE"].split()) == {"50051", "9090", "8080"}
     copies = [rest for word, rest in runtime if word == "COPY"]
     assert all(c.startswith("--from=") for c in copies), copies  # no build context here
+    # From the ops stage only the compiled ops, where the server's loader looks for them.
+    assert [c for c in copies if c.startswith("--from=ops")] == [
+        "--from=ops /opt/moe-router-ops /opt/moe-router-ops"]
+    assert "TORCH_EXTENSIONS_DIR=/opt/moe-router-ops" in words["ENV"]
     # Kubernetes runs it as the same user (deploy/base/deployment.yaml).
     deployment = yaml.safe_load((REPO / "deploy" / "base" / "deployment.yaml").read_text())
     pod = deployment["spec"]["template"]["spec"]["securityContext"]

@@ -14,7 +14,14 @@ import shutil
 import pytest
 import torch
 
-from moe_router.routing import RouterConfig, ScoringFunction, TopKRouter, fused_topk
+from moe_router.routing import (
+    GroupedTopKRouter,
+    RouterConfig,
+    ScoringFunction,
+    TopKRouter,
+    fused_topk,
+)
+from moe_router.routing.router_config import CorrectionBiasTarget, GroupMaskFill, GroupScore
 
 needs_op = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None,
@@ -42,11 +49,12 @@ def _by_hand(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, e
 
 def _torch_path(router: TopKRouter, x: torch.Tensor, **kwargs):
     """The same router's answer through its PyTorch ops."""
-    router._fusable = False
+    fusable, selection_fusable = router._fusable, router._selection_fusable
+    router._fusable = router._selection_fusable = False
     try:
         return router(x, **kwargs)
     finally:
-        router._fusable = True
+        router._fusable, router._selection_fusable = fusable, selection_fusable
 
 
 @needs_op
@@ -239,3 +247,93 @@ def test_non_finite_rows_answer_in_range_and_show_in_the_logits() -> None:
     assert (got.indices[:, 0] != got.indices[:, 1]).all()
     assert torch.isfinite(got.logits[0]).all() and not torch.isfinite(got.logits[1:]).all()
     assert int(got.counts.sum()) == 6
+
+
+def _grouped(experts: int = 64, groups: int = 8, kept: int = 4, k: int = 8,
+             bias: bool = True, **options) -> GroupedTopKRouter:
+    torch.manual_seed(experts + groups + kept + k)
+    router = GroupedTopKRouter(RouterConfig(hidden_size=32, num_experts=experts, top_k=k,
+                                            n_group=groups, topk_group=kept, **options),
+                               use_correction_bias=bias).eval()
+    if bias:
+        with torch.no_grad():
+            router.e_score_correction_bias.copy_(torch.randn(experts) * 0.1)
+    return router
+
+
+_SELECTIONS = {
+    "deepseek-v3": lambda: _grouped(scoring=ScoringFunction.SIGMOID,
+                                    group_score=GroupScore.TOP2_SUM,
+                                    routed_scaling_factor=2.5),
+    "deepseek-v2": lambda: _grouped(experts=40, kept=3, k=6, bias=False,
+                                    renormalize=False, routed_scaling_factor=16.0),
+    "zero fill, negative bias": lambda: _grouped(scoring=ScoringFunction.SIGMOID,
+                                                 group_mask_fill=GroupMaskFill.ZERO),
+    "bias on the logits": lambda: _grouped(
+        scoring=ScoringFunction.SIGMOID, correction_bias_target=CorrectionBiasTarget.LOGITS),
+    "top-k, sigmoid": lambda: _router(dim=32, experts=16, k=4,
+                                      scoring=ScoringFunction.SIGMOID),
+    "top-k, bias": lambda: TopKRouter(RouterConfig(hidden_size=32, num_experts=16, top_k=4),
+                                      use_correction_bias=True).eval(),
+    "top-k, logit cap": lambda: _router(dim=32, experts=16, k=4, logit_softcap=1.5),
+}
+
+
+@needs_op
+@pytest.mark.parametrize("case", sorted(_SELECTIONS))
+def test_the_fused_selection_answers_as_the_pytorch_path(case: str) -> None:
+    router = _SELECTIONS[case]()
+    assert router._selection_fusable and not router._fusable
+    if case.startswith("zero"):
+        with torch.no_grad():  # every biased score negative: zero-filled experts can win
+            router.e_score_correction_bias.fill_(-2.0)
+    x = torch.randn(3, 7, 32)
+    with torch.inference_mode():
+        fused = router(x, return_losses=True)
+        plain = _torch_path(router, x, return_losses=True)
+    assert torch.equal(fused.expert_indices, plain.expert_indices)
+    assert torch.equal(fused.tokens_per_expert, plain.tokens_per_expert)
+    assert torch.equal(fused.num_experts_per_token, plain.num_experts_per_token)
+    assert torch.equal(fused.router_logits, plain.router_logits)  # the same gate matmul
+    torch.testing.assert_close(fused.expert_weights, plain.expert_weights, rtol=1e-6,
+                               atol=1e-6)
+    torch.testing.assert_close(fused.aux_loss, plain.aux_loss, rtol=1e-6, atol=1e-6)
+    assert torch.equal(fused.z_loss, plain.z_loss)
+
+
+@needs_op
+@pytest.mark.parametrize("group_score", [GroupScore.MAX, GroupScore.TOP2_SUM])
+def test_equal_groups_and_experts_go_to_the_lower_index(group_score: GroupScore) -> None:
+    # Four groups of four with the same scores: groups 0 and 1 are kept, and in each
+    # the experts' tie (0 == 2, 1 == 3) goes to the lower expert.
+    row = torch.tensor([3.0, 2.0, 3.0, 2.0] * 4)
+    logits = torch.stack([row, row.flip(0)])
+    got = fused_topk.topk_select(
+        logits, None, 4, sigmoid=True, bias_on_logits=False, groups=4, kept_groups=2,
+        top2_sum=group_score is GroupScore.TOP2_SUM, fill_zero=False, renormalize=True,
+        eps=1e-20, scale=1.0)
+    assert got.indices.tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert got.counts.tolist() == [1] * 8 + [0] * 8
+
+
+@needs_op
+def test_merged_grouped_calls_answer_what_each_call_alone_does() -> None:
+    router = _SELECTIONS["deepseek-v3"]()
+    calls = [torch.randn(n, 32) for n in (1, 2, 9, 33)]
+    with torch.inference_mode():
+        merged = router.route_many(calls)
+        alone = [router(c) for c in calls]
+    for got, want in zip(merged, alone, strict=True):
+        for name in ("expert_indices", "expert_weights", "router_logits", "tokens_per_expert"):
+            assert torch.equal(getattr(got, name), getattr(want, name))
+
+
+@needs_op
+def test_a_bias_in_another_dtype_takes_the_pytorch_path() -> None:
+    router = _SELECTIONS["deepseek-v3"]()
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        want = router(x)
+        router.e_score_correction_bias.data = router.e_score_correction_bias.double()
+        got = router(x)  # no op error: the PyTorch path casts as it always did
+    assert torch.equal(got.expert_indices, want.expert_indices)

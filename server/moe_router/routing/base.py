@@ -262,7 +262,8 @@ class RouterBase(nn.Module, ABC):
             indices_i32 = indices.to(torch.int32)
             weights_f32 = weights if weights.dtype == torch.float32 else weights.float()
             num_per_token = indices_i32.new_full(indices.shape[:1], indices.shape[1])
-            counts = torch.bincount(indices_i32.view(-1), minlength=self.num_experts)
+            counts = selection.counts if selection.counts is not None else torch.bincount(
+                indices_i32.view(-1), minlength=self.num_experts)  # unless counted already
             assignments = indices.numel()
         else:
             indices_i32, weights_f32, num_per_token = F.pad_selection(indices, weights)
@@ -444,8 +445,7 @@ class RouterBase(nn.Module, ABC):
         ``assignments`` (sum of ``num_per_token``) may be passed when already known.
         """
         tokens = int(num_per_token.numel())
-        if assignments is None:
-            assignments = int(num_per_token.sum())
+        assignments = int(num_per_token.sum()) if assignments is None else assignments
         load: torch.Tensor = self._buffers["expert_load"]  # type: ignore[assignment]  # not __getattr__: 0.5 us
         if counts.device != load.device:
             counts = counts.to(load.device)

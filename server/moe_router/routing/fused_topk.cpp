@@ -176,10 +176,138 @@ std::vector<at::Tensor> topk_softmax_route(const at::Tensor& x, const at::Tensor
   return {indices, weights, per_token, counts, logits, probs};
 }
 
+// ---------------------------------------------------------------------------------------
+// The selection alone, from gate logits already computed (any gate: the batch-invariant
+// matmul, a gate bias, logit transforms), for the top-k family with a correction bias,
+// sigmoid scores or expert groups (DeepSeek-V2/V3, Ernie, MiniMax, ...):
+//
+//     scores   = softmax(logits) | sigmoid(logits)                         [T, E]
+//     choice   = scores (+ bias) | logits + bias      (bias_on_logits)     [T, E]
+//     groups   = G groups of E/G consecutive experts, scored by their best choice (max)
+//                or the sum of their best two (top2_sum); the topk_group best kept,
+//                ties to the lower group; the others' experts get -inf or 0 (fill)
+//     indices  = top-k of choice, ties to the lower index                  [T, k]
+//     weights  = scores[indices], renormalised (eps) and scaled as above   [T, k]
+
+enum GroupScore : int64_t { kMax = 0, kTop2Sum = 1 };
+
+struct SelectOptions {
+  int64_t e, k, groups, kept_groups, group_score;
+  bool sigmoid, bias_on_logits, fill_zero, renormalize;
+  float eps, scale;
+};
+
+void select_row(const float* logits, const float* bias, const SelectOptions& o,
+                float* scores, float* choice, int32_t* indices, float* weights,
+                float* values) {
+  const int64_t e = o.e;
+  if (o.sigmoid) {
+    for (int64_t i = 0; i < e; ++i) scores[i] = 1.0f / (1.0f + std::exp(-logits[i]));
+  } else {
+    row_softmax(logits, e, scores);
+  }
+  for (int64_t i = 0; i < e; ++i) {
+    const float base = o.bias_on_logits ? logits[i] : scores[i];
+    choice[i] = bias != nullptr ? base + bias[i] : base;
+  }
+  if (o.groups > 1) {
+    const int64_t size = e / o.groups;
+    float group_scores[64];  // G <= 64, checked by the caller
+    for (int64_t g = 0; g < o.groups; ++g) {
+      const float* member = choice + g * size;
+      float first = member[0], second = -INFINITY;
+      for (int64_t i = 1; i < size; ++i) {
+        if (member[i] > first) {
+          second = first;
+          first = member[i];
+        } else if (member[i] > second) {
+          second = member[i];
+        }
+      }
+      group_scores[g] = o.group_score == kTop2Sum ? first + second : first;
+    }
+    int32_t kept[64];
+    float kept_values[64];
+    row_top_k(group_scores, o.groups, o.kept_groups, kept, kept_values);
+    bool keep[64] = {};
+    for (int64_t j = 0; j < o.kept_groups; ++j) keep[kept[j]] = true;
+    const float fill = o.fill_zero ? 0.0f : -INFINITY;
+    for (int64_t g = 0; g < o.groups; ++g) {
+      if (keep[g]) continue;
+      for (int64_t i = g * size; i < (g + 1) * size; ++i) choice[i] = fill;
+    }
+  }
+  row_top_k(choice, e, o.k, indices, values);
+  float total = 0.0f;
+  for (int64_t j = 0; j < o.k; ++j) {
+    weights[j] = scores[indices[j]];
+    total += weights[j];
+  }
+  if (o.renormalize) {
+    const float denominator = o.eps != 0.0f ? total + o.eps : total;
+    for (int64_t j = 0; j < o.k; ++j) weights[j] /= denominator;
+  }
+  if (o.scale != 1.0f) {
+    for (int64_t j = 0; j < o.k; ++j) weights[j] *= o.scale;
+  }
+}
+
+std::vector<at::Tensor> topk_select(const at::Tensor& logits, const c10::optional<at::Tensor>& bias,
+                                    int64_t k, bool sigmoid, bool bias_on_logits,
+                                    int64_t groups, int64_t kept_groups, int64_t group_score,
+                                    bool fill_zero, bool renormalize, double eps,
+                                    double scale) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() &&
+                  logits.scalar_type() == at::kFloat,
+              "logits: expected a contiguous float32 [T, E] tensor");
+  const int64_t rows = logits.size(0), e = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= e, "k: expected 1..E");
+  TORCH_CHECK(groups >= 1 && groups <= 64 && e % groups == 0, "groups: expected 1..64 dividing E");
+  TORCH_CHECK(kept_groups >= 1 && kept_groups <= groups, "kept_groups: expected 1..groups");
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == e && bias->is_contiguous() &&
+                    bias->scalar_type() == at::kFloat,
+                "bias: expected a contiguous float32 [E] tensor");
+    b = bias->const_data_ptr<float>();
+  }
+  const SelectOptions o{e, k, groups, kept_groups, group_score, sigmoid, bias_on_logits,
+                        fill_zero, renormalize, static_cast<float>(eps),
+                        static_cast<float>(scale)};
+  const auto f32 = logits.options();
+  at::Tensor scores = at::empty({rows, e}, f32);
+  at::Tensor indices = at::empty({rows, k}, f32.dtype(at::kInt));
+  at::Tensor weights = at::empty({rows, k}, f32);
+  const float* l = logits.const_data_ptr<float>();
+  float* sc = scores.mutable_data_ptr<float>();
+  int32_t* ix = indices.mutable_data_ptr<int32_t>();
+  float* wt = weights.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 4096 / e);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(static_cast<size_t>(e + k));
+    for (int64_t t = begin; t < end; ++t) {
+      select_row(l + t * e, b, o, sc + t * e, scratch.data(), ix + t * k, wt + t * k,
+                 scratch.data() + e);
+    }
+  });
+  at::Tensor counts = at::empty({e}, f32.dtype(at::kLong));
+  int64_t* c = counts.mutable_data_ptr<int64_t>();
+  std::fill(c, c + e, int64_t{0});
+  for (int64_t i = 0; i < rows * k; ++i) c[ix[i]] += 1;
+  at::Tensor per_token = at::empty({rows}, f32.dtype(at::kInt));
+  int32_t* per = per_token.mutable_data_ptr<int32_t>();
+  std::fill(per, per + rows, static_cast<int32_t>(k));
+  return {indices, weights, per_token, counts, scores};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moe_router, m) {
   m.def("topk_softmax_route(Tensor x, Tensor weight, int k, bool renormalize, float eps, "
         "float scale) -> Tensor[]");
   m.impl("topk_softmax_route", c10::DispatchKey::CPU, topk_softmax_route);
+  m.def("topk_select(Tensor logits, Tensor? bias, int k, bool sigmoid, bool bias_on_logits, "
+        "int groups, int kept_groups, int group_score, bool fill_zero, bool renormalize, "
+        "float eps, float scale) -> Tensor[]");
+  m.impl("topk_select", c10::DispatchKey::CPU, topk_select);
 }

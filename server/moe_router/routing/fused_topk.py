@@ -30,11 +30,12 @@ import hashlib
 import logging
 import threading
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["FusedRoute", "kernel_available", "library_name", "topk_softmax_route"]
+__all__ = ["FusedRoute", "FusedSelection", "kernel_available", "library_name", "topk_select",
+           "topk_softmax_route"]
 
 log = logging.getLogger("moe_router")
 
@@ -55,21 +56,31 @@ class FusedRoute(NamedTuple):
     probs: torch.Tensor  # [T, E] float32, the softmax
 
 
+class FusedSelection(NamedTuple):
+    """One call's selection from its logits: T tokens, E experts, k = top_k."""
+
+    indices: torch.Tensor  # [T, k] int32, largest choice first
+    weights: torch.Tensor  # [T, k] float32
+    num_per_token: torch.Tensor  # [T] int32, all k
+    counts: torch.Tensor  # [E] int64
+    scores: torch.Tensor  # [T, E] float32, softmax or sigmoid of the logits
+
+
 class _Kernel:
     """The op once built and loaded (or the reason it is not), for the whole process."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tried = False
-        self.op: object | None = None
+        self.ops: Any = None  # torch.ops.moe_router once loaded
 
-    def get(self) -> object | None:
+    def get(self) -> Any:
         if not self._tried:
             with self._lock:
                 if not self._tried:
-                    self.op = _build()
+                    self.ops = _build()
                     self._tried = True
-        return self.op
+        return self.ops
 
 
 def library_name() -> tuple[str, list[str]]:
@@ -83,7 +94,7 @@ def library_name() -> tuple[str, list[str]]:
     return f"moe_router_fused_topk_{capability.lower()}_{digest.hexdigest()[:12]}", flags
 
 
-def _build() -> object | None:
+def _build() -> Any:
     """Load the op from the build cache, else compile it there first (ninja and a C++
     compiler); None, logged, when that fails."""
     try:
@@ -96,7 +107,7 @@ def _build() -> object | None:
         else:
             cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
                                is_python_module=False, verbose=False)
-        return torch.ops.moe_router.topk_softmax_route
+        return torch.ops.moe_router
     except Exception as exc:  # no compiler, no ninja, a failed build: PyTorch ops instead
         log.warning("fused CPU top-k op unavailable (%s: %s); routing with PyTorch ops",
                     type(exc).__name__, str(exc).strip().splitlines()[-1:] or "")
@@ -118,7 +129,39 @@ def topk_softmax_route(
     (fp32, contiguous): softmax top-``k``, renormalised with ``eps`` when ``renormalize``
     (w / (sum w + eps), w / sum w when eps is 0), times ``scale``. Only where
     :func:`kernel_available`."""
-    op = _KERNEL.get()
-    if op is None:
-        raise RuntimeError("the fused top-k op is not available on this host")
-    return FusedRoute(*op(x, weight, k, renormalize, eps, scale))  # type: ignore[operator]
+    return FusedRoute(*_ops().topk_softmax_route(x, weight, k, renormalize, eps, scale))
+
+
+def topk_select(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    *,
+    sigmoid: bool,
+    bias_on_logits: bool,
+    groups: int,
+    kept_groups: int,
+    top2_sum: bool,
+    fill_zero: bool,
+    renormalize: bool,
+    eps: float,
+    scale: float,
+) -> FusedSelection:
+    """The top-k family's selection from gate logits [T, E] (fp32, contiguous, CPU), as
+    :meth:`TopKRouter.select <moe_router.routing.topk.TopKRouter.select>` and
+    :func:`scoring.mask_dropped_groups <moe_router.routing.scoring.mask_dropped_groups>`
+    define it: softmax or ``sigmoid`` scores, the correction ``bias`` [E] on the scores
+    (or the logits), ``groups`` of which ``kept_groups`` stay (by best or ``top2_sum``
+    score; the others' experts -inf or 0 with ``fill_zero``), top-``k`` with ties to the
+    lower index, weights from the scores renormalised and scaled. At most 64 groups.
+    Only where :func:`kernel_available`."""
+    return FusedSelection(*_ops().topk_select(
+        logits, bias, k, sigmoid, bias_on_logits, groups, kept_groups, int(top2_sum),
+        fill_zero, renormalize, eps, scale))
+
+
+def _ops() -> Any:
+    ops = _KERNEL.get()
+    if ops is None:
+        raise RuntimeError("the fused top-k ops are not available on this host")
+    return ops

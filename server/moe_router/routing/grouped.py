@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from moe_router.errors import RouterConfigurationError
@@ -39,6 +41,8 @@ class GroupedTopKRouter(TopKRouter):
     scale 2.5, ``use_correction_bias=True``. DeepSeek-V2: E=160, n_group=8,
     topk_group=3, k=6, softmax, MAX, no renormalize, scale 16.
     """
+
+    _fuses_selection: ClassVar[bool] = True  # fused_topk.topk_select computes it too
 
     def __init__(self, config: RouterConfig, use_correction_bias: bool = False) -> None:
         group_size = config.num_experts // config.n_group

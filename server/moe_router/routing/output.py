@@ -21,12 +21,15 @@ class Selection(NamedTuple):
              renormalise their scores): only calls that want the losses pay for them.
     extras:  optional tensors keyed by RouterOutput field name
              (complexity_scores [T], dispatch_weights, combine_weights, ...).
+    counts:  [E] int64 assignments per expert, when the selection step counted them
+             already (the fused CPU op); None: the pipeline counts.
     """
 
     indices: torch.Tensor
     weights: torch.Tensor
     routing_probs: torch.Tensor | Callable[[], torch.Tensor]
     extras: dict[str, Any]
+    counts: torch.Tensor | None = None
 
     @property
     def probs(self) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -16,6 +16,8 @@ from moe_router.routing.output import RouterOutput, Selection
 from moe_router.routing.router_config import (
     AuxLossAssignments,
     CorrectionBiasTarget,
+    GroupMaskFill,
+    GroupScore,
     InputNorm,
     RouterConfig,
     ScoringFunction,
@@ -54,6 +56,7 @@ class TopKRouter(RouterBase):
 
     fixed_k = True
     values_judged_by_logits = True
+    _fuses_selection: ClassVar[bool] = True  # see __init__
 
     e_score_correction_bias: torch.Tensor  # [E_r] fp32, only when use_correction_bias
 
@@ -80,20 +83,27 @@ class TopKRouter(RouterBase):
             and config.routed_experts == config.num_experts
             and config.renormalize_eps < 2.0 ** -(math.ceil(math.log2(config.num_experts)) + 26)
         )
-        # The plain softmax top-k, whose whole inference route the fused CPU op computes
-        # (a subclass changes the selection: never fused).
+        # Inference on a CPU through the fused ops (fused_topk): the selection of the
+        # classes that say so in their own body (a subclass that changes it never fuses) ...
+        self._selection_fusable = (
+            type(self).__dict__.get("_fuses_selection", False)
+            and config.scoring in (ScoringFunction.SOFTMAX, ScoringFunction.SIGMOID)
+            and config.routed_experts == config.num_experts
+            and config.n_group <= 64
+            and not (config.per_expert_scale or config.learned_weight_scale)
+            and not config.drops_tokens
+        )
+        # ... and for the plain softmax top-k the whole route, gate matmul included.
         self._fusable = (
-            type(self) is TopKRouter
+            self._selection_fusable
+            and type(self) is TopKRouter
             and not use_correction_bias
             and config.scoring is ScoringFunction.SOFTMAX
-            and config.routed_experts == config.num_experts
             and config.top_k < config.num_experts
-            and config.n_group == 1
-            and not (config.gate_bias or config.per_expert_scale or config.learned_weight_scale)
+            and not config.gate_bias
             and config.input_norm is InputNorm.NONE
             and config.logit_multiplier == 1.0
             and config.logit_softcap is None
-            and not config.drops_tokens
         )
         if use_correction_bias:
             self.register_buffer(
@@ -205,6 +215,11 @@ class TopKRouter(RouterBase):
     ) -> Selection:
         """Top-k of flat logits [T, E]; indices/weights [T, k(+S)], probs [T, E]."""
         cfg = self.config
+        if (self._selection_fusable and not self.training and not torch.is_grad_enabled()
+                and logits.is_cpu and fused_topk.kernel_available()):
+            bias = self.e_score_correction_bias if self.use_correction_bias else None
+            if bias is None or (bias.dtype == torch.float32 and bias.is_cpu):
+                return self._select_fused(logits, bias)
         routed = cfg.routed_experts
         scores = F.score(logits, cfg.scoring)
         choice = scores[:, :routed] if routed < cfg.num_experts else scores
@@ -234,6 +249,30 @@ class TopKRouter(RouterBase):
         if cfg.scoring is ScoringFunction.SOFTMAX:
             return Selection(indices, weights, scores, {})
         return Selection(indices, weights, lambda: F.renormalize(scores), {})
+
+    def _select_fused(self, logits: torch.Tensor, bias: torch.Tensor | None) -> Selection:
+        """:meth:`select` as one op (:func:`fused_topk.topk_select`), counts included."""
+        cfg = self.config
+        grouped = type(self).restrict_choice is not TopKRouter.restrict_choice
+        chosen_on_scores = bias is None and not grouped  # as select(): eps may vanish
+        selection = fused_topk.topk_select(
+            logits if logits.is_contiguous() else logits.contiguous(),
+            None if bias is None else bias.contiguous(),
+            cfg.top_k,
+            sigmoid=cfg.scoring is ScoringFunction.SIGMOID,
+            bias_on_logits=cfg.correction_bias_target is CorrectionBiasTarget.LOGITS,
+            groups=cfg.n_group if grouped else 1,
+            kept_groups=cfg.topk_group if grouped else 1,
+            top2_sum=cfg.group_score is GroupScore.TOP2_SUM,
+            fill_zero=cfg.group_mask_fill is GroupMaskFill.ZERO,
+            renormalize=cfg.renormalize,
+            eps=0.0 if chosen_on_scores and self._eps_vanishes else cfg.renormalize_eps,
+            scale=cfg.routed_scaling_factor,
+        )
+        scores = selection.scores
+        probs = scores if cfg.scoring is ScoringFunction.SOFTMAX else (
+            lambda: F.renormalize(scores))
+        return Selection(selection.indices, selection.weights, probs, {}, selection.counts)
 
     def aux_loss_counts(self, selection: Selection) -> torch.Tensor | None:
         """Megatron's plain top-k of the probabilities [T, E] over all experts (ties to
