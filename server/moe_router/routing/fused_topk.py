@@ -102,15 +102,20 @@ def _build() -> Any:
 
         name, flags = library_name()
         built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
-        if built.is_file():  # no ninja run in every process that routes
+        # Built and no build running (cpp_extension holds a lock file while it builds):
+        # load it, with no ninja run in every process that routes.
+        if built.is_file() and not (built.parent / "lock").exists():
             torch.ops.load_library(str(built))
         else:
+            log.info("building the fused CPU top-k ops in %s (once per host and torch "
+                     "version, about 10 s)", built.parent)
             cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
                                is_python_module=False, verbose=False)
         return torch.ops.moe_router
     except Exception as exc:  # no compiler, no ninja, a failed build: PyTorch ops instead
-        log.warning("fused CPU top-k op unavailable (%s: %s); routing with PyTorch ops",
-                    type(exc).__name__, str(exc).strip().splitlines()[-1:] or "")
+        last_line = (str(exc).strip().splitlines() or [""])[-1]
+        log.warning("fused CPU top-k ops unavailable (%s: %s); routing with PyTorch ops "
+                    "(a C++ compiler and ninja build them)", type(exc).__name__, last_line)
         return None
 
 
