@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -124,16 +125,22 @@ def test_top_k_values_are_judged_by_their_logits_and_a_bad_call_fails_alone():
 
 
 class _SleepingRouter(TopKRouter):
-    """A router that waits instead of computing: almost no CPU time, long wall time."""
+    """A router that waits instead of computing: almost no CPU time, long wall time
+    (on the calls in ``sleepy``, every call when None)."""
+
+    sleepy: set[int] | None = None
+    calls = 0
 
     def route_validated(self, *args, **kwargs):
         import time
 
-        time.sleep(0.05)
+        self.calls += 1
+        if self.sleepy is None or self.calls in self.sleepy:
+            time.sleep(0.05)
         return super().route_validated(*args, **kwargs)
 
 
-def test_a_pass_that_waits_holds_the_loop_once_then_its_router_stays_off_it():
+def test_a_router_that_waits_holds_the_loop_twice_then_stays_off_it():
     torch.manual_seed(0)
     router = _SleepingRouter(RouterConfig(hidden_size=DIM, num_experts=8, top_k=2)).eval()
     pool = _ThreadRecorder()
@@ -141,11 +148,32 @@ def test_a_pass_that_waits_holds_the_loop_once_then_its_router_stays_off_it():
                             inline_max_us=5_000)  # 5 ms; each pass sleeps 50 ms
 
     async def run():
-        for i in range(6):
+        for i in range(14):
             await device.route(_call(i))
 
     asyncio.run(run())
-    # Pass 1 in the pool measures ~0 CPU time; pass 2 runs inline, takes 50 ms of wall
-    # time (10x the budget) and keeps every later pass in the pool for INLINE_HOLD_S.
-    assert device.stats().inline_passes == 1
-    assert pool.submitted == 5
+    # Pass 1 in the pool measures ~0 CPU time; pass 2 runs inline and takes 50 ms of wall
+    # time (10x the budget), which lifts its size's mean cost over the budget: the next
+    # passes go to the pool until the mean decays, then one more inline pass overruns,
+    # the second in a row, and every later pass stays in the pool for INLINE_HOLD_S.
+    assert device.stats().inline_passes == 2
+    assert pool.submitted == 12
+    assert device._inline_held_until > time.monotonic()
+
+
+def test_one_stalled_inline_pass_does_not_keep_its_router_off_the_loop():
+    torch.manual_seed(0)
+    router = _SleepingRouter(RouterConfig(hidden_size=DIM, num_experts=8, top_k=2)).eval()
+    router.sleepy = {3}  # a host that stalls the loop once, 50 ms (10x the budget)
+    pool = _ThreadRecorder()
+    device = DeviceExecutor("r", [router], ["v"], torch.device("cpu"), pool,
+                            inline_max_us=5_000)
+
+    async def run():
+        for i in range(20):
+            await device.route(_call(i))
+
+    asyncio.run(run())
+    assert device._inline_held_until == 0.0  # never held
+    # After the stall's mean cost decays in the pool, the passes are back on the loop.
+    assert device.stats().inline_passes >= 12

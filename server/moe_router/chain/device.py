@@ -96,10 +96,14 @@ LOSS_SAMPLE_INTERVAL_S = 1.0
 not ask for losses, which cost about a third of a small call."""
 
 INLINE_OVERRUN_FACTOR = 4
+INLINE_OVERRUNS_TO_HOLD = 2
 INLINE_HOLD_S = 10.0
-"""An inline pass whose wall time passes ``INLINE_OVERRUN_FACTOR`` times the budget (a
-router that waits instead of computing, a stalled machine) keeps the router's passes off
-the loop for ``INLINE_HOLD_S``: the loop is held that long at most once per hold."""
+"""``INLINE_OVERRUNS_TO_HOLD`` inline passes in a row whose wall time passes
+``INLINE_OVERRUN_FACTOR`` times the budget (a router that waits instead of computing, a
+stalled machine) keep the router's passes off the loop for ``INLINE_HOLD_S``. One alone
+does not: a pass preempted for a few milliseconds on a busy host is not a slow router
+(seen here: a single 4 ms preemption held a 20 us router off the loop for 10 s, doubling
+its calls' cost). The loop is held that long at most twice per hold."""
 
 _NEVER = float("inf")
 
@@ -152,6 +156,7 @@ class DeviceExecutor:
         self._in_pool = 0  # passes of this router handed to the pool and not back yet
         self._pass_cost: dict[int, float] = {}  # token size class -> running mean seconds
         self._inline_held_until = 0.0  # no pass on the loop before this monotonic time
+        self._inline_overruns = 0  # inline passes in a row over the overrun bound
         self._on_losses = on_losses
         self._loss_interval = loss_sample_interval_s
         self._next_loss_sample = 0.0
@@ -243,8 +248,13 @@ class DeviceExecutor:
         spent = cpu if self.device.type == "cpu" else wall
         if inline:  # what the loop waited, waits included (a router that sleeps)
             spent = max(spent, wall)
-            if wall > INLINE_OVERRUN_FACTOR * self._inline_max_s:
-                self._inline_held_until = time.monotonic() + INLINE_HOLD_S
+            if wall <= INLINE_OVERRUN_FACTOR * self._inline_max_s:
+                self._inline_overruns = 0
+            else:
+                self._inline_overruns += 1
+                if self._inline_overruns >= INLINE_OVERRUNS_TO_HOLD:
+                    self._inline_overruns = 0
+                    self._inline_held_until = time.monotonic() + INLINE_HOLD_S
         size = _size_class(tokens)
         cost = self._pass_cost.get(size)
         self._pass_cost[size] = spent if cost is None else cost + 0.2 * (spent - cost)
