@@ -77,6 +77,7 @@ class _Region:
     owner: str
     fd: int
     mapping: mmap.mmap  # bytes [0, offset + byte_size) of the object
+    sealed: bool = False  # sealed against shrinking (checked at registration): no fstat
 
 
 class SharedMemoryRegistry:
@@ -144,7 +145,8 @@ class SharedMemoryRegistry:
             except BaseException:
                 _close_quietly(fd)
                 raise
-            return self._add(name, f"fd:{label}", fd, 0, byte_size, owner)  # closes on refusal
+            return self._add(name, f"fd:{label}", fd, 0, byte_size, owner,  # closes on refusal
+                             sealed=True)
         finally:
             self._lock.release()
 
@@ -163,7 +165,8 @@ class SharedMemoryRegistry:
             )
 
     def _add(
-        self, name: str, key: str, fd: int, offset: int, byte_size: int, owner: str
+        self, name: str, key: str, fd: int, offset: int, byte_size: int, owner: str,
+        sealed: bool = False,
     ) -> RegionStatus:
         """Map the region and keep it (under the lock); closes ``fd`` on refusal."""
         try:
@@ -179,7 +182,7 @@ class SharedMemoryRegistry:
             os.close(fd)
             raise
         status = RegionStatus(name, key, offset, byte_size)
-        self._regions[(owner, name)] = _Region(status, owner, fd, mapping)
+        self._regions[(owner, name)] = _Region(status, owner, fd, mapping, sealed)
         return status
 
     def _path(self, key: str) -> Path:
@@ -282,7 +285,10 @@ class SharedMemoryRegistry:
                     f"shared memory region '{name}': bytes [{offset}, {offset + byte_size}) "
                     f"are outside the region ({status.byte_size} bytes)"
                 )
-            size = os.fstat(region.fd).st_size
+            # A sealed memfd can never shrink: only a file by key is checked on every view
+            # (2 us a call; a ROUTE takes three views).
+            size = status.offset + status.byte_size if region.sealed else os.fstat(
+                region.fd).st_size
             if size < status.offset + status.byte_size:
                 raise ValidationError(
                     f"shared memory region '{name}': '{status.key}' was resized to {size} "

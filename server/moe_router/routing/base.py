@@ -332,7 +332,6 @@ class RouterBase(nn.Module, ABC):
 
         ``name`` (the hosted router's name) makes the messages say which router.
         """
-        who = "the router's" if name is None else f"router '{name}'"
         if not isinstance(hidden_states, torch.Tensor):
             raise ValidationError(
                 f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}"
@@ -348,6 +347,7 @@ class RouterBase(nn.Module, ABC):
                 f"got shape {list(hidden_states.shape)}"
             )
         if hidden_states.shape[-1] != self.hidden_size:
+            who = "the router's" if name is None else f"router '{name}'"
             raise ValidationError(
                 f"hidden_states dim {hidden_states.shape[-1]} does not match "
                 f"{who} input_dim {self.hidden_size}"
@@ -447,7 +447,7 @@ class RouterBase(nn.Module, ABC):
         tokens = int(num_per_token.numel())
         assignments = int(num_per_token.sum()) if assignments is None else assignments
         load: torch.Tensor = self._buffers["expert_load"]  # type: ignore[assignment]  # not __getattr__: 0.5 us
-        if counts.device != load.device:
+        if counts.get_device() != load.get_device():  # ints, not torch.device objects
             counts = counts.to(load.device)
         with self._stats_lock:  # counts are integers: never part of an autograd graph
             load.add_(counts)

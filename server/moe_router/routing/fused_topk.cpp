@@ -1,6 +1,8 @@
-// The softmax top-k route as one CPU op: gate matmul, softmax, top-k (ties to the lower
-// index), renormalisation, int32 indices and per-expert counts in a single pass over each
-// token's row. See fused_topk.py for when the routers use it and why.
+// The top-k family's inference routing as two CPU ops, a Python extension module (pybind11:
+// a call costs about 2 us less than through torch.ops, and releases the GIL while it runs).
+// topk_softmax_route: the plain softmax top-k's whole route, gate matmul included, in a
+// single pass over each token's row; topk_select: the selection from gate logits. See
+// fused_topk.py for when the routers use them and why.
 //
 // Shapes: T tokens, D hidden size, E experts, k = top_k.
 //
@@ -18,9 +20,8 @@
 // per expert, added pairwise at the end), so a token's answer never depends on its batch
 // mates or on the intra-op thread count.
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
@@ -107,9 +108,10 @@ void route_rows(const In* x, const float* w, int64_t rows, int64_t d, int64_t e,
   // Rows per task: about 256K multiply-adds, so small calls stay on the calling thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, d * e));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(probs == nullptr ? static_cast<size_t>(e) : 0);
     for (int64_t t = begin; t < end; ++t) {
       float* row_logit = logits + t * e;
-      float* row_prob = probs + t * e;
+      float* row_prob = probs == nullptr ? scratch.data() : probs + t * e;
       int32_t* row_index = indices + t * k;
       float* row_weight = weights + t * k;
       row_logits(x + t * d, w, d, e, row_logit);
@@ -128,25 +130,27 @@ void route_rows(const In* x, const float* w, int64_t rows, int64_t d, int64_t e,
   });
 }
 
-std::vector<at::Tensor> topk_softmax_route(const at::Tensor& x, const at::Tensor& weight,
+std::vector<at::Tensor> topk_softmax_route(const at::Tensor& x_in, const at::Tensor& weight_in,
                                            int64_t k, bool renormalize, double eps,
-                                           double scale) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: expected a contiguous [T, D] tensor");
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
-                  weight.scalar_type() == at::kFloat,
-              "weight: expected a contiguous float32 [E, D] tensor");
+                                           double scale, bool want_probs) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "x: expected a CPU [T, D] tensor");
+  TORCH_CHECK(weight_in.dim() == 2 && weight_in.device().is_cpu() &&
+                  weight_in.scalar_type() == at::kFloat,
+              "weight: expected a CPU float32 [E, D] tensor");
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();  // no-ops mostly
   TORCH_CHECK(x.size(1) == weight.size(1), "x and weight: hidden sizes differ");
   const int64_t rows = x.size(0), d = x.size(1), e = weight.size(0);
   TORCH_CHECK(k >= 1 && k <= e, "k: expected 1..E");
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor logits = at::empty({rows, e}, f32);
-  at::Tensor probs = at::empty({rows, e}, f32);
+  // The softmax is kept only when asked (the aux loss reads it): one allocation less.
+  at::Tensor probs = want_probs ? at::empty({rows, e}, f32) : at::Tensor();
   at::Tensor indices = at::empty({rows, k}, f32.dtype(at::kInt));
   at::Tensor weights = at::empty({rows, k}, f32);
   const float* w = weight.const_data_ptr<float>();
   const float eps_f = static_cast<float>(eps), scale_f = static_cast<float>(scale);
   float* l = logits.mutable_data_ptr<float>();
-  float* p = probs.mutable_data_ptr<float>();
+  float* p = want_probs ? probs.mutable_data_ptr<float>() : nullptr;
   int32_t* ix = indices.mutable_data_ptr<int32_t>();
   float* wt = weights.mutable_data_ptr<float>();
   switch (x.scalar_type()) {
@@ -302,12 +306,13 @@ std::vector<at::Tensor> topk_select(const at::Tensor& logits, const c10::optiona
 
 }  // namespace
 
-TORCH_LIBRARY(moe_router, m) {
-  m.def("topk_softmax_route(Tensor x, Tensor weight, int k, bool renormalize, float eps, "
-        "float scale) -> Tensor[]");
-  m.impl("topk_softmax_route", c10::DispatchKey::CPU, topk_softmax_route);
-  m.def("topk_select(Tensor logits, Tensor? bias, int k, bool sigmoid, bool bias_on_logits, "
-        "int groups, int kept_groups, int group_score, bool fill_zero, bool renormalize, "
-        "float eps, float scale) -> Tensor[]");
-  m.impl("topk_select", c10::DispatchKey::CPU, topk_select);
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("topk_softmax_route", &topk_softmax_route, pybind11::arg("x"), pybind11::arg("weight"),
+        pybind11::arg("k"), pybind11::arg("renormalize"), pybind11::arg("eps"),
+        pybind11::arg("scale"), pybind11::arg("want_probs"),
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "[indices, weights, num_per_token, counts, logits, probs or None] of x [T, D] "
+        "through the gate weight [E, D]");
+  m.def("topk_select", &topk_select, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "[indices, weights, num_per_token, counts, scores] from gate logits [T, E]");
 }

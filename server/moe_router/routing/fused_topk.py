@@ -1,4 +1,5 @@
-"""The softmax top-k route as one compiled CPU op (``fused_topk.cpp``), built on first use.
+"""The top-k family's inference routing as compiled CPU ops (``fused_topk.cpp``), built on
+first use.
 
 Routing a few tokens is a handful of tiny tensor ops, each costing its dispatch more than
 its arithmetic: eager PyTorch's softmax top-k is five calls (matmul, softmax, topk, sum,
@@ -18,7 +19,7 @@ answers equal PyTorch's to float32 rounding (indices exactly, save for near ties
 
 :func:`topk_softmax_route` returns None when the op cannot be had (no C++ compiler or
 ninja on the host, a build error: logged once); the routers then use PyTorch ops. The
-build takes about 10 s once per machine and is kept in ``torch.utils.cpp_extension``'s
+build takes about 20 s once per machine and is kept in ``torch.utils.cpp_extension``'s
 build cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name
 that carries a digest of the source, the flags and torch's version (:func:`library_name`);
 later processes load it from there in a few milliseconds.
@@ -27,6 +28,7 @@ later processes load it from there in a few milliseconds.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import threading
 from pathlib import Path
@@ -53,7 +55,7 @@ class FusedRoute(NamedTuple):
     num_per_token: torch.Tensor  # [T] int32, all k
     counts: torch.Tensor  # [E] int64
     logits: torch.Tensor  # [T, E] float32
-    probs: torch.Tensor  # [T, E] float32, the softmax
+    probs: torch.Tensor | None  # [T, E] float32, the softmax; None unless asked for
 
 
 class FusedSelection(NamedTuple):
@@ -72,7 +74,7 @@ class _Kernel:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tried = False
-        self.ops: Any = None  # torch.ops.moe_router once loaded
+        self.ops: Any = None  # the extension module once loaded
 
     def get(self) -> Any:
         if not self._tried:
@@ -95,23 +97,26 @@ def library_name() -> tuple[str, list[str]]:
 
 
 def _build() -> Any:
-    """Load the op from the build cache, else compile it there first (ninja and a C++
-    compiler); None, logged, when that fails."""
+    """Load the ops' module from the build cache, else compile it there first (ninja and
+    a C++ compiler); None, logged, when that fails."""
     try:
         from torch.utils import cpp_extension
 
         name, flags = library_name()
         built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
         # Built and no build running (cpp_extension holds a lock file while it builds):
-        # load it, with no ninja run in every process that routes.
+        # import it, with no ninja run in every process that routes.
         if built.is_file() and not (built.parent / "lock").exists():
-            torch.ops.load_library(str(built))
-        else:
-            log.info("building the fused CPU top-k ops in %s (once per host and torch "
-                     "version, about 10 s)", built.parent)
-            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
-                               is_python_module=False, verbose=False)
-        return torch.ops.moe_router
+            spec = importlib.util.spec_from_file_location(name, built)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"{built} is not an extension module")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        log.info("building the fused CPU top-k ops in %s (once per host and torch "
+                 "version, about 20 s)", built.parent)
+        return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
+                                  verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: PyTorch ops instead
         last_line = (str(exc).strip().splitlines() or [""])[-1]
         log.warning("fused CPU top-k ops unavailable (%s: %s); routing with PyTorch ops "
@@ -128,13 +133,15 @@ def kernel_available() -> bool:
 
 
 def topk_softmax_route(
-    x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, eps: float, scale: float
+    x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, eps: float, scale: float,
+    want_probs: bool = True,
 ) -> FusedRoute:
-    """Route x [T, D] (fp32, bf16 or fp16, contiguous, CPU) through gate ``weight`` [E, D]
-    (fp32, contiguous): softmax top-``k``, renormalised with ``eps`` when ``renormalize``
-    (w / (sum w + eps), w / sum w when eps is 0), times ``scale``. Only where
-    :func:`kernel_available`."""
-    return FusedRoute(*_ops().topk_softmax_route(x, weight, k, renormalize, eps, scale))
+    """Route x [T, D] (fp32, bf16 or fp16, CPU) through gate ``weight`` [E, D] (fp32):
+    softmax top-``k``, renormalised with ``eps`` when ``renormalize``
+    (w / (sum w + eps), w / sum w when eps is 0), times ``scale``; the softmax itself
+    only with ``want_probs``. Only where :func:`kernel_available`."""
+    return FusedRoute(*_ops().topk_softmax_route(x, weight, k, renormalize, eps, scale,
+                                                  want_probs))
 
 
 def topk_select(

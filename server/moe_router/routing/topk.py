@@ -167,16 +167,15 @@ class TopKRouter(RouterBase):
         """Route flat [T, D] with the fused op and gate ``weight`` (:meth:`_fused_gate`);
         the losses, counts and statistics as :meth:`RouterBase._finish` makes them."""
         cfg = self.config
+        eps = 0.0 if self._eps_vanishes else cfg.renormalize_eps
         route = fused_topk.topk_softmax_route(
-            flat if flat.is_contiguous() else flat.contiguous(),
-            weight if weight.is_contiguous() else weight.contiguous(),
-            cfg.top_k, cfg.renormalize, 0.0 if self._eps_vanishes else cfg.renormalize_eps,
-            cfg.routed_scaling_factor,
+            flat, weight, cfg.top_k, cfg.renormalize, eps, cfg.routed_scaling_factor,
+            want_probs=losses,
         )
         indices, weights, per_token, logits = (
             route.indices, route.weights, route.num_per_token, route.logits)
         aux_loss = z_loss = None
-        if losses:
+        if route.probs is not None:  # asked for with the losses
             aux_loss = F.aux_loss_from_counts(route.probs, route.counts, cfg.top_k)
             z_loss = self.compute_z_loss(logits)
         self.update_stats(route.counts, per_token, 0, indices.numel())
