@@ -337,3 +337,15 @@ def test_a_bias_in_another_dtype_takes_the_pytorch_path() -> None:
         router.e_score_correction_bias.data = router.e_score_correction_bias.double()
         got = router(x)  # no op error: the PyTorch path casts as it always did
     assert torch.equal(got.expert_indices, want.expert_indices)
+
+
+@needs_op
+def test_a_strided_input_answers_as_its_contiguous_copy() -> None:
+    router = _router(dim=64, experts=8)
+    wide = torch.randn(6, 128)
+    strided = wide[:, ::2]  # every other column: a view that is not contiguous
+    assert not strided.is_contiguous()
+    with torch.inference_mode():
+        got, want = router(strided), router(strided.contiguous())
+    for name in ("expert_indices", "expert_weights", "router_logits", "tokens_per_expert"):
+        assert torch.equal(getattr(got, name), getattr(want, name))
