@@ -21,8 +21,9 @@ IN_PROCESS = [b for b in BLOCKS if b not in CLIENT + TRITON + COLOCATED]
 
 def test_readme_has_the_promised_examples():
     assert len(IN_PROCESS) == 3 and len(CLIENT) == 1 and len(TRITON) == 2
-    assert len(COLOCATED) == 1
+    assert len(COLOCATED) == 2  # the door in 10 lines, then its shared buffers
     assert len([line for line in COLOCATED[0].splitlines() if line.strip()]) <= 10
+    assert "shared_buffer" in COLOCATED[1]
     assert all(len(block.strip().splitlines()) <= 12 for block in BLOCKS)
     assert len([line for line in TRITON[0].splitlines() if line.strip()]) <= 10  # 10 lines
 

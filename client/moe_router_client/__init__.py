@@ -14,7 +14,8 @@ torch tensor or asked for torch output (``as_torch=True``).
 """
 
 from moe_router_client.client import AsyncRouterClient, RouterClient
-from moe_router_client.colocated import AsyncCoLocatedClient, CoLocatedClient
+from moe_router_client.colocated import CoLocatedClient
+from moe_router_client.colocated_async import AsyncCoLocatedClient
 from moe_router_client.errors import (
     DeadlineExceededError,
     InternalError,

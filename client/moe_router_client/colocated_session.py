@@ -31,6 +31,7 @@ import grpc
 import numpy as np
 
 from moe_router_client import colocated_wire as wire
+from moe_router_client.colocated_shared import SharedBuffers
 from moe_router_client.errors import STATUS_ERRORS, InternalError, RouterError
 from moe_router_client.results import RouteInfo, RouteResult
 from moe_router_client.tensors import from_parts, to_parts, wire_dtype_of_torch
@@ -154,14 +155,9 @@ class Session:
             self.descriptions[router] = description
         return description
 
-    def _ensure(self, which: str, nbytes: int) -> Step:
-        """The region ``which`` ("inputs" / "outputs"), replaced by a bigger one first
-        when it holds fewer than ``nbytes`` bytes."""
-        current: MemfdRegion | None = getattr(self, which)
-        if current is not None and current.size >= nbytes:
-            return current
-        size = max(nbytes, MIN_REGION_BYTES, 2 * current.size if current else 0)
-        region = MemfdRegion(f"{self._prefix}-{which}-{next(self._generation)}", size)
+    def register(self, region: MemfdRegion) -> Step:
+        """REGISTER -> OK: hand ``region``'s descriptor to the server, which maps it (and
+        drops it when this connection ends); the region is closed if that fails."""
         try:
             assert region.fd is not None
             answer = yield wire.encode(
@@ -172,6 +168,16 @@ class Session:
             region.close()
             raise
         region.release_descriptor()
+
+    def _ensure(self, which: str, nbytes: int) -> Step:
+        """The region ``which`` ("inputs" / "outputs"), replaced by a bigger one first
+        when it holds fewer than ``nbytes`` bytes."""
+        current: MemfdRegion | None = getattr(self, which)
+        if current is not None and current.size >= nbytes:
+            return current
+        size = max(nbytes, MIN_REGION_BYTES, 2 * current.size if current else 0)
+        region = MemfdRegion(f"{self._prefix}-{which}-{next(self._generation)}", size)
+        yield from self.register(region)
         setattr(self, which, region)
         if current is not None:
             answer = yield wire.encode(wire.Unregister(self.next_seq(), current.name)), []
@@ -194,17 +200,20 @@ class Session:
         request_id: str | None,
         timeout_s: Any,
         as_torch: bool,
+        shared: SharedBuffers | None = None,
     ) -> Step:
         """DESCRIBE (first time) -> REGISTER (when a region grows) -> ROUTE -> result.
 
         ``timeout_s``: a callable giving the seconds left (None: no deadline), read just
-        before ROUTE goes so the server's deadline is the caller's.
+        before ROUTE goes so the server's deadline is the caller's. ``shared``: the
+        client's shared buffers; an input inside one goes by reference, not copied.
         """
         description = yield from self._describe(router)
         assert self.welcome is not None
         budget = min(self._inline_limit, self.welcome.inline_limit)
         placed: list[tuple[str, int, tuple[int, ...], Any]] = []  # name, dtype, shape, data
         cuda_refs: dict[str, wire.CudaIpcRef] = {}
+        shared_refs: dict[str, wire.RegionRef] = {}
         inputs_named = [("hidden_states", hidden_states), *extra_inputs.items()]
         if input_ids is not None:
             inputs_named.append(("input_ids", input_ids))
@@ -215,6 +224,11 @@ class Session:
                 placed.append((name, wire_dtype_of_torch(value.dtype), tuple(value.shape), None))
                 continue
             dtype, shape, storage = to_parts(value)
+            in_place = shared.find(storage) if shared is not None else None
+            if in_place is not None:  # read by the server where it lies
+                shared_refs[name] = in_place
+                placed.append((name, dtype, shape, None))
+                continue
             placed.append((name, dtype, shape, storage))
         host_bytes = sum(wire.aligned(p[3].nbytes) for p in placed if p[3] is not None)
         inline = host_bytes <= budget
@@ -228,7 +242,8 @@ class Session:
         at = 0
         for name, dtype, shape, storage in placed:
             if storage is None:
-                refs.append(wire.TensorRef(name, dtype, shape, cuda_refs[name]))
+                place = shared_refs.get(name) or cuda_refs[name]
+                refs.append(wire.TensorRef(name, dtype, shape, place))
             elif inline:
                 refs.append(wire.TensorRef(name, dtype, shape, None,
                                            memoryview(storage.reshape(-1).view(np.uint8))))
