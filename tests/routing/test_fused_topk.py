@@ -349,3 +349,32 @@ def test_a_strided_input_answers_as_its_contiguous_copy() -> None:
         got, want = router(strided), router(strided.contiguous())
     for name in ("expert_indices", "expert_weights", "router_logits", "tokens_per_expert"):
         assert torch.equal(getattr(got, name), getattr(want, name))
+
+
+@needs_op
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_process(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    assert fused_topk.kernel_available()
+    name, _ = fused_topk.library_name()
+    built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    cache = tmp_path / name
+    cache.mkdir()
+    (cache / built.name).write_bytes(built.read_bytes())
+    lock = cache / "lock"  # as a build killed an hour ago leaves it
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    done = subprocess.run(
+        [sys.executable, "-c", "from moe_router.routing import fused_topk; "
+                               "print(fused_topk.kernel_available())"],
+        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)},
+        capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "True", done.stderr
+    assert "removing" in done.stderr and not lock.exists()

@@ -31,13 +31,14 @@ import hashlib
 import importlib.util
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["FusedRoute", "FusedSelection", "kernel_available", "library_name", "topk_select",
-           "topk_softmax_route"]
+__all__ = ["STALE_LOCK_S", "FusedRoute", "FusedSelection", "kernel_available", "library_name",
+           "topk_select", "topk_softmax_route"]
 
 log = logging.getLogger("moe_router")
 
@@ -104,9 +105,10 @@ def _build() -> Any:
 
         name, flags = library_name()
         built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
-        # Built and no build running (cpp_extension holds a lock file while it builds):
-        # import it, with no ninja run in every process that routes.
-        if built.is_file() and not (built.parent / "lock").exists():
+        lock = built.parent / "lock"  # cpp_extension's, held while it builds
+        _remove_if_stale(lock)
+        # Built and no build running: import it, with no ninja run in every process.
+        if built.is_file() and not lock.exists():
             spec = importlib.util.spec_from_file_location(name, built)
             if spec is None or spec.loader is None:
                 raise ImportError(f"{built} is not an extension module")
@@ -122,6 +124,22 @@ def _build() -> Any:
         log.warning("fused CPU top-k ops unavailable (%s: %s); routing with PyTorch ops "
                     "(a C++ compiler and ninja build them)", type(exc).__name__, last_line)
         return None
+
+
+STALE_LOCK_S = 600.0
+"""A build lock older than this (a build takes about 20 s) was left by a build that was
+killed; cpp_extension would wait for it forever, so it is removed."""
+
+
+def _remove_if_stale(lock: Path) -> None:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing %s, a build lock %.0f s old (its build never finished)",
+                    lock, age)
+        lock.unlink(missing_ok=True)
 
 
 _KERNEL = _Kernel()
