@@ -9,8 +9,7 @@ import json
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from inprocess_server import InProcessServer, serve_in_process
 from routed_answers import assert_same_answer
 from server_process import small_routers, write_config
+from waiting import wait_until
 
 from moe_router_client import (
     AsyncCoLocatedClient,
@@ -63,17 +63,6 @@ def client(server: InProcessServer) -> Iterator[CoLocatedClient]:
     with CoLocatedClient(server.target, timeout=30) as c:
         assert c.transport == "colocated"
         yield c
-
-
-def wait_until(condition: Callable[[], bool], limit_s: float = 30.0) -> bool:
-    """Poll ``condition`` until it holds (True) or ``limit_s`` passed (False): for what
-    the server does when it reads an end of file, not a timing check."""
-    end = time.monotonic() + limit_s
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def hidden(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

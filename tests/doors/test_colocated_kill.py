@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from inprocess_server import serve_in_process
 from server_process import small_routers, start_server, write_config
+from waiting import wait_until
 
 from moe_router_client import CoLocatedClient, UnavailableError
 
@@ -36,16 +35,6 @@ print("routed", flush=True)
 while True:  # routing on, layer after layer, until killed
     client.route("mixtral", x, layer=1)
 """
-
-
-def wait_until(condition: Callable[[], bool], limit_s: float = 30.0) -> bool:
-    """Poll until ``condition`` holds (True) or ``limit_s`` passed (False)."""
-    end = time.monotonic() + limit_s
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def shm_names_of(pids: set[int]) -> list[str]:

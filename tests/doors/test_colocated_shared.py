@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -15,6 +15,7 @@ import torch
 from inprocess_server import InProcessServer, serve_in_process
 from routed_answers import assert_same_answer
 from server_process import small_routers, write_config
+from waiting import wait_until
 
 from moe_router_client import AsyncCoLocatedClient, CoLocatedClient, RouterClient
 
@@ -32,17 +33,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer
 def grpc_client(server: InProcessServer) -> Iterator[RouterClient]:
     with RouterClient(server.target, timeout=30) as client:
         yield client
-
-
-def _wait_until(condition: Callable[[], bool], limit_s: float = 30.0) -> bool:
-    import time
-
-    end = time.monotonic() + limit_s
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def _sessions(client: CoLocatedClient | AsyncCoLocatedClient) -> list:
@@ -65,7 +55,7 @@ def test_a_shared_buffer_is_read_in_place_and_answers_as_route(
                 assert_same_answer(got, grpc_client.route("mixtral", buffer.copy(),
                                                           layer=layer, skip_cache=True))
         assert all(session.inputs is None for session in _sessions(client))  # never copied
-    assert _wait_until(lambda: len(regions) == before)  # the server dropped it on close
+    assert wait_until(lambda: len(regions) == before)  # the server dropped it on close
     buffer[0, 0] = 1.0  # the memory lives on with the array
 
 
@@ -73,6 +63,8 @@ def test_a_shared_buffer_is_read_in_place_and_answers_as_route(
 def test_a_contiguous_slice_goes_by_offset_and_a_strided_view_is_copied(
     server: InProcessServer, grpc_client: RouterClient, dtype: torch.dtype
 ) -> None:
+    regions = server.running.colocated.regions
+    before = len(regions)
     with CoLocatedClient(server.target, timeout=30) as client:
         buffer = client.shared_buffer((12, 64), dtype)
         assert isinstance(buffer, torch.Tensor) and buffer.dtype == dtype
@@ -86,6 +78,7 @@ def test_a_contiguous_slice_goes_by_offset_and_a_strided_view_is_copied(
                            grpc_client.route("mixtral", every_other.contiguous(),
                                              skip_cache=True))
         assert any(session.inputs is not None for session in _sessions(client))
+    assert wait_until(lambda: len(regions) == before)  # the next test counts from here
 
 
 def test_the_asyncio_client_reads_shared_buffers_in_place(
@@ -108,7 +101,7 @@ def test_the_asyncio_client_reads_shared_buffers_in_place(
             assert all(session.inputs is None for session in _sessions(client))
 
     asyncio.run(run())
-    assert _wait_until(lambda: len(regions) == before)
+    assert wait_until(lambda: len(regions) == before)
 
 
 def test_without_the_door_a_shared_buffer_is_an_ordinary_array(

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -101,6 +102,21 @@ inline void row_top_k(const float* probs, int64_t e, int64_t k, int32_t* indices
   }
 }
 
+// counts [E] int64: how many of the rows * k chosen indices name each expert; and
+// num_per_token [T] int32, k each. Filled here rather than by at::zeros / at::full: two
+// dispatches less.
+std::pair<at::Tensor, at::Tensor> tally(const int32_t* indices, int64_t rows, int64_t k,
+                                        int64_t e, const at::TensorOptions& options) {
+  at::Tensor counts = at::empty({e}, options.dtype(at::kLong));
+  int64_t* c = counts.mutable_data_ptr<int64_t>();
+  std::fill(c, c + e, int64_t{0});
+  for (int64_t i = 0; i < rows * k; ++i) c[indices[i]] += 1;
+  at::Tensor per_token = at::empty({rows}, options.dtype(at::kInt));
+  int32_t* per = per_token.mutable_data_ptr<int32_t>();
+  std::fill(per, per + rows, static_cast<int32_t>(k));
+  return {counts, per_token};
+}
+
 template <typename In>
 void route_rows(const In* x, const float* w, int64_t rows, int64_t d, int64_t e,
                 int64_t k, bool renormalize, float eps, float scale, float* logits,
@@ -169,14 +185,7 @@ std::vector<at::Tensor> topk_softmax_route(const at::Tensor& x_in, const at::Ten
     default:
       TORCH_CHECK(false, "x: expected float32, bfloat16 or float16");
   }
-  // Filled here rather than by at::zeros / at::full: two dispatches less.
-  at::Tensor counts = at::empty({e}, f32.dtype(at::kLong));
-  int64_t* c = counts.mutable_data_ptr<int64_t>();
-  std::fill(c, c + e, int64_t{0});
-  for (int64_t i = 0; i < rows * k; ++i) c[ix[i]] += 1;
-  at::Tensor per_token = at::empty({rows}, f32.dtype(at::kInt));
-  int32_t* per = per_token.mutable_data_ptr<int32_t>();
-  std::fill(per, per + rows, static_cast<int32_t>(k));
+  auto [counts, per_token] = tally(ix, rows, k, e, f32);
   return {indices, weights, per_token, counts, logits, probs};
 }
 
@@ -294,13 +303,7 @@ std::vector<at::Tensor> topk_select(const at::Tensor& logits, const c10::optiona
                  scratch.data() + e);
     }
   });
-  at::Tensor counts = at::empty({e}, f32.dtype(at::kLong));
-  int64_t* c = counts.mutable_data_ptr<int64_t>();
-  std::fill(c, c + e, int64_t{0});
-  for (int64_t i = 0; i < rows * k; ++i) c[ix[i]] += 1;
-  at::Tensor per_token = at::empty({rows}, f32.dtype(at::kInt));
-  int32_t* per = per_token.mutable_data_ptr<int32_t>();
-  std::fill(per, per + rows, static_cast<int32_t>(k));
+  auto [counts, per_token] = tally(ix, rows, k, e, f32);
   return {indices, weights, per_token, counts, scores};
 }
 
