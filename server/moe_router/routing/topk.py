@@ -49,9 +49,12 @@ class TopKRouter(RouterBase):
     ``use_correction_bias`` adds the ``e_score_correction_bias`` [E_r] buffer
     (DeepSeek-V3's ``noaux_tc`` without groups: Ernie 4.5, MiniMax-M2, HunYuan-V3).
 
-    Inference on a CPU of the plain softmax top-k (no bias, groups, shared experts, logit
-    or input transforms, learned scales or dropping: Mixtral, Qwen-MoE, OLMoE) runs as one
-    compiled op, :mod:`~moe_router.routing.fused_topk`, when the host can build it.
+    Inference on a CPU runs through compiled ops (:mod:`~moe_router.routing.fused_topk`)
+    when the host can build them: the whole route of the plain softmax top-k (no bias,
+    groups, shared experts, logit or input transforms, learned scales or dropping:
+    Mixtral, Qwen-MoE, OLMoE) as one op, and the selection of the other softmax or
+    sigmoid configurations without shared experts, learned scales or dropping as another
+    (the gate stays the batch-invariant matmul).
     """
 
     fixed_k = True
