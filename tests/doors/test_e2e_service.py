@@ -117,9 +117,14 @@ def test_soft_moe_returns_dispatch_and_combine_weights(client):
 
 
 def test_concurrent_calls_are_batched_bit_identically(served):
+    """A call only waits for company while a pass runs, and a few tokens' pass takes
+    microseconds, less than the client takes to send the next call: the first call is a
+    large one whose pass keeps the device busy while the others arrive (without it, one
+    run in five on a loaded host merged nothing)."""
     server, hosted, _ = served
     rng = np.random.default_rng(11)
-    inputs = [rng.standard_normal((1 + i % 5, 64), dtype=np.float32) for i in range(32)]
+    inputs = [rng.standard_normal((30_000 if i == 0 else 1 + i % 5, 64), dtype=np.float32)
+              for i in range(32)]
 
     async def fire():
         async with AsyncRouterClient(server.target, timeout=30) as c:
@@ -129,8 +134,9 @@ def test_concurrent_calls_are_batched_bit_identically(served):
     for x, result in zip(inputs, results, strict=True):
         assert_same(result, in_process(hosted, "mixtral", torch.from_numpy(x)))
     assert max(r.info.batch_requests for r in results) > 1, "no calls were merged"
-    merged = [r for r in results if r.info.batch_requests > 1]
-    assert all(r.info.batch_tokens >= sum(x.shape[0] for x in inputs[:1]) for r in merged)
+    # A merged answer reports its pass's tokens: more than its own call brought.
+    assert all(r.info.batch_tokens > x.shape[0]
+               for x, r in zip(inputs, results, strict=True) if r.info.batch_requests > 1)
 
 
 def test_route_stream_answers_in_request_order(client):

@@ -85,10 +85,11 @@ def oip_server_config(oip_server):
 def test_concurrent_calls_are_batched_and_equal_the_router_in_process(oip_server):
     """`mixtral-wait` holds calls up to 50 ms while a pass runs: concurrent OIP calls
     share device passes, and each answer is the one the router gives that call alone.
-    48 calls: a call only waits for company while a pass is running, and with 16 the
-    server sometimes decoded each call after the previous pass had ended (about half
-    the runs on a loaded machine merged nothing)."""
-    inputs = [hidden((1 + i % 4, 64), seed=50 + i) for i in range(48)]
+    A call only waits for company while a pass is running, and a pass of a few tokens
+    takes microseconds (the fused CPU op), less than the client takes to send the next
+    call: so the first call is a large one whose pass keeps the device busy while the
+    47 small ones arrive (without it, one run in four merged nothing)."""
+    inputs = [hidden((30_000 if i == 0 else 1 + i % 4, 64), seed=50 + i) for i in range(48)]
     outputs = [aio.InferRequestedOutput(n) for n in CORE]
 
     async def calls(triton, _):
