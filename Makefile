@@ -14,6 +14,9 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 CONFIG ?= config.yaml
 PY := $(VENV)/bin/python
+# The venv's bin first on PATH, as an activated venv has it: torch.utils.cpp_extension finds
+# the ninja that `make install` puts there (it builds the fused CPU routing ops).
+VENV_PATH := PATH=$(abspath $(VENV))/bin:$$PATH
 # Image: moe-router:<version>-<last part of TORCH_INDEX> (0.1.0-cpu, 0.1.0-cu128), built
 # by docker or podman, whichever is installed (CONTAINER_ENGINE=... to choose).
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -40,11 +43,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 serve: install
-	env $(MALLOC_ENV) $(PY) -m moe_router serve --config $(CONFIG)
+	env $(VENV_PATH) $(MALLOC_ENV) $(PY) -m moe_router serve --config $(CONFIG)
 
 test: install
 	$(PY) scripts/install_prometheus.py || true
-	$(PY) -m pytest -q -p no:cacheprovider
+	env $(VENV_PATH) $(PY) -m pytest -q -p no:cacheprovider
 
 # The fuzz suite at full budget (9 categories x 7,000 examples: over 50,000 calls to a real
 # server) and the SIGTERM / rolling-restart scenarios over 10 runs each.
@@ -53,7 +56,7 @@ fuzz: install
 		-p no:cacheprovider tests/doors/test_fuzz.py tests/doors/test_drain.py
 
 bench: install
-	env $(MALLOC_ENV) $(PY) -m moe_router bench --preset default
+	env $(VENV_PATH) $(MALLOC_ENV) $(PY) -m moe_router bench --preset default
 
 proto: install
 	$(PY) scripts/gen_protos.py
