@@ -40,7 +40,12 @@ from moe_router_client import colocated_wire as wire
 from moe_router_client.channel import DEFAULT_TARGET
 from moe_router_client.client import RouterClient
 from moe_router_client.colocated_session import MemfdRegion, Session, Step
-from moe_router_client.colocated_shared import SharedBuffers, nbytes_of, shared_array
+from moe_router_client.colocated_shared import (
+    SharedBuffers,
+    nbytes_of,
+    plain_array,
+    shared_array,
+)
 from moe_router_client.errors import (
     DeadlineExceededError,
     InternalError,
@@ -94,15 +99,6 @@ def _answer(data: memoryview, sent: int) -> wire.Message | None:
         return None
     raise InternalError(grpc.StatusCode.INTERNAL,
                         f"co-located server answered message {answer.seq}, expected {sent}")
-
-
-def _plain_array(shape: tuple[int, ...], dtype: Any) -> Any:
-    """An ordinary empty array (the gRPC fallback's shared buffer)."""
-    if type(dtype).__module__.startswith("torch"):
-        import torch
-
-        return torch.empty(shape, dtype=dtype)
-    return np.empty(shape, dtype=np.dtype(dtype))
 
 
 def _route_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -294,7 +290,7 @@ class CoLocatedClient:
         it is an ordinary array."""
         shape = tuple(int(d) for d in shape)
         if self._grpc is not None:
-            return _plain_array(shape, dtype)
+            return plain_array(shape, dtype)
         region = MemfdRegion(self._shared.new_name(), max(1, nbytes_of(shape, dtype)))
         with self._keeper_lock:  # one exchange at a time on the keeper's socket
             if self._keeper is None:

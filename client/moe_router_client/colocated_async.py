@@ -22,13 +22,17 @@ from moe_router_client.colocated import (
     _answer,
     _Deadline,
     _deadline_error,
-    _plain_array,
     _route_arguments,
     _transport_error,
     local_socket_path,
 )
 from moe_router_client.colocated_session import MemfdRegion, Session, Step
-from moe_router_client.colocated_shared import SharedBuffers, nbytes_of, shared_array
+from moe_router_client.colocated_shared import (
+    SharedBuffers,
+    nbytes_of,
+    plain_array,
+    shared_array,
+)
 from moe_router_client.errors import UnavailableError
 from moe_router_client.results import RouteResult
 
@@ -213,7 +217,7 @@ class AsyncCoLocatedClient:
         """:meth:`CoLocatedClient.shared_buffer`, as a coroutine."""
         shape = tuple(int(d) for d in shape)
         if self._grpc is not None:
-            return _plain_array(shape, dtype)
+            return plain_array(shape, dtype)
         region = MemfdRegion(self._shared.new_name(), max(1, nbytes_of(shape, dtype)))
         async with self._keeper_lock:
             if self._keeper is None:

@@ -29,28 +29,38 @@ import numpy as np
 
 from moe_router_client import colocated_wire as wire
 
-__all__ = ["SharedBuffers", "shared_array"]
+__all__ = ["SharedBuffers", "nbytes_of", "plain_array", "shared_array"]
 
 _buffers = itertools.count()
+
+
+def _is_torch_dtype(dtype: Any) -> bool:
+    return type(dtype).__module__.startswith("torch")  # no torch import for numpy callers
 
 
 def shared_array(mapping: Any, shape: tuple[int, ...], dtype: Any) -> Any:
     """An array of ``shape`` and ``dtype`` over ``mapping``'s first bytes: a torch tensor
     for a torch dtype (bfloat16 included), else a numpy array."""
     count = math.prod(shape)
-    if type(dtype).__module__.startswith("torch"):
+    if _is_torch_dtype(dtype):
         import torch
 
         return torch.frombuffer(mapping, dtype=dtype, count=count).view(shape)
     return np.frombuffer(mapping, dtype=np.dtype(dtype), count=count).reshape(shape)
 
 
+def plain_array(shape: tuple[int, ...], dtype: Any) -> Any:
+    """An ordinary empty array of ``shape`` and ``dtype`` (the gRPC fallback's buffer)."""
+    if _is_torch_dtype(dtype):
+        import torch
+
+        return torch.empty(shape, dtype=dtype)
+    return np.empty(shape, dtype=np.dtype(dtype))
+
+
 def nbytes_of(shape: tuple[int, ...], dtype: Any) -> int:
     """Bytes an array of ``shape`` and ``dtype`` (torch or numpy) takes."""
-    if type(dtype).__module__.startswith("torch"):
-        itemsize = dtype.itemsize
-    else:
-        itemsize = np.dtype(dtype).itemsize
+    itemsize = dtype.itemsize if _is_torch_dtype(dtype) else np.dtype(dtype).itemsize
     return math.prod(shape) * itemsize
 
 

@@ -102,8 +102,9 @@ INLINE_HOLD_S = 10.0
 ``INLINE_OVERRUN_FACTOR`` times the budget (a router that waits instead of computing, a
 stalled machine) keep the router's passes off the loop for ``INLINE_HOLD_S``. One alone
 does not: a pass preempted for a few milliseconds on a busy host is not a slow router
-(seen here: a single 4 ms preemption held a 20 us router off the loop for 10 s, doubling
-its calls' cost). The loop is held that long at most twice per hold."""
+(seen here under a profiler's load: one preempted pass held a 20 us router off the loop
+for 10 s, where its calls cost about twice as much). The loop is held that long at most
+twice per hold."""
 
 _NEVER = float("inf")
 

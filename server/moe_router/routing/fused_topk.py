@@ -5,24 +5,24 @@ Routing a few tokens is a handful of tiny tensor ops, each costing its dispatch 
 its arithmetic: eager PyTorch's softmax top-k is five calls (matmul, softmax, topk, sum,
 div) and ours, which also answers int32 indices, per-token and per-expert counts and
 keeps batch invariance, was thirteen. One op that does it all per row costs one dispatch:
-measured here on one thread (AMD EPYC, 2 cores), against plain PyTorch routing
-(``x @ W.T``, softmax, top-k, renormalise):
+``topk_softmax_route`` measured here on one thread (AMD EPYC, 2 cores), against plain
+PyTorch routing (``x @ W.T``, softmax, top-k, renormalise), p50:
 
-    E = 8,   D = 4096:  1 token 4.6 against 7.3 us, 16 tokens 20 against 30,
-                        256 tokens 308 against 394 (the matmul alone: 348)
-    E = 128, D = 2048:  1 token 15 against 19
+    E = 8,   D = 4096:  1 token 3.7 against 7.4 us, 16 tokens 19 against 31,
+                        256 tokens 301 against 396-410 (the matmul alone: 362)
+    E = 128, D = 2048:  1 token 13 against 18
 
 Its gate matmul is its own: each row's dot products keep 16 partial sums per expert,
 added in a fixed order, so a token's logits do not depend on its batch mates nor on the
 intra-op thread count (the rows are split between threads, never a dot product). The
 answers equal PyTorch's to float32 rounding (indices exactly, save for near ties).
 
-:func:`topk_softmax_route` returns None when the op cannot be had (no C++ compiler or
-ninja on the host, a build error: logged once); the routers then use PyTorch ops. The
-build takes about 20 s once per machine and is kept in ``torch.utils.cpp_extension``'s
-build cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name
-that carries a digest of the source, the flags and torch's version (:func:`library_name`);
-later processes load it from there in a few milliseconds.
+:func:`kernel_available` is False when the ops cannot be had (no C++ compiler or ninja on
+the host, a build error: logged once); the routers then use PyTorch ops. The build takes
+about 20 s once per machine and is kept in ``torch.utils.cpp_extension``'s build cache
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name that
+carries a digest of the source, the flags and torch's version (:func:`library_name`);
+later processes import it from there without running ninja.
 """
 
 from __future__ import annotations
