@@ -40,6 +40,14 @@ def test_server_options_correct_grpc_defaults(tmp_path: Path) -> None:
     assert options["grpc.max_receive_message_length"] == 1048576
     assert options["grpc.max_send_message_length"] == 1048576
     assert options["grpc.max_connection_age_ms"] > 0
+    # No BDP probing: the window stays what admission control was sized for, a read-ahead
+    # no larger than a message can be.
+    assert options["grpc.http2.bdp_probe"] == 0
+    assert options["grpc.http2.lookahead_bytes"] == 1048576
+    small = dict(grpc_server_options(_config(tmp_path, **{"server.max_message_bytes": 65536})))
+    large = dict(grpc_server_options(_config(tmp_path, **{"server.max_message_bytes": 1 << 28})))
+    assert small["grpc.http2.lookahead_bytes"] == 65536
+    assert large["grpc.http2.lookahead_bytes"] == 1048576
 
 
 def test_create_server_hosts_every_router_and_serves_until_stopped(tmp_path: Path) -> None:
