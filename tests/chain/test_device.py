@@ -6,13 +6,14 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 
 from moe_router.chain.backend import RouteCall, RouteOptions
 from moe_router.chain.batcher import Batcher
 from moe_router.chain.device import DeviceExecutor
 from moe_router.errors import ValidationError
-from moe_router.routing import RouterConfig, TopKRouter
+from moe_router.routing import RouterConfig, ScoringFunction, TopKRouter, fused_topk
 
 DIM = 32
 
@@ -104,8 +105,14 @@ def test_one_call_a_second_computes_losses_for_the_gauges_and_answers_only_what_
     assert torch.equal(a.output.expert_weights, c.output.expert_weights)
 
 
-def test_top_k_values_are_judged_by_their_logits_and_a_bad_call_fails_alone():
-    router = _router()
+@pytest.mark.parametrize("path", ["fused route", "fused selection", "pytorch"])
+def test_top_k_values_are_judged_by_their_logits_and_a_bad_call_fails_alone(path: str):
+    """Judged on the router's own verdict (the fused ops check the logits on the way) or
+    on the logits afterwards (the PyTorch path): the same answers and refusals."""
+    router = _router() if path != "fused selection" else TopKRouter(RouterConfig(
+        hidden_size=DIM, num_experts=8, top_k=2, scoring=ScoringFunction.SIGMOID)).eval()
+    if path == "pytorch":
+        router._fusable = router._selection_fusable = False
     device = DeviceExecutor("r", [router], ["v"], torch.device("cpu"), ThreadPoolExecutor(1))
     good = _call(1, tokens=3)
     nan = _call(2, tokens=3)
@@ -120,6 +127,8 @@ def test_top_k_values_are_judged_by_their_logits_and_a_bad_call_fails_alone():
     with torch.inference_mode():
         alone = router(good.hidden_states)
     assert torch.equal(first.output.expert_weights, alone.expert_weights)
+    checked_on_the_way = path != "pytorch" and fused_topk.kernel_available()
+    assert first.output.logits_bounded is (True if checked_on_the_way else None)
     assert isinstance(second, ValidationError) and "1 non-finite values" in str(second)
     assert isinstance(third, ValidationError) and "too large" in str(third)
 

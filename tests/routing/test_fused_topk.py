@@ -21,6 +21,7 @@ from moe_router.routing import (
     TopKRouter,
     fused_topk,
 )
+from moe_router.routing.output import LOGIT_BOUND
 from moe_router.routing.router_config import CorrectionBiasTarget, GroupMaskFill, GroupScore
 
 needs_op = pytest.mark.skipif(
@@ -94,8 +95,9 @@ def test_half_precision_inputs_are_widened_exactly(dtype: torch.dtype) -> None:
     weight = torch.randn(16, 48)
     narrow = fused_topk.topk_softmax_route(x, weight, 4, True, 0.0, 1.0)
     wide = fused_topk.topk_softmax_route(x.float(), weight, 4, True, 0.0, 1.0)
-    for got, want in zip(narrow, wide, strict=True):
+    for got, want in zip(narrow[:-1], wide[:-1], strict=True):
         assert torch.equal(got, want)  # bf16 / fp16 -> fp32 is exact: the same bits
+    assert narrow.logits_bounded is wide.logits_bounded is True
 
 
 @needs_op
@@ -125,7 +127,7 @@ def test_a_rows_answer_does_not_depend_on_its_batch_mates_or_the_threads(threads
         for row in (0, 1, 100, 332):
             alone = fused_topk.topk_softmax_route(batch[row : row + 1], weight, 2, True,
                                                   1e-20, 1.0)
-            for got, want in zip(alone[:2] + alone[4:], together[:2] + together[4:],
+            for got, want in zip(alone[:2] + alone[4:6], together[:2] + together[4:6],
                                  strict=True):
                 assert torch.equal(got[0], want[row])
     finally:
@@ -248,6 +250,54 @@ def test_non_finite_rows_answer_in_range_and_show_in_the_logits() -> None:
     assert (got.indices[:, 0] != got.indices[:, 1]).all()
     assert torch.isfinite(got.logits[0]).all() and not torch.isfinite(got.logits[1:]).all()
     assert int(got.counts.sum()) == 6
+
+
+_LOGIT_VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"),
+                 "past the bound": 2e19, "negative past it": -2e19, "below it": 1e19}
+
+
+@needs_op
+@pytest.mark.parametrize("value", sorted(_LOGIT_VALUES))
+@pytest.mark.parametrize("threads", [1, 4])
+def test_the_ops_say_whether_every_logit_is_finite_and_below_the_bound(value: str,
+                                                                       threads: int) -> None:
+    """The verdict the serving chain takes instead of reading the logits again: one bad
+    logit in any row of 300 (rows split between threads) makes the whole call's False.
+    Through an identity gate, so the op's logits are the inputs."""
+    bad = _LOGIT_VALUES[value]
+    expected = abs(bad) < LOGIT_BOUND  # NaN compares False
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for row in (0, 150, 299):
+            x = torch.randn(300, 8)
+            x[row, 3] = bad
+            route = fused_topk.topk_softmax_route(x, torch.eye(8), 2, True, 0.0, 1.0, False)
+            others = torch.arange(300) != row  # (inf * 0 makes the bad row's others NaN)
+            assert torch.equal(route.logits[others], x[others])
+            assert route.logits_bounded is expected, (row, route.logits_bounded)
+            selection = fused_topk.topk_select(
+                x, None, 2, sigmoid=True, bias_on_logits=False, groups=1, kept_groups=1,
+                top2_sum=False, fill_zero=False, renormalize=True, eps=0.0, scale=1.0)
+            assert selection.logits_bounded is expected
+        clean = torch.randn(300, 8)
+        assert fused_topk.topk_softmax_route(clean, torch.eye(8), 2, True, 0.0, 1.0,
+                                             False).logits_bounded is True
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_op
+def test_the_routers_answer_carries_the_ops_verdict_and_none_without_it() -> None:
+    x = torch.randn(5, 64)
+    for router in (_router(), _router(scoring=ScoringFunction.SIGMOID)):
+        with torch.inference_mode():
+            assert router(x).logits_bounded is True
+            x_bad = x.clone()
+            x_bad[2, 1] = float("nan")
+            assert router(x_bad).logits_bounded is False
+            assert _torch_path(router, x).logits_bounded is None  # not checked there
+    assert _router()(x).logits_bounded is None  # autograd on: the PyTorch path
 
 
 def _grouped(experts: int = 64, groups: int = 8, kept: int = 4, k: int = 8,

@@ -301,6 +301,7 @@ class RouterBase(nn.Module, ABC):
                 None if expert_token_weights is None else expert_token_weights.float()
             ),
             info=info,
+            logits_bounded=selection.logits_bounded,
             **extras,
         )
 

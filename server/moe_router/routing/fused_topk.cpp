@@ -14,6 +14,7 @@
 //                    / (sum + eps, or sum when eps is 0)      if renormalize
 //                    * scale                                  if scale != 1
 //     counts[e]    = how many of the T * k slots chose e      [E] int64
+//     bounded      = every |logits[t, e]| < bound (NaN never is)   bool
 //
 // Every row is computed by the same code in the same order whatever the other rows are
 // and however the rows are split between threads (the dot products keep 16 partial sums
@@ -24,8 +25,10 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -102,6 +105,14 @@ inline void row_top_k(const float* probs, int64_t e, int64_t k, int32_t* indices
   }
 }
 
+// Whether every logit of a row is finite and below ``bound`` in magnitude (NaN fails the
+// comparison): what the server would otherwise check on the answer, for free here.
+inline bool row_bounded(const float* logits, int64_t e, double bound) {
+  bool bounded = true;
+  for (int64_t i = 0; i < e; ++i) bounded &= std::fabs(static_cast<double>(logits[i])) < bound;
+  return bounded;
+}
+
 // counts [E] int64: how many of the rows * k chosen indices name each expert; and
 // num_per_token [T] int32, k each. Filled here rather than by at::zeros / at::full: two
 // dispatches less.
@@ -118,19 +129,22 @@ std::pair<at::Tensor, at::Tensor> tally(const int32_t* indices, int64_t rows, in
 }
 
 template <typename In>
-void route_rows(const In* x, const float* w, int64_t rows, int64_t d, int64_t e,
-                int64_t k, bool renormalize, float eps, float scale, float* logits,
-                float* probs, int32_t* indices, float* weights) {
+bool route_rows(const In* x, const float* w, int64_t rows, int64_t d, int64_t e,
+                int64_t k, bool renormalize, float eps, float scale, double bound,
+                float* logits, float* probs, int32_t* indices, float* weights) {
   // Rows per task: about 256K multiply-adds, so small calls stay on the calling thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, d * e));
+  std::atomic<bool> all_bounded{true};
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(probs == nullptr ? static_cast<size_t>(e) : 0);
+    bool bounded = true;
     for (int64_t t = begin; t < end; ++t) {
       float* row_logit = logits + t * e;
       float* row_prob = probs == nullptr ? scratch.data() : probs + t * e;
       int32_t* row_index = indices + t * k;
       float* row_weight = weights + t * k;
       row_logits(x + t * d, w, d, e, row_logit);
+      bounded &= row_bounded(row_logit, e, bound);
       row_softmax(row_logit, e, row_prob);
       row_top_k(row_prob, e, k, row_index, row_weight);
       if (renormalize) {
@@ -143,12 +157,14 @@ void route_rows(const In* x, const float* w, int64_t rows, int64_t d, int64_t e,
         for (int64_t j = 0; j < k; ++j) row_weight[j] *= scale;
       }
     }
+    if (!bounded) all_bounded.store(false, std::memory_order_relaxed);
   });
+  return all_bounded.load();
 }
 
-std::vector<at::Tensor> topk_softmax_route(const at::Tensor& x_in, const at::Tensor& weight_in,
-                                           int64_t k, bool renormalize, double eps,
-                                           double scale, bool want_probs) {
+std::tuple<std::vector<at::Tensor>, bool> topk_softmax_route(
+    const at::Tensor& x_in, const at::Tensor& weight_in, int64_t k, bool renormalize,
+    double eps, double scale, bool want_probs, double bound) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "x: expected a CPU [T, D] tensor");
   TORCH_CHECK(weight_in.dim() == 2 && weight_in.device().is_cpu() &&
                   weight_in.scalar_type() == at::kFloat,
@@ -169,24 +185,25 @@ std::vector<at::Tensor> topk_softmax_route(const at::Tensor& x_in, const at::Ten
   float* p = want_probs ? probs.mutable_data_ptr<float>() : nullptr;
   int32_t* ix = indices.mutable_data_ptr<int32_t>();
   float* wt = weights.mutable_data_ptr<float>();
+  bool bounded = true;
   switch (x.scalar_type()) {
     case at::kFloat:
-      route_rows(x.const_data_ptr<float>(), w, rows, d, e, k, renormalize, eps_f, scale_f,
-                 l, p, ix, wt);
+      bounded = route_rows(x.const_data_ptr<float>(), w, rows, d, e, k, renormalize, eps_f,
+                           scale_f, bound, l, p, ix, wt);
       break;
     case at::kBFloat16:
-      route_rows(x.const_data_ptr<c10::BFloat16>(), w, rows, d, e, k, renormalize, eps_f,
-                 scale_f, l, p, ix, wt);
+      bounded = route_rows(x.const_data_ptr<c10::BFloat16>(), w, rows, d, e, k, renormalize,
+                           eps_f, scale_f, bound, l, p, ix, wt);
       break;
     case at::kHalf:
-      route_rows(x.const_data_ptr<c10::Half>(), w, rows, d, e, k, renormalize, eps_f,
-                 scale_f, l, p, ix, wt);
+      bounded = route_rows(x.const_data_ptr<c10::Half>(), w, rows, d, e, k, renormalize,
+                           eps_f, scale_f, bound, l, p, ix, wt);
       break;
     default:
       TORCH_CHECK(false, "x: expected float32, bfloat16 or float16");
   }
   auto [counts, per_token] = tally(ix, rows, k, e, f32);
-  return {indices, weights, per_token, counts, logits, probs};
+  return {{indices, weights, per_token, counts, logits, probs}, bounded};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -265,11 +282,10 @@ void select_row(const float* logits, const float* bias, const SelectOptions& o,
   }
 }
 
-std::vector<at::Tensor> topk_select(const at::Tensor& logits, const c10::optional<at::Tensor>& bias,
-                                    int64_t k, bool sigmoid, bool bias_on_logits,
-                                    int64_t groups, int64_t kept_groups, int64_t group_score,
-                                    bool fill_zero, bool renormalize, double eps,
-                                    double scale) {
+std::tuple<std::vector<at::Tensor>, bool> topk_select(
+    const at::Tensor& logits, const c10::optional<at::Tensor>& bias, int64_t k, bool sigmoid,
+    bool bias_on_logits, int64_t groups, int64_t kept_groups, int64_t group_score,
+    bool fill_zero, bool renormalize, double eps, double scale, double bound) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() &&
                   logits.scalar_type() == at::kFloat,
               "logits: expected a contiguous float32 [T, E] tensor");
@@ -296,15 +312,19 @@ std::vector<at::Tensor> topk_select(const at::Tensor& logits, const c10::optiona
   int32_t* ix = indices.mutable_data_ptr<int32_t>();
   float* wt = weights.mutable_data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 4096 / e);
+  std::atomic<bool> all_bounded{true};
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(static_cast<size_t>(e + k));
+    bool bounded = true;
     for (int64_t t = begin; t < end; ++t) {
+      bounded &= row_bounded(l + t * e, e, bound);
       select_row(l + t * e, b, o, sc + t * e, scratch.data(), ix + t * k, wt + t * k,
                  scratch.data() + e);
     }
+    if (!bounded) all_bounded.store(false, std::memory_order_relaxed);
   });
   auto [counts, per_token] = tally(ix, rows, k, e, f32);
-  return {indices, weights, per_token, counts, scores};
+  return {{indices, weights, per_token, counts, scores}, all_bounded.load()};
 }
 
 }  // namespace
@@ -312,10 +332,11 @@ std::vector<at::Tensor> topk_select(const at::Tensor& logits, const c10::optiona
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_softmax_route", &topk_softmax_route, pybind11::arg("x"), pybind11::arg("weight"),
         pybind11::arg("k"), pybind11::arg("renormalize"), pybind11::arg("eps"),
-        pybind11::arg("scale"), pybind11::arg("want_probs"),
+        pybind11::arg("scale"), pybind11::arg("want_probs"), pybind11::arg("bound"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "[indices, weights, num_per_token, counts, logits, probs or None] of x [T, D] "
-        "through the gate weight [E, D]");
+        "([indices, weights, num_per_token, counts, logits, probs or None], bounded) of "
+        "x [T, D] through the gate weight [E, D]");
   m.def("topk_select", &topk_select, pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "[indices, weights, num_per_token, counts, scores] from gate logits [T, E]");
+        "([indices, weights, num_per_token, counts, scores], bounded) from gate logits "
+        "[T, E]");
 }

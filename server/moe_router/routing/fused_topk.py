@@ -37,6 +37,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from moe_router.routing.output import LOGIT_BOUND
+
 __all__ = ["STALE_LOCK_S", "FusedRoute", "FusedSelection", "kernel_available", "library_name",
            "topk_select", "topk_softmax_route"]
 
@@ -57,6 +59,7 @@ class FusedRoute(NamedTuple):
     counts: torch.Tensor  # [E] int64
     logits: torch.Tensor  # [T, E] float32
     probs: torch.Tensor | None  # [T, E] float32, the softmax; None unless asked for
+    logits_bounded: bool  # every logit finite and below LOGIT_BOUND in magnitude
 
 
 class FusedSelection(NamedTuple):
@@ -67,6 +70,7 @@ class FusedSelection(NamedTuple):
     num_per_token: torch.Tensor  # [T] int32, all k
     counts: torch.Tensor  # [E] int64
     scores: torch.Tensor  # [T, E] float32, softmax or sigmoid of the logits
+    logits_bounded: bool  # every logit read finite and below LOGIT_BOUND in magnitude
 
 
 class _Kernel:
@@ -157,9 +161,11 @@ def topk_softmax_route(
     """Route x [T, D] (fp32, bf16 or fp16, CPU) through gate ``weight`` [E, D] (fp32):
     softmax top-``k``, renormalised with ``eps`` when ``renormalize``
     (w / (sum w + eps), w / sum w when eps is 0), times ``scale``; the softmax itself
-    only with ``want_probs``. Only where :func:`kernel_available`."""
-    return FusedRoute(*_ops().topk_softmax_route(x, weight, k, renormalize, eps, scale,
-                                                  want_probs))
+    only with ``want_probs``; and whether every logit was finite and below
+    :data:`LOGIT_BOUND` in magnitude. Only where :func:`kernel_available`."""
+    tensors, bounded = _ops().topk_softmax_route(x, weight, k, renormalize, eps, scale,
+                                                 want_probs, LOGIT_BOUND)
+    return FusedRoute(*tensors, bounded)
 
 
 def topk_select(
@@ -183,11 +189,13 @@ def topk_select(
     define it: softmax or ``sigmoid`` scores, the correction ``bias`` [E] on the scores
     (or the logits), ``groups`` of which ``kept_groups`` stay (by best or ``top2_sum``
     score; the others' experts -inf or 0 with ``fill_zero``), top-``k`` with ties to the
-    lower index, weights from the scores renormalised and scaled. At most 64 groups.
-    Only where :func:`kernel_available`."""
-    return FusedSelection(*_ops().topk_select(
+    lower index, weights from the scores renormalised and scaled; and whether every logit
+    was finite and below :data:`LOGIT_BOUND` in magnitude. At most 64 groups. Only where
+    :func:`kernel_available`."""
+    tensors, bounded = _ops().topk_select(
         logits, bias, k, sigmoid, bias_on_logits, groups, kept_groups, int(top2_sum),
-        fill_zero, renormalize, eps, scale))
+        fill_zero, renormalize, eps, scale, LOGIT_BOUND)
+    return FusedSelection(*tensors, bounded)
 
 
 def _ops() -> Any:

@@ -8,7 +8,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["RouterOutput", "Selection", "TENSOR_FIELDS"]
+__all__ = ["LOGIT_BOUND", "RouterOutput", "Selection", "TENSOR_FIELDS"]
+
+LOGIT_BOUND = 1.8e19
+"""Largest gate logit magnitude a router's answer is trusted with: about the square root
+of float32's largest value, so the z-loss (the logits squared) stays finite."""
 
 
 class Selection(NamedTuple):
@@ -23,6 +27,9 @@ class Selection(NamedTuple):
              (complexity_scores [T], dispatch_weights, combine_weights, ...).
     counts:  [E] int64 assignments per expert, when the selection step counted them
              already (the fused CPU op); None: the pipeline counts.
+    logits_bounded: whether every logit the selection read was finite and below
+             :data:`LOGIT_BOUND` in magnitude, when it checked on the way (the fused CPU
+             op); None: not checked.
     """
 
     indices: torch.Tensor
@@ -30,6 +37,7 @@ class Selection(NamedTuple):
     routing_probs: torch.Tensor | Callable[[], torch.Tensor]
     extras: dict[str, Any]
     counts: torch.Tensor | None = None
+    logits_bounded: bool | None = None
 
     @property
     def probs(self) -> torch.Tensor:
@@ -61,6 +69,9 @@ class RouterOutput:
                            shapes for expert-parallel dispatchers.
     expert_token_weights:  float32 [E, G*C]      the combine weight of each of those
                            (token, expert) pairs, 0 where padded
+    logits_bounded:        bool or None          every router logit finite and below
+                           LOGIT_BOUND in magnitude, when the router checked on the way
+                           (the fused CPU ops do, at no cost); None: not checked
     """
 
     expert_indices: torch.Tensor
@@ -77,6 +88,7 @@ class RouterOutput:
     expert_tokens: torch.Tensor | None = None
     expert_token_weights: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    logits_bounded: bool | None = None
 
     @property
     def k_max(self) -> int:

@@ -195,6 +195,7 @@ class TopKRouter(RouterBase):
             tokens_per_expert=route.counts,
             aux_loss=aux_loss,
             z_loss=z_loss,
+            logits_bounded=route.logits_bounded,
         )
 
     @property
@@ -274,7 +275,8 @@ class TopKRouter(RouterBase):
         scores = selection.scores
         probs = scores if cfg.scoring is ScoringFunction.SOFTMAX else (
             lambda: F.renormalize(scores))
-        return Selection(selection.indices, selection.weights, probs, {}, selection.counts)
+        return Selection(selection.indices, selection.weights, probs, {}, selection.counts,
+                         selection.logits_bounded)
 
     def aux_loss_counts(self, selection: Selection) -> torch.Tensor | None:
         """Megatron's plain top-k of the probabilities [T, E] over all experts (ties to
