@@ -165,7 +165,8 @@ def topk_softmax_route(
     :data:`LOGIT_BOUND` in magnitude. Only where :func:`kernel_available`."""
     tensors, bounded = _ops().topk_softmax_route(x, weight, k, renormalize, eps, scale,
                                                  want_probs, LOGIT_BOUND)
-    return FusedRoute(*tensors, bounded)
+    indices, weights, per_token, counts, logits, probs = tensors
+    return FusedRoute(indices, weights, per_token, counts, logits, probs, bounded)
 
 
 def topk_select(
@@ -195,7 +196,8 @@ def topk_select(
     tensors, bounded = _ops().topk_select(
         logits, bias, k, sigmoid, bias_on_logits, groups, kept_groups, int(top2_sum),
         fill_zero, renormalize, eps, scale, LOGIT_BOUND)
-    return FusedSelection(*tensors, bounded)
+    indices, weights, per_token, counts, scores = tensors
+    return FusedSelection(indices, weights, per_token, counts, scores, bounded)
 
 
 def _ops() -> Any:
