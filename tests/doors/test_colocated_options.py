@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from moe_router_client import (
     RouterClient,
     RouteResult,
 )
+from moe_router_client import colocated as colocated_module
 from moe_router_client import colocated_wire as wire
 from moe_router_client.colocated_session import MemfdRegion
 from moe_router_client.v1 import router_pb2 as pb
@@ -260,3 +262,76 @@ def test_the_grpc_fallback_passes_input_ids_and_return_losses(
                                  skip_cache=True)
 
     assert_same_answer(asyncio.run(fall_back()), expected)
+
+
+# ---------------------------------------------------------------- polling for answers
+class _PollRecorder:
+    """Records the poll budget each route of a real connection was given (the HELLO a
+    new connection opens with gives none)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.budgets: list[float] = []
+        run = colocated_module._Connection.run
+
+        def recording(connection: Any, step: Any, deadline: Any, *spin: float) -> Any:
+            if spin:
+                self.budgets.append(spin[0])
+            return run(connection, step, deadline, *spin)
+
+        monkeypatch.setattr(colocated_module._Connection, "run", recording)
+
+
+def test_a_lone_call_polls_once_calls_of_its_size_came_back_within_the_budget(
+    served: tuple[InProcessServer, Any], grpc_client: RouterClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    polls = _PollRecorder(monkeypatch)
+    server, _ = served
+    x = hidden((1, 64), seed=3)
+    with CoLocatedClient(server.target, timeout=30, spin_us=1_000_000) as client:
+        answers = [client.route("mixtral", x, skip_cache=True) for _ in range(3)]
+    # no round trip of that size known yet: the first call sleeps; then it polls
+    assert polls.budgets == [0.0, 1.0, 1.0]
+    for got in answers:  # polled or not, the bits gRPC answers
+        assert_same_answer(got, grpc_client.route("mixtral", x, skip_cache=True))
+
+
+def test_slower_calls_spin_0_and_a_second_call_in_flight_never_poll(
+    served: tuple[InProcessServer, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    polls = _PollRecorder(monkeypatch)
+    server, _ = served
+    x = hidden((1, 64), seed=4)
+    with CoLocatedClient(server.target, timeout=30, spin_us=1) as client:
+        for _ in range(3):
+            client.route("mixtral", x, skip_cache=True)  # no round trip takes 1 us
+    with CoLocatedClient(server.target, timeout=30, spin_us=0) as client:
+        for _ in range(3):
+            client.route("mixtral", x, skip_cache=True)
+    with CoLocatedClient(server.target, timeout=30, spin_us=1_000_000) as client:
+        client.route("mixtral", x, skip_cache=True)  # the size's round trip is known now
+        barrier = threading.Barrier(2)
+        original = client._connect
+
+        def connect_in_step() -> Any:  # both calls hold a connection before either sends
+            connection = original()
+            barrier.wait(timeout=10)
+            return connection
+
+        monkeypatch.setattr(client, "_connect", connect_in_step)
+        client._idle.clear()
+        threads = [threading.Thread(target=client.route, args=("mixtral", x),
+                                    kwargs={"skip_cache": True}) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert polls.budgets[:7] == [0.0] * 7
+    # two in flight: the one that started alone may poll, the other sleeps (at most one
+    # call of a client polls at a time)
+    assert sorted(polls.budgets[7:]) == [0.0, 1.0], polls.budgets
+
+
+def test_spin_us_must_not_be_negative(served: tuple[InProcessServer, Any]) -> None:
+    with pytest.raises(ValueError, match="spin_us must be >= 0"):
+        CoLocatedClient(served[0].target, spin_us=-1)
