@@ -146,6 +146,7 @@ def test_the_in_process_peers_run_on_the_threads_asked_and_leave_them_as_they_we
     ({"duration_s": 0.0}, "duration_s"),
     ({"client_procs": 0}, "client_procs"),
     ({"colocated_client": "NoModule"}, "colocated_client"),
+    ({"colocated_blocking_client": "NoModule"}, "colocated_blocking_client"),
     ({"inprocess_threads": -1}, "inprocess_threads"),
 ])
 def test_plan_names_the_bad_argument(arguments: dict, named: str) -> None:
@@ -297,7 +298,9 @@ def test_quick_run_writes_a_complete_report(tmp_path: Path, monkeypatch: pytest.
         assert f"]({name})" in markdown
     for heading in ("## Targets (issue 10)", "transport floor (echo", "vs the floors",
                     "our router vs plain PyTorch", "Shared-memory door vs the same calls",
-                    f"Client: `{COLOCATED}`", "glibc malloc tuning", "**Noise**"):
+                    f"Client: `{COLOCATED}`", "glibc malloc tuning", "**Noise**",
+                    "one caller per load-client process (1 caller): "
+                    "`moe_router_client:CoLocatedClient`"):
         assert heading in markdown
     assert "Command: `moe-router bench --preset quick`" in markdown
 

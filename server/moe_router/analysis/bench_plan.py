@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
-from moe_router.analysis.load_worker import COLOCATED_CLIENT_CLASS, Transport
+from moe_router.analysis.load_worker import (
+    COLOCATED_BLOCKING_CLIENT_CLASS,
+    COLOCATED_CLIENT_CLASS,
+    Transport,
+)
 from moe_router.errors import ValidationError
 from moe_router.routing.kinds import RoutingMethod
 
@@ -99,7 +103,10 @@ class BenchPlan:
     timed call by call in turns, share at least ``inprocess_s``.
     The malloc test sends ``malloc_message_bytes`` each way for ``malloc_duration_s`` per
     variant and round. ``colocated_client`` is the co-located door's client class
-    (``module:Name``, see :mod:`moe_router.analysis.load_worker`).
+    (``module:Name``, see :mod:`moe_router.analysis.load_worker`), and
+    ``colocated_blocking_client`` the blocking one a lone caller uses (one caller per
+    load-client process: the 1-caller cells), as a serving stack's forward thread would;
+    "" for the asyncio client everywhere.
 
     ``inprocess_threads``: torch intra-op threads of the in-process peers (0: torch's
     default). 1 by default: on a shared machine two OpenMP threads stall at every parallel
@@ -127,6 +134,7 @@ class BenchPlan:
     rounds: int = 3
     client_procs: int = 2
     colocated_client: str = COLOCATED_CLIENT_CLASS
+    colocated_blocking_client: str = COLOCATED_BLOCKING_CLIENT_CLASS
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -151,6 +159,9 @@ class BenchPlan:
         if ":" not in self.colocated_client:
             raise ValidationError(f"colocated_client: must be 'module:ClassName', got "
                                   f"{self.colocated_client!r}")
+        if self.colocated_blocking_client and ":" not in self.colocated_blocking_client:
+            raise ValidationError(f"colocated_blocking_client: must be 'module:ClassName' "
+                                  f"or '', got {self.colocated_blocking_client!r}")
 
     def levels(self, tokens: int) -> list[int]:
         """The concurrency levels run at ``tokens`` tokens per call."""

@@ -254,7 +254,10 @@ def _colocated_section(report: BenchReport, figures: Figures,
                      "-" if extra is None else f"{extra:.0f}",
                      _x(ratios.get(replace(key, benchmark="colocated_over_grpc_p50")))])
     if rows:
-        lines += [f"Client: `{report.plan.colocated_client}`.", "",
+        blocking = report.plan.colocated_blocking_client
+        lines += [f"Client: `{report.plan.colocated_client}`" + (
+                      f"; one caller per load-client process (1 caller): `{blocking}`"
+                      if blocking else "") + ".", "",
                   *_table(["router", "dtype", "tokens", "callers", "shm p50 ms", "shm p99 ms",
                            "shm req/s", "ours p50 ms", "shm / ours", "shm - ours µs",
                            "shm / gRPC"], rows)]

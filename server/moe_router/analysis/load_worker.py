@@ -21,7 +21,10 @@ each kind is a :class:`Caller`, built by :func:`make_caller` once per prepared s
 - ``grpc``: the raw ``grpc.aio`` stub of ``moe_router.v1.RouterService/Route`` (or of the
   echo server's method), request serialized once, one channel per target kept for the
   whole run;
-- ``colocated``: :class:`ColocatedCaller`, the adapter for the shared-memory door.
+- ``colocated``: :class:`ColocatedCaller`, the adapter for the shared-memory door. A
+  worker's lone caller uses ``LoadSpec.blocking_client_class`` when one is named (a
+  serving stack's forward thread waits for its answer: the blocking client, which polls
+  for a small call's answer), several callers the asyncio client.
 
 **The co-located adapter's interface.** :class:`ColocatedCaller` drives the class that
 ``LoadSpec.client_class`` names (``module:Name``, default
@@ -58,12 +61,16 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal, Protocol
 
-__all__ = ["COLOCATED_CLIENT_CLASS", "Caller", "CallFailed", "ColocatedCaller", "LoadSpec",
-           "Method", "ROUTE_METHOD", "Transport", "make_caller", "transport_unavailable"]
+__all__ = ["COLOCATED_BLOCKING_CLIENT_CLASS", "COLOCATED_CLIENT_CLASS", "Caller", "CallFailed",
+           "ColocatedCaller", "LoadSpec", "Method", "ROUTE_METHOD", "Transport", "make_caller",
+           "transport_unavailable"]
 
 ROUTE_METHOD = "/moe_router.v1.RouterService/Route"
 COLOCATED_CLIENT_CLASS = "moe_router_client:AsyncCoLocatedClient"
 """The co-located door's asyncio client, as ``module:Name`` (the name is the lead's to fix)."""
+COLOCATED_BLOCKING_CLIENT_CLASS = "moe_router_client:CoLocatedClient"
+"""The co-located door's blocking client: ``Client(target, fallback=False)``, a blocking
+``route`` with the asyncio one's arguments, ``close()``."""
 _CALL_TIMEOUT_S = 300.0
 _MAX_CONSECUTIVE_ERRORS = 20
 _MIN_TIMED_CALLS = 3  # per caller, past the end instant if need be (100 MB requests)
@@ -91,7 +98,8 @@ class LoadSpec:
     ``tokens x dim`` seeded standard-normal hidden states in ``dtype`` (float32 or
     bfloat16), with ``skip_cache`` set; ``payload_bytes`` > 0 sends that many raw bytes
     instead (echo only, for the large-message test). client_class: the co-located
-    client, ``module:Name`` (colocated only).
+    client, ``module:Name`` (colocated only); blocking_client_class: the blocking one a
+    worker's lone caller uses ("" for the asyncio one always).
     """
 
     target: str
@@ -105,6 +113,7 @@ class LoadSpec:
     seed: int = 0
     transport: str = Transport.GRPC.value
     client_class: str = COLOCATED_CLIENT_CLASS
+    blocking_client_class: str = ""
 
 
 class CallFailed(Exception):
@@ -123,6 +132,9 @@ class Caller(Protocol):
 
     async def close(self) -> None:
         """Let go of what :func:`make_caller` opened for this spec (not shared channels)."""
+
+    def drive(self, callers: int) -> None:
+        """Told before each run how many of this worker's callers share the caller."""
 
 
 def _import_class(path: str) -> Any:
@@ -203,6 +215,9 @@ class _GrpcCaller:
     async def close(self) -> None:
         return None  # the channel belongs to the worker
 
+    def drive(self, callers: int) -> None:
+        return None  # a channel carries any number of callers
+
 
 class ColocatedCaller:
     """The adapter for the shared-memory door (its interface: the module docstring)."""
@@ -217,17 +232,30 @@ class ColocatedCaller:
             hidden = hidden.view(ml_dtypes.bfloat16)
         self._hidden, self._router, self._errors = hidden, spec.router, RouterError
         self._class, self._target = _import_class(spec.client_class), spec.target
+        self._blocking_class = (_import_class(spec.blocking_client_class)
+                                if spec.blocking_client_class else None)
         self._client: Any = None
+        self._blocking: Any = None
+        self._lone = False
         self.request_bytes = int(hidden.nbytes)
+
+    def drive(self, callers: int) -> None:
+        self._lone = callers == 1 and self._blocking_class is not None
 
     async def call(self) -> int:
         try:
-            if self._client is None:  # connected on the first call, on the worker's loop
-                connect = getattr(self._class, "connect", None)
-                self._client = (await connect(self._target, fallback=False)
-                                if connect is not None else self._class(self._target))
-            result = await self._client.route(self._router, self._hidden, layer=0,
+            if self._lone:  # blocks the worker's loop, which drives this caller alone
+                if self._blocking is None:
+                    self._blocking = self._blocking_class(self._target, fallback=False)  # type: ignore[misc]
+                result = self._blocking.route(self._router, self._hidden, layer=0,
                                               skip_cache=True)
+            else:
+                if self._client is None:  # connected on the first call, on the worker's loop
+                    connect = getattr(self._class, "connect", None)
+                    self._client = (await connect(self._target, fallback=False)
+                                    if connect is not None else self._class(self._target))
+                result = await self._client.route(self._router, self._hidden, layer=0,
+                                                  skip_cache=True)
         except self._errors as exc:
             raise CallFailed(f"{exc.code.name}: {exc.details}") from None
         return int(result.expert_indices.nbytes + result.expert_weights.nbytes
@@ -236,6 +264,8 @@ class ColocatedCaller:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
+        if self._blocking is not None:
+            self._blocking.close()
 
 
 def make_caller(spec: LoadSpec, channel: Any, echo_method: str, echo_key: str) -> Caller:
@@ -275,7 +305,9 @@ class _Worker:
         if self._caller is None:
             while len(self._callers) >= self._KEPT_CALLERS:  # let old requests go first
                 await self._callers.pop(next(iter(self._callers))).close()
-            reason = transport_unavailable(spec.transport, spec.client_class)
+            reason = transport_unavailable(spec.transport, spec.client_class) or (
+                spec.blocking_client_class and transport_unavailable(
+                    spec.transport, spec.blocking_client_class)) or None
             if reason is not None:
                 return {"unavailable": reason}
             channel = self._channel(spec.target) if spec.transport == Transport.GRPC.value \
@@ -292,6 +324,7 @@ class _Worker:
         caller = self._caller
         if caller is None:
             raise RuntimeError("go before a successful prepare")
+        caller.drive(concurrency)
         starts: list[float] = []
         ends: list[float] = []
         errors: list[str] = []

@@ -282,7 +282,8 @@ class _Run:
         return LoadSpec(target=(self.service_target or "") if route else self.echo_target,
                         method="route" if route else "echo", router=spec.name, tokens=tokens,
                         dim=spec.input_dim, dtype=dtype.value, response_bytes=response,
-                        transport=transport.value, client_class=self.plan.colocated_client)
+                        transport=transport.value, client_class=self.plan.colocated_client,
+                        blocking_client_class=self.plan.colocated_blocking_client)
 
     def _record(self, spec: BenchRouter, dtype: WireDtype, tokens: int, level: int, name: str,
                 transport: Transport, run: LoadResult) -> None:
