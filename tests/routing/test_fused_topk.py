@@ -10,6 +10,7 @@ untouched, and a host without the op still routing.
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
 import torch
@@ -155,6 +156,31 @@ def test_the_router_answers_as_its_pytorch_path(options: dict) -> None:
     stats = router.get_stats()
     assert stats["total_batches"] == 2 and stats["total_tokens"] == 20
     assert stats["tokens_per_expert"] == (2 * plain.tokens_per_expert).tolist()
+
+
+@needs_op
+def test_the_op_adds_its_counts_into_the_load_from_threads_at_once() -> None:
+    """The router's running expert load, added by the op with the GIL released: four
+    threads routing 300 calls each into one load tensor lose no count."""
+    weight = torch.randn(16, 64)
+    calls = [torch.randn(1 + i % 5, 64) for i in range(300)]
+    load = torch.zeros(16, dtype=torch.int64)
+    expected = sum(fused_topk.topk_softmax_route(x, weight, 4, True, 0.0, 1.0, False).counts
+                   for x in calls)
+
+    def route_all() -> None:
+        for x in calls:
+            fused_topk.topk_softmax_route(x, weight, 4, True, 0.0, 1.0, False, load=load)
+
+    threads = [threading.Thread(target=route_all) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert torch.equal(load, 4 * expected)
+    with pytest.raises(RuntimeError, match="load: expected a contiguous int64 CPU"):
+        fused_topk.topk_softmax_route(calls[0], weight, 4, True, 0.0, 1.0, False,
+                                      load=torch.zeros(16, dtype=torch.int32))
 
 
 @needs_op

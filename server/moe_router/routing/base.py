@@ -440,18 +440,21 @@ class RouterBase(nn.Module, ABC):
         num_per_token: torch.Tensor,
         dropped: int = 0,
         assignments: int | None = None,
+        load_added: bool = False,
     ) -> None:
         """Add one call's per-expert assignments to the running statistics.
 
-        ``assignments`` (sum of ``num_per_token``) may be passed when already known.
+        ``assignments`` (sum of ``num_per_token``) may be passed when already known;
+        ``load_added``: the counts are in ``expert_load`` already (the fused op adds them).
         """
         tokens = int(num_per_token.numel())
         assignments = int(num_per_token.sum()) if assignments is None else assignments
         load: torch.Tensor = self._buffers["expert_load"]  # type: ignore[assignment]  # not __getattr__: 0.5 us
-        if counts.get_device() != load.get_device():  # ints, not torch.device objects
+        if not load_added and counts.get_device() != load.get_device():  # ints, not devices
             counts = counts.to(load.device)
         with self._stats_lock:  # counts are integers: never part of an autograd graph
-            load.add_(counts)
+            if not load_added:
+                load.add_(counts)
             totals = self._totals
             totals.batches += 1
             totals.tokens += tokens

@@ -15,6 +15,7 @@
 //                    * scale                                  if scale != 1
 //     counts[e]    = how many of the T * k slots chose e      [E] int64
 //     bounded      = every |logits[t, e]| < bound (NaN never is)   bool
+//     load[e]     += counts[e]   (atomically), when a load tensor is given
 //
 // Every row is computed by the same code in the same order whatever the other rows are
 // and however the rows are split between threads (the dot products keep 16 partial sums
@@ -164,7 +165,8 @@ bool route_rows(const In* x, const float* w, int64_t rows, int64_t d, int64_t e,
 
 std::tuple<std::vector<at::Tensor>, bool> topk_softmax_route(
     const at::Tensor& x_in, const at::Tensor& weight_in, int64_t k, bool renormalize,
-    double eps, double scale, bool want_probs, double bound) {
+    double eps, double scale, bool want_probs, double bound,
+    const c10::optional<at::Tensor>& load) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "x: expected a CPU [T, D] tensor");
   TORCH_CHECK(weight_in.dim() == 2 && weight_in.device().is_cpu() &&
                   weight_in.scalar_type() == at::kFloat,
@@ -203,6 +205,15 @@ std::tuple<std::vector<at::Tensor>, bool> topk_softmax_route(
       TORCH_CHECK(false, "x: expected float32, bfloat16 or float16");
   }
   auto [counts, per_token] = tally(ix, rows, k, e, f32);
+  if (load.has_value() && load->defined()) {
+    TORCH_CHECK(load->dim() == 1 && load->size(0) == e && load->is_contiguous() &&
+                    load->device().is_cpu() && load->scalar_type() == at::kLong,
+                "load: expected a contiguous int64 CPU [E] tensor");
+    // Atomic: passes of one router may run in several threads at once, the GIL released.
+    int64_t* total = load->mutable_data_ptr<int64_t>();
+    const int64_t* c = counts.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < e; ++i) __atomic_fetch_add(total + i, c[i], __ATOMIC_RELAXED);
+  }
   return {{indices, weights, per_token, counts, logits, probs}, bounded};
 }
 
@@ -333,9 +344,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_softmax_route", &topk_softmax_route, pybind11::arg("x"), pybind11::arg("weight"),
         pybind11::arg("k"), pybind11::arg("renormalize"), pybind11::arg("eps"),
         pybind11::arg("scale"), pybind11::arg("want_probs"), pybind11::arg("bound"),
-        pybind11::call_guard<pybind11::gil_scoped_release>(),
+        pybind11::arg("load"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "([indices, weights, num_per_token, counts, logits, probs or None], bounded) of "
-        "x [T, D] through the gate weight [E, D]");
+        "x [T, D] through the gate weight [E, D]; counts added into load when given");
   m.def("topk_select", &topk_select, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "([indices, weights, num_per_token, counts, scores], bounded) from gate logits "
         "[T, E]");

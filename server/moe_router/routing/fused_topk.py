@@ -156,15 +156,17 @@ def kernel_available() -> bool:
 
 def topk_softmax_route(
     x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, eps: float, scale: float,
-    want_probs: bool = True,
+    want_probs: bool = True, load: torch.Tensor | None = None,
 ) -> FusedRoute:
     """Route x [T, D] (fp32, bf16 or fp16, CPU) through gate ``weight`` [E, D] (fp32):
     softmax top-``k``, renormalised with ``eps`` when ``renormalize``
     (w / (sum w + eps), w / sum w when eps is 0), times ``scale``; the softmax itself
     only with ``want_probs``; and whether every logit was finite and below
-    :data:`LOGIT_BOUND` in magnitude. Only where :func:`kernel_available`."""
+    :data:`LOGIT_BOUND` in magnitude. The counts are also added into ``load`` (int64
+    [E], atomically) when given: the router's running expert load, one dispatch less per
+    call than ``load.add_(counts)``. Only where :func:`kernel_available`."""
     tensors, bounded = _ops().topk_softmax_route(x, weight, k, renormalize, eps, scale,
-                                                 want_probs, LOGIT_BOUND)
+                                                 want_probs, LOGIT_BOUND, load)
     indices, weights, per_token, counts, logits, probs = tensors
     return FusedRoute(indices, weights, per_token, counts, logits, probs, bounded)
 

@@ -171,9 +171,10 @@ class TopKRouter(RouterBase):
         the losses, counts and statistics as :meth:`RouterBase._finish` makes them."""
         cfg = self.config
         eps = 0.0 if self._eps_vanishes else cfg.renormalize_eps
+        # The op adds the counts into the running expert load (a CPU router's buffer).
         route = fused_topk.topk_softmax_route(
             flat, weight, cfg.top_k, cfg.renormalize, eps, cfg.routed_scaling_factor,
-            want_probs=losses,
+            want_probs=losses, load=self._buffers["expert_load"],
         )
         indices, weights, per_token, logits = (
             route.indices, route.weights, route.num_per_token, route.logits)
@@ -181,7 +182,7 @@ class TopKRouter(RouterBase):
         if route.probs is not None:  # asked for with the losses
             aux_loss = F.aux_loss_from_counts(route.probs, route.counts, cfg.top_k)
             z_loss = self.compute_z_loss(logits)
-        self.update_stats(route.counts, per_token, 0, indices.numel())
+        self.update_stats(route.counts, per_token, 0, indices.numel(), load_added=True)
         if len(lead) > 1:  # [B, S, ...]
             indices = indices.reshape(*lead, cfg.top_k)
             weights = weights.reshape(*lead, cfg.top_k)
