@@ -114,3 +114,42 @@ def test_without_the_door_a_shared_buffer_is_an_ordinary_array(
         buffer.copy_(torch.ones(2, 64))
         assert_same_answer(client.route("mixtral", buffer, skip_cache=True),
                            grpc_client.route("mixtral", buffer, skip_cache=True))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("callers", [1, 2], ids=["blocking", "asyncio"])
+def test_the_benchs_adapter_routes_from_a_shared_buffer(
+    server: InProcessServer, grpc_client: RouterClient, dtype: str, callers: int
+) -> None:
+    """``moe-router bench`` measures the door as it is meant to be used: its hidden states
+    written once into a shared buffer of the client (blocking for a lone caller), never
+    copied per call, with Route's answer."""
+    from moe_router.analysis.load_worker import (
+        COLOCATED_BLOCKING_CLIENT_CLASS,
+        ColocatedCaller,
+        LoadSpec,
+    )
+
+    spec = LoadSpec(target=server.target, method="route", router="mixtral", tokens=3, dim=64,
+                    dtype=dtype, transport="colocated",
+                    blocking_client_class=COLOCATED_BLOCKING_CLIENT_CLASS)
+    caller = ColocatedCaller(spec)
+    caller.drive(callers)
+
+    async def run() -> tuple[int, np.ndarray]:
+        try:
+            size = await caller.call()
+            await caller.call()
+            client = caller._blocking if callers == 1 else caller._client
+            (sent,) = caller._inputs.values()
+            assert client._shared.find(sent) is not None  # a reference, not a copy
+            assert all(session.inputs is None for session in _sessions(client))
+            return size, np.array(sent)
+        finally:
+            await caller.close()
+
+    size, sent = asyncio.run(run())
+    assert np.array_equal(sent.view(np.uint8), caller._hidden.view(np.uint8))
+    answer = grpc_client.route("mixtral", caller._hidden, skip_cache=True)
+    assert size == (answer.expert_indices.nbytes + answer.expert_weights.nbytes
+                    + answer.num_experts_per_token.nbytes)

@@ -257,7 +257,9 @@ def _colocated_section(report: BenchReport, figures: Figures,
         blocking = report.plan.colocated_blocking_client
         lines += [f"Client: `{report.plan.colocated_client}`" + (
                       f"; one caller per load-client process (1 caller): `{blocking}`"
-                      if blocking else "") + ".", "",
+                      if blocking else "") + ". The hidden states lie in a shared buffer "
+                  "of the client (`shared_buffer`, written once per cell), which the server "
+                  "reads in place.", "",
                   *_table(["router", "dtype", "tokens", "callers", "shm p50 ms", "shm p99 ms",
                            "shm req/s", "ours p50 ms", "shm / ours", "shm - ours µs",
                            "shm / gRPC"], rows)]

@@ -39,7 +39,11 @@ fallback of a co-located client naturally keeps:
 - ``await client.route(router, hidden_states, layer=0, skip_cache=True)`` -> a result with
   numpy ``expert_indices``, ``expert_weights`` and ``num_experts_per_token``; failures
   raise ``moe_router_client.RouterError``;
-- ``await client.close()``.
+- ``await client.close()``;
+- optionally ``await client.shared_buffer(shape, dtype)`` (blocking: without ``await``):
+  an array in shared memory the server reads in place; the adapter writes its hidden
+  states there once and routes that, as a serving stack that registers its activations
+  does (the issue's door: the caller writes into a region it registered once).
 
 ``hidden_states`` is a numpy ``[tokens, dim]`` array, float32 or ``ml_dtypes.bfloat16``,
 made once per cell (a real caller reuses its buffers too). Where the door's client has
@@ -236,6 +240,7 @@ class ColocatedCaller:
                                 if spec.blocking_client_class else None)
         self._client: Any = None
         self._blocking: Any = None
+        self._inputs: dict[str, Any] = {}  # each client's copy of the hidden states
         self._lone = False
         self.request_bytes = int(hidden.nbytes)
 
@@ -247,19 +252,35 @@ class ColocatedCaller:
             if self._lone:  # blocks the worker's loop, which drives this caller alone
                 if self._blocking is None:
                     self._blocking = self._blocking_class(self._target, fallback=False)  # type: ignore[misc]
-                result = self._blocking.route(self._router, self._hidden, layer=0,
+                    make = getattr(self._blocking, "shared_buffer", None)
+                    self._inputs["blocking"] = self._shared(
+                        None if make is None else make(self._hidden.shape, self._hidden.dtype))
+                result = self._blocking.route(self._router, self._inputs["blocking"], layer=0,
                                               skip_cache=True)
             else:
                 if self._client is None:  # connected on the first call, on the worker's loop
                     connect = getattr(self._class, "connect", None)
                     self._client = (await connect(self._target, fallback=False)
                                     if connect is not None else self._class(self._target))
-                result = await self._client.route(self._router, self._hidden, layer=0,
-                                                  skip_cache=True)
+                    make = getattr(self._client, "shared_buffer", None)
+                    self._inputs["asyncio"] = self._shared(
+                        None if make is None else await make(self._hidden.shape,
+                                                             self._hidden.dtype))
+                result = await self._client.route(self._router, self._inputs["asyncio"],
+                                                  layer=0, skip_cache=True)
         except self._errors as exc:
             raise CallFailed(f"{exc.code.name}: {exc.details}") from None
         return int(result.expert_indices.nbytes + result.expert_weights.nbytes
                    + result.num_experts_per_token.nbytes)
+
+    def _shared(self, buffer: Any) -> Any:
+        """The hidden states written once into ``buffer`` (shared memory the server reads
+        in place, as a serving stack that registers its activations uses the door), or
+        the plain array for a client without shared buffers (``buffer`` None)."""
+        if buffer is None:
+            return self._hidden
+        buffer[...] = self._hidden
+        return buffer
 
     async def close(self) -> None:
         if self._client is not None:
