@@ -434,14 +434,8 @@ class RouterBase(nn.Module, ABC):
         return F.compute_z_loss(router_logits)
 
     # ----------------------------------------------------------------- statistics
-    def update_stats(
-        self,
-        counts: torch.Tensor,
-        num_per_token: torch.Tensor,
-        dropped: int = 0,
-        assignments: int | None = None,
-        load_added: bool = False,
-    ) -> None:
+    def update_stats(self, counts: torch.Tensor, num_per_token: torch.Tensor, dropped: int = 0,
+                     assignments: int | None = None, load_added: bool = False) -> None:
         """Add one call's per-expert assignments to the running statistics.
 
         ``assignments`` (sum of ``num_per_token``) may be passed when already known;
