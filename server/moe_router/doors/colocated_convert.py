@@ -134,11 +134,11 @@ def _outputs(result: RouteResult, call: RouteCall) -> list[tuple[str, int, np.nd
             tensor = tensor.to(torch.int32)  # as Route sends it
         elif name in _OPTIONAL_OUTPUTS:
             tensor = tensor.float()  # as Route sends them
-        host = _HOST_DTYPES.get(tensor.dtype) if tensor.device.type == "cpu" else None
-        if host is None:  # anything else takes the codec's general path
+        host = _HOST_DTYPES.get(tensor.dtype) if tensor.is_cpu else None
+        if host is None or tensor.requires_grad:  # the codec's general path
             wire_dtype, _, array = to_parts(tensor)
         else:
-            wire_dtype, array = host, np.ascontiguousarray(tensor.detach().numpy())
+            wire_dtype, array = host, np.ascontiguousarray(tensor.numpy())
         arrays.append((name, int(wire_dtype), array))
     return arrays
 
