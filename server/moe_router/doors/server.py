@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -367,6 +368,8 @@ _LINGER_S = 0.1  # after the drain: time for the last answers to leave the socke
 
 async def _serve(config: ServiceConfig, selector: BusyPollSelector) -> None:
     running = await create_server(config)
+    log.info("froze %d objects of the loaded server out of the cyclic collector's scans",
+             _freeze_loaded_heap())
     chains = running.chains.values()
     selector.may_spin = lambda: not any(c.executor.passes_in_pool for c in chains)
     if running.metrics_port is not None:
@@ -403,6 +406,19 @@ async def _serve(config: ServiceConfig, selector: BusyPollSelector) -> None:
         log.warning("second signal: exiting without waiting for the calls held")
     running.release()  # a socket file or a mapping must not outlive the process
     _exit(0)
+
+
+def _freeze_loaded_heap() -> int:
+    """Move every object alive now (a loaded server: its modules, config, routers, gRPC
+    and torch, about 190,000 objects) out of the cyclic collector's full scans, and return
+    how many. They live as long as the process, and reference counting still frees any
+    that go. Measured at 16 callers of 1 token: one full collection in 9 s scanned them
+    all and held the event loop for 131 ms; after the freeze none ran in the same time.
+    Done by ``serve`` (the process's owner), not by :func:`create_server`, which tests
+    and embedders call in processes of their own."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _exit(status: int) -> None:
