@@ -166,7 +166,8 @@ class _Connection:
                 sent = int.from_bytes(data[1:9], "little")
                 answer = None
                 while answer is None:
-                    nbytes = self._poll(spin_s)
+                    # never past the deadline: the blocking read below keeps to it
+                    nbytes = self._poll(spin_s if left is None else min(spin_s, left))
                     if nbytes is None:
                         nbytes = self.sock.recv_into(self._buffer)
                     if nbytes == 0:
