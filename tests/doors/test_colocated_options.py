@@ -319,6 +319,8 @@ def test_slower_calls_spin_0_and_a_second_call_in_flight_never_poll(
             return connection
 
         monkeypatch.setattr(client, "_connect", connect_in_step)
+        for connection in client._idle:  # each of the two calls opens a connection
+            connection.close()
         client._idle.clear()
         threads = [threading.Thread(target=client.route, args=("mixtral", x),
                                     kwargs={"skip_cache": True}) for _ in range(2)]
