@@ -74,7 +74,7 @@ READ_AHEAD_BYTES = 1 << 20
 """How much of a call's message the transport reads before the handler asks for it (the
 HTTP/2 stream window a call opens with). gRPC's 64 KiB made a 256 KiB Route (16 tokens
 of 4096 fp32) wait for a window update after admission: 1005 -> 830 us p50 with 1 MiB,
-and 4 MiB calls 1.79x -> 1.59x the echo's (2 shared cores, one caller). Admission still
+and 4 MiB calls 1.79x -> 1.67x the echo's (2 shared cores, one caller). Admission still
 bounds the rest: 40 callers of 8 MiB took the peak RSS +269 MiB with 64 KiB, +288 with
 1 MiB, +334-372 with 2 MiB. Calls of 32 MiB took the same time either way."""
 
