@@ -109,11 +109,9 @@ def _answer(data: memoryview, sent: int) -> wire.Message | None:
 
 
 def _size_class(hidden_states: Any) -> int:
-    """Calls whose inputs are within a factor of two in bytes take about as long."""
-    nbytes = getattr(hidden_states, "nbytes", None)
-    if nbytes is None:  # a torch tensor
-        nbytes = hidden_states.numel() * hidden_states.element_size()
-    return int(nbytes).bit_length()
+    """Calls whose inputs are within a factor of two in bytes take about as long (numpy
+    arrays and torch tensors both have ``nbytes``)."""
+    return int(hidden_states.nbytes).bit_length()
 
 
 def _route_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
