@@ -62,7 +62,7 @@ class _AsyncConnection:
             raise
         return connection
 
-    async def _send(self, data: bytes, fds: list[int]) -> None:
+    async def _send(self, data: bytes | bytearray, fds: list[int]) -> None:
         loop = asyncio.get_running_loop()
         if not fds:
             await loop.sock_sendall(self.sock, data)

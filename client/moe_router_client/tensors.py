@@ -81,6 +81,7 @@ _LE_NUMPY: dict[int, np.dtype] = {
     pb.INT64: np.dtype("<i8"),
 }
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
+_BFLOAT16 = pb.BFLOAT16
 _TORCH_READONLY_WARNING = "The given buffer is not writable"
 _readonly_warning_spent = False  # torch has given its one read-only buffer warning
 
@@ -271,12 +272,13 @@ def to_wire(array: Any, dtype: int | None = None, *, out: pb.Tensor | None = Non
 def _validated_shape(dtype: int, dims: Sequence[int], nbytes: int) -> tuple[int, ...]:
     """The shape after checking dtype, dimensions and byte count."""
     _check_dtype(dtype)
-    shape = tuple(int(d) for d in dims)
-    for axis, dim in enumerate(shape):
-        if dim < 0:
-            raise TensorCodecError(
-                f"Tensor.shape: dimension {axis} is {dim} in {list(shape)}; dimensions must be >= 0"
-            )
+    shape = tuple(map(int, dims))
+    if shape and min(shape) < 0:
+        axis = next(i for i, dim in enumerate(shape) if dim < 0)
+        raise TensorCodecError(
+            f"Tensor.shape: dimension {axis} is {shape[axis]} in {list(shape)}; dimensions "
+            "must be >= 0"
+        )
     size = WIRE_DTYPES[dtype]
     expected = math.prod(shape) * size
     if nbytes != expected:
@@ -319,7 +321,9 @@ def from_parts(
     array = np.frombuffer(data, dtype=_LE_NUMPY[dtype]).reshape(checked)
     if _BIG_ENDIAN_HOST:
         array = array.astype(array.dtype.newbyteorder("="))
-    bf16 = _ml_dtypes_bfloat16() if dtype == pb.BFLOAT16 else None
+    if dtype != _BFLOAT16:
+        return array
+    bf16 = _ml_dtypes_bfloat16()
     return array.view(bf16) if bf16 is not None else array
 
 

@@ -4,6 +4,7 @@ past the end)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -111,3 +112,16 @@ def test_output_bound_covers_the_layout_the_server_writes() -> None:
         assert wire.output_bytes_bound(tokens, description, True) >= at
     assert wire.aligned(1) == 64 and wire.aligned(64) == 64 and wire.aligned(0) == 0
     assert math.isfinite(wire.output_bytes_bound(3, description, False))
+
+
+@pytest.mark.parametrize("message", [m for m in MESSAGES if isinstance(m, wire.Route)],
+                         ids=lambda m: f"route{m.seq}")
+@pytest.mark.parametrize("before", [None, 0.5])
+@pytest.mark.parametrize("after", [None, 0.0, 0.25, 3600.0])
+def test_a_restamped_route_is_that_route_encoded_with_its_seq_and_timeout(
+    message: wire.Route, before: float | None, after: float | None
+) -> None:
+    template = wire.encode(dataclasses.replace(message, seq=0, timeout_s=before))
+    expected = wire.encode(dataclasses.replace(message, seq=2**40 + 7, timeout_s=after))
+    assert wire.restamp_route(template, 2**40 + 7, after) == expected
+    assert wire.decode(wire.restamp_route(template, 5, after)).timeout_s == after
