@@ -22,7 +22,7 @@ from inprocess_server import InProcessServer, serve_in_process
 from routed_answers import assert_same_answer
 from server_process import small_routers, write_config
 
-from moe_router.doors.colocated_convert import route_to_call
+from moe_router.doors.colocated_convert import RegionViews, route_to_call
 from moe_router.errors import ValidationError
 from moe_router_client import (
     AsyncCoLocatedClient,
@@ -197,8 +197,9 @@ def test_the_server_copies_the_ids_out_of_the_region_and_reads_the_flags(
         )
         for asked in (True, False):
             message = _route_message(refs, output, return_losses=asked, skip_cache=True)
-            call = route_to_call(message, server.running.chains, door.regions, owner=owner,
-                                 peer="p", device=torch.device("cpu"))
+            call = route_to_call(message, server.running.chains,
+                                 RegionViews(door.regions, owner), peer="p",
+                                 device=torch.device("cpu"))
             assert call.options.return_losses is asked
             assert call.options.skip_cache and not call.options.return_router_logits
             assert call.options.input_ids is not None
@@ -212,7 +213,8 @@ def test_the_server_copies_the_ids_out_of_the_region_and_reads_the_flags(
         by_handle = (refs[0], wire.TensorRef("input_ids", pb.INT64, ids.shape, cuda))
         with pytest.raises(ValidationError, match="input_ids: send them as host bytes"):
             route_to_call(_route_message(by_handle, output), server.running.chains,
-                          door.regions, owner=owner, peer="p", device=torch.device("cpu"))
+                          RegionViews(door.regions, owner), peer="p",
+                          device=torch.device("cpu"))
     finally:
         for region in (inputs, output):
             door.regions.unregister(region.name, owner=owner)

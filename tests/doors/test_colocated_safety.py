@@ -196,6 +196,46 @@ def test_a_resized_key_region_is_invalid(raw: RawDoor) -> None:
         path.unlink()
 
 
+def test_a_reference_that_worked_is_checked_again_once_any_region_changes(
+    open_server: InProcessServer, raw: RawDoor
+) -> None:
+    """The door keeps a caller's checked views between calls: unregistering (from any
+    connection), registering a smaller region under the name, or shrinking a file by
+    key is still INVALID_ARGUMENT on the very next call that names it."""
+    name = f"kept-{uuid.uuid4().hex[:6]}"
+    mapping = raw.register_memfd(name, 4096)
+    mapping[: X.nbytes] = X.tobytes()
+    raw.register_memfd(name + "-out", 4096)
+    out, ref = wire.RegionRef(name + "-out", 0, 4096), hidden_ref(X, name)
+    first = raw.route("mixtral", [ref], out, skip_cache=True)
+    assert isinstance(first, wire.Routed), first
+    other = RawDoor(door_path(open_server))  # same owner, another connection
+    try:
+        assert isinstance(other.call(wire.Unregister(other.seq(), name)), wire.Ok)
+    finally:
+        other.close()
+    assert "not registered" in invalid(raw.route("mixtral", [ref], out, skip_cache=True))
+    raw.register_memfd(name, 512)  # smaller than the 1024 bytes the ref names
+    assert "outside the region" in invalid(raw.route("mixtral", [ref], out, skip_cache=True))
+    mapping = raw.register_memfd(name + "-2", 4096)
+    mapping[: X.nbytes] = (2 * X).tobytes()
+    second = raw.route("mixtral", [hidden_ref(X, name + "-2")], out, skip_cache=True)
+    assert isinstance(second, wire.Routed)
+    key = f"moe-router-colocated-test-{uuid.uuid4().hex[:8]}"
+    path = Path("/dev/shm") / key
+    with open(path, "wb") as f:
+        f.write(X.tobytes().ljust(8192, b"\0"))
+    try:
+        assert isinstance(raw.call(wire.Register(raw.seq(), key, "/" + key, 0, 8192)),
+                          wire.Ok)
+        by_key = hidden_ref(X, key)
+        assert isinstance(raw.route("mixtral", [by_key], out, skip_cache=True), wire.Routed)
+        os.truncate(path, 512)  # a file by key is checked on every call
+        assert "resized" in invalid(raw.route("mixtral", [by_key], out, skip_cache=True))
+    finally:
+        path.unlink()
+
+
 def test_malformed_messages_are_invalid_and_the_connection_goes_on(raw: RawDoor) -> None:
     route = wire.encode(wire.Route(raw.seq(), "mixtral", 0, wire.RegionRef("x", 0, 1),
                                    (hidden_ref(X),)))

@@ -60,6 +60,7 @@ import torch
 
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.colocated_convert import (
+    RegionViews,
     describe,
     error_to_message,
     result_to_routed,
@@ -106,6 +107,7 @@ class _Connection:
     outbox: deque[bytes] = field(default_factory=deque)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     closed: bool = False
+    views: RegionViews | None = None  # set with the owner, at HELLO
 
 
 def prepare_socket_path(path: Path, *, default_directory: bool) -> None:
@@ -278,6 +280,8 @@ class CoLocatedDoor:
                 if current is status:  # not a namesake registered since
                     self.regions.unregister(name, owner=connection.owner)
         connection.regions.clear()
+        if connection.views is not None:
+            connection.views.clear()
         connection.sock.close()
 
     # ------------------------------------------------------------------ receiving
@@ -363,6 +367,7 @@ class CoLocatedDoor:
                 )
         connection.owner = identity
         connection.peer = identity or f"unix:uid={connection.uid}"
+        connection.views = RegionViews(self.regions, identity)
         self._send(connection, wire.encode(wire.Welcome(
             message.seq, self.version, str(self.device), self.inline_limit
         )))
@@ -438,15 +443,16 @@ class CoLocatedDoor:
 
     async def _route(self, connection: _Connection, message: wire.Route) -> None:
         """Run one ROUTE through its router's chain and answer it."""
-        owner = connection.owner or ""
+        views = connection.views
+        assert views is not None  # a ROUTE is served only after HELLO
         request_id = message.request_id
         try:
             self._check_ready()
-            call = route_to_call(message, self.chains, self.regions, owner=owner,
-                                 peer=connection.peer, device=self.device)
+            call = route_to_call(message, self.chains, views, peer=connection.peer,
+                                 device=self.device)
             request_id = call.request_id
             result = await self.chains[call.router].chain.route(call)
-            answer: wire.Message = result_to_routed(result, call, message, self.regions, owner)
+            answer: wire.Message = result_to_routed(result, call, message, views)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # answered, never kills the server

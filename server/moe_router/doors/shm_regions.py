@@ -100,6 +100,7 @@ class SharedMemoryRegistry:
         self._max_regions = max_regions
         self._lock = threading.Lock()
         self._regions: dict[tuple[str, str], _Region] = {}
+        self._generation = 0
 
     # ------------------------------------------------------------------ register
     def register(
@@ -183,6 +184,7 @@ class SharedMemoryRegistry:
             raise
         status = RegionStatus(name, key, offset, byte_size)
         self._regions[(owner, name)] = _Region(status, owner, fd, mapping, sealed)
+        self._generation += 1
         return status
 
     def _path(self, key: str) -> Path:
@@ -248,6 +250,7 @@ class SharedMemoryRegistry:
                 [(owner, name)] if name else [k for k in self._regions if k[0] == owner]
             )
             removed = [self._regions.pop(k) for k in keys if k in self._regions]
+            self._generation += 1
         for region in removed:
             _release(region)
         return sorted(r.status.name for r in removed)
@@ -257,6 +260,7 @@ class SharedMemoryRegistry:
         with self._lock:
             removed = list(self._regions.values())
             self._regions.clear()
+            self._generation += 1
         for region in removed:
             _release(region)
 
@@ -265,9 +269,24 @@ class SharedMemoryRegistry:
             return len(self._regions)
 
     # ------------------------------------------------------------------ data
+    @property
+    def generation(self) -> int:
+        """A number that changes whenever a region is registered or unregistered: a view
+        that :meth:`checked_view` called lasting stays valid while it is the same."""
+        return self._generation
+
     def view(self, name: str, offset: int, byte_size: int, *, owner: str = "") -> memoryview:
         """A writable view of bytes [offset, offset + byte_size) of region ``name``
-        (offset from the region's start); the mapping stays alive while the view does.
+        (offset from the region's start); the mapping stays alive while the view does."""
+        return self.checked_view(name, offset, byte_size, owner=owner)[0]
+
+    def checked_view(
+        self, name: str, offset: int, byte_size: int, *, owner: str = ""
+    ) -> tuple[memoryview, bool]:
+        """:meth:`view`, and whether the view lasts: the region is a sealed memfd, which
+        can never shrink, so the view may be used again without these checks for as
+        long as :attr:`generation` is the same. A file by key may shrink any time and is
+        checked on every view.
 
         Checked and made under the lock: Unregister removes a region under it before
         closing the descriptor, so the fstat below never sees a closed (or reused) one.
@@ -296,7 +315,7 @@ class SharedMemoryRegistry:
                     "needed); unregister it and register it again"
                 )
             start = status.offset + offset
-            return memoryview(region.mapping)[start : start + byte_size]
+            return memoryview(region.mapping)[start : start + byte_size], region.sealed
 
     def write(self, name: str, offset: int, data: bytes | memoryview, *, owner: str = "") -> int:
         """Copy ``data`` into region ``name`` at ``offset``; returns the bytes written."""
