@@ -141,10 +141,20 @@ def _tensor(ref: TensorRef) -> bytes:
             _CUDA.pack(place.device, place.storage_size_bytes, place.storage_offset_bytes,
                        place.tensor_offset, place.ref_counter_offset,
                        int(place.event_sync_required)),
-            struct.pack(f"<{len(place.stride)}q", *place.stride),
+            _array(len(place.stride), "q").pack(*place.stride),
             _blob(place.handle), _blob(place.ref_counter_handle), _blob(place.event_handle),
         ]
     return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=256)
+def _outputs(outputs: tuple[OutputRef, ...]) -> bytes:
+    """ROUTED's output refs (kept: a layer's answers lay out the same outputs)."""
+    return b"".join(
+        _TENSOR.pack(OUTPUT_NAMES.index(out.name), out.dtype, len(out.shape))
+        + _dims(out.shape) + _SPAN.pack(out.offset, out.nbytes)
+        for out in outputs
+    )
 
 
 def encode(message: Message) -> bytes:
@@ -174,11 +184,9 @@ def encode(message: Message) -> bytes:
             message.batch_requests, message.batch_tokens, message.queue_time_us,
             message.compute_time_us, len(message.tokens_per_expert), message.layer,
             len(message.outputs),
-        ), struct.pack(f"<{len(message.tokens_per_expert)}q", *message.tokens_per_expert),
+        ), _array(len(message.tokens_per_expert), "q").pack(*message.tokens_per_expert),
             _str(message.router_version), _str(message.request_id)]
-        for out in message.outputs:
-            parts += [_TENSOR.pack(OUTPUT_NAMES.index(out.name), out.dtype, len(out.shape)),
-                      _dims(out.shape), _SPAN.pack(out.offset, out.nbytes)]
+        parts.append(_outputs(message.outputs))
         return b"".join(parts)
     if isinstance(message, Error):
         retry = math.nan if message.retry_after_s is None else message.retry_after_s
@@ -298,8 +306,39 @@ def _read_tensor(r: _Reader) -> tuple[TensorRef, int]:
     raise WireError(f"input '{name}': place {place} is unknown; expected 0, 1 or 2")
 
 
+_KEPT_ROUTE_BYTES = 2048
+
+
 def _read_route(seq: int, r: _Reader) -> Route:
     flags, layer, seed, timeout_s, count = r.take(_ROUTE)
+    body = r.raw(r.rest())
+    kept = _route_refs(count, bytes(body)) if len(body) <= _KEPT_ROUTE_BYTES else None
+    router, request_id, output, tensors = (
+        kept if kept is not None else _read_route_body(count, _Reader(body)))
+    return Route(
+        seq, router, layer, output, tensors, request_id,
+        return_router_logits=bool(flags & _LOGITS), skip_cache=bool(flags & _SKIP_CACHE),
+        seed=seed if flags & _HAS_SEED else None,
+        timeout_s=timeout_s if flags & _HAS_TIMEOUT else None,
+        return_losses=bool(flags & _LOSSES),
+    )
+
+
+_RouteBody = tuple[str, str, RegionRef, tuple[TensorRef, ...]]
+
+
+@functools.lru_cache(maxsize=256)
+def _route_refs(count: int, body: bytes) -> _RouteBody | None:
+    """A ROUTE's body (everything after its fixed fields) when it carries no tensor
+    inline, else None. Kept by its bytes: a caller's calls of one layer repeat them
+    (read anew: 4 us of the server's decode)."""
+    read = _read_route_body(count, _Reader(body))
+    return None if any(t.place is None for t in read[3]) else read
+
+
+def _read_route_body(count: int, r: _Reader) -> _RouteBody:
+    """Router, request id, output ref and the ``count`` tensor refs; inline tensors'
+    bytes are views of the reader's data."""
     router, request_id, output = r.string(), r.string(), r.region()
     refs = [_read_tensor(r) for _ in range(count)]
     tensors = []
@@ -307,13 +346,9 @@ def _read_route(seq: int, r: _Reader) -> Route:
         if nbytes >= 0:
             ref = TensorRef(ref.name, ref.dtype, ref.shape, None, r.raw(nbytes))
         tensors.append(ref)
-    return Route(
-        seq, router, layer, output, tuple(tensors), request_id,
-        return_router_logits=bool(flags & _LOGITS), skip_cache=bool(flags & _SKIP_CACHE),
-        seed=seed if flags & _HAS_SEED else None,
-        timeout_s=timeout_s if flags & _HAS_TIMEOUT else None,
-        return_losses=bool(flags & _LOSSES),
-    )
+    if r.rest():
+        raise WireError(f"{r.rest()} bytes after the end of a ROUTE message")
+    return router, request_id, output, tuple(tensors)
 
 
 def _read_routed(seq: int, r: _Reader) -> Routed:
