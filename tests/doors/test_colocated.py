@@ -85,7 +85,7 @@ def test_every_router_answers_the_bits_route_answers(
     inline_limit: int,
 ) -> None:
     with CoLocatedClient(server.target, timeout=30, inline_limit=inline_limit) as client:
-        for seed, shape in enumerate([(1, dim), (7, dim), (2, 3, dim)]):
+        for seed, shape in enumerate([(1, dim), (7, dim), (2, 3, dim), (0, dim)]):
             x = hidden(shape, seed)
             got = client.route(router, x, skip_cache=True, return_router_logits=True)
             expected = grpc_client.route(router, x, skip_cache=True, return_router_logits=True)

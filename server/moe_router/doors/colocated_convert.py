@@ -15,6 +15,7 @@ stage's range check and the lookup.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping
@@ -33,7 +34,13 @@ from moe_router.errors import NotFoundError, ValidationError
 from moe_router.routing.kinds import RoutingMethod
 from moe_router.status_mapping import status_entry_for, to_status
 from moe_router_client import colocated_wire as wire
-from moe_router_client.tensors import TensorCodecError, dtype_name, from_parts, to_parts
+from moe_router_client.tensors import (
+    TensorCodecError,
+    dtype_name,
+    from_parts,
+    itemsize,
+    to_parts,
+)
 from moe_router_client.v1 import router_pb2 as pb
 
 __all__ = ["RegionViews", "route_to_call", "result_to_routed", "error_to_message", "describe"]
@@ -203,6 +210,21 @@ def _outputs(result: RouteResult, call: RouteCall) -> list[tuple[str, int, np.nd
     return arrays
 
 
+@functools.lru_cache(maxsize=256)
+def _layout(
+    outputs: tuple[tuple[str, int, tuple[int, ...]], ...],
+) -> tuple[tuple[wire.OutputRef, ...], int]:
+    """Where each output (name, wire dtype, shape) lies in the output region, and the
+    bytes they need (kept: a layer's answers have the same shapes call after call)."""
+    refs = []
+    at = 0
+    for name, dtype, shape in outputs:
+        nbytes = math.prod(shape) * itemsize(dtype)
+        refs.append(wire.OutputRef(name, dtype, shape, at, nbytes))
+        at = wire.aligned(at + nbytes)
+    return tuple(refs), refs[-1].offset + refs[-1].nbytes
+
+
 def result_to_routed(
     result: RouteResult,
     call: RouteCall,
@@ -212,12 +234,7 @@ def result_to_routed(
     """Write the outputs into the request's output region (layout: ``colocated_wire``)
     and describe them, with RoutingInfo's scalars, in the ROUTED answer."""
     arrays = _outputs(result, call)
-    refs: list[wire.OutputRef] = []
-    at = 0
-    for name, dtype, array in arrays:
-        refs.append(wire.OutputRef(name, dtype, tuple(array.shape), at, array.nbytes))
-        at = wire.aligned(at + array.nbytes)
-    needed = refs[-1].offset + refs[-1].nbytes
+    refs, needed = _layout(tuple((name, dtype, array.shape) for name, dtype, array in arrays))
     target = message.output
     if needed > target.byte_size:
         raise ValidationError(
@@ -226,11 +243,17 @@ def result_to_routed(
         )
     view = views.view(target.name, target.offset, target.byte_size)
     for ref, (_, _, array) in zip(refs, arrays, strict=True):
-        view[ref.offset : ref.offset + ref.nbytes] = array.reshape(-1).view(np.uint8).data
+        if not ref.nbytes:  # (an empty array's buffer cannot be cast to bytes)
+            continue
+        # numpy's own dtypes cast to bytes as they are (twice as fast as a uint8 view);
+        # bfloat16 (ml_dtypes) cannot be exported through a buffer that way
+        data = array.data.cast("B") if array.dtype.isbuiltin else array.reshape(-1).view(
+            np.uint8).data
+        view[ref.offset : ref.offset + ref.nbytes] = data
     out = result.output
     return wire.Routed(
         seq=message.seq,
-        outputs=tuple(refs),
+        outputs=refs,
         tokens_per_expert=tuple(out.tokens_per_expert.tolist()),
         dropped_tokens=int(out.dropped_tokens),
         router_version=result.router_version,
