@@ -142,6 +142,7 @@ class DeviceExecutor:
         self.layers = tuple(layers)
         self.versions = tuple(versions)
         self.device = device
+        self._on_host = device.type == "cpu"
         self.pool = pool
         first = self.layers[0]
         # Every layer of a router has the same class and config: judge once, at load.
@@ -249,7 +250,7 @@ class DeviceExecutor:
         # a synchronise that sleeps instead of spinning leaves the kernels' time out of
         # the CPU time, and the loop would wait for them all the same.
         wall = finished - started
-        spent = cpu if self.device.type == "cpu" else wall
+        spent = cpu if self._on_host else wall
         if inline:  # what the loop waited, waits included (a router that sleeps)
             spent = max(spent, wall)
             if wall <= INLINE_OVERRUN_FACTOR * self._inline_max_s:
@@ -340,7 +341,7 @@ class DeviceExecutor:
                     outputs = router.route_many_validated(
                         flats, [a.lead for a in admitted], return_losses=losses
                     )
-                return [o.to("cpu") if self.device.type != "cpu" else o for o in outputs]
+                return outputs if self._on_host else [o.to("cpu") for o in outputs]
         except DynamicMoEError:
             raise
         except torch.cuda.OutOfMemoryError as exc:
