@@ -48,10 +48,14 @@ def test_server_options_correct_grpc_defaults(tmp_path: Path) -> None:
     # no larger than a message can be.
     assert options["grpc.http2.bdp_probe"] == 0
     assert options["grpc.http2.lookahead_bytes"] == 1048576
+    # a window's worth of message may come as one frame (HTTP/2 allows 16 KiB .. 16 MiB)
+    assert options["grpc.http2.max_frame_size"] == 1048576
     small = dict(grpc_server_options(_config(tmp_path, **{"server.max_message_bytes": 65536})))
     large = dict(grpc_server_options(_config(tmp_path, **{"server.max_message_bytes": 1 << 28})))
-    assert small["grpc.http2.lookahead_bytes"] == 65536
-    assert large["grpc.http2.lookahead_bytes"] == 1048576
+    tiny = dict(grpc_server_options(_config(tmp_path, **{"server.max_message_bytes": 4096})))
+    assert small["grpc.http2.lookahead_bytes"] == small["grpc.http2.max_frame_size"] == 65536
+    assert large["grpc.http2.lookahead_bytes"] == large["grpc.http2.max_frame_size"] == 1048576
+    assert tiny["grpc.http2.max_frame_size"] == 16384
 
 
 def test_create_server_hosts_every_router_and_serves_until_stopped(tmp_path: Path) -> None:
