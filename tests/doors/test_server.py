@@ -18,6 +18,7 @@ from server_process import small_routers, start_server, write_config
 
 from moe_router.config import load_config
 from moe_router.doors.server import create_server, grpc_server_options
+from moe_router.errors import RouterConfigurationError
 from moe_router_client import RouterClient
 from moe_router_client.v1 import router_pb2 as pb
 from moe_router_client.v1 import router_pb2_grpc as pb_grpc
@@ -56,6 +57,48 @@ def test_server_options_correct_grpc_defaults(tmp_path: Path) -> None:
     assert small["grpc.http2.lookahead_bytes"] == small["grpc.http2.max_frame_size"] == 65536
     assert large["grpc.http2.lookahead_bytes"] == large["grpc.http2.max_frame_size"] == 1048576
     assert tiny["grpc.http2.max_frame_size"] == 16384
+
+
+def test_read_ahead_sets_the_stream_window_up_to_the_largest_message(tmp_path: Path) -> None:
+    def options(**overrides) -> dict:
+        return dict(grpc_server_options(_config(tmp_path, **overrides)))
+
+    wide = options(**{"server.read_ahead_bytes": 16 << 20, "server.max_message_bytes": 1 << 28})
+    assert wide["grpc.http2.lookahead_bytes"] == 16 << 20
+    assert wide["grpc.http2.max_frame_size"] == 1 << 20  # frames stay at most 1 MiB
+    capped = options(**{"server.read_ahead_bytes": 16 << 20, "server.max_message_bytes": 4 << 20})
+    assert capped["grpc.http2.lookahead_bytes"] == 4 << 20  # never past the largest message
+    narrow = options(**{"server.read_ahead_bytes": 65536})
+    assert narrow["grpc.http2.lookahead_bytes"] == narrow["grpc.http2.max_frame_size"] == 65536
+    with pytest.raises(RouterConfigurationError, match="server.read_ahead_bytes"):
+        options(**{"server.read_ahead_bytes": 1024})
+
+
+def test_a_message_larger_than_the_default_read_ahead_arrives_whole(tmp_path: Path) -> None:
+    """With ``server.read_ahead_bytes`` of 4 MiB a 3 MiB call is read in one window; its
+    answer is the answer of its two halves routed apart (the router works row by row)."""
+    config = _config(tmp_path, **{"server.read_ahead_bytes": 4 << 20,
+                                  "server.max_message_bytes": 8 << 20})
+    hidden = np.random.default_rng(3).standard_normal((98_304, 8)).astype(np.float32)
+
+    async def run():
+        running = await create_server(config, registry=CollectorRegistry())
+        try:
+            with RouterClient(f"127.0.0.1:{running.port}", timeout=60,
+                              max_message_bytes=8 << 20) as client:
+                whole = await asyncio.to_thread(client.route, "a", hidden)
+                halves = [await asyncio.to_thread(client.route, "a", part)
+                          for part in np.split(hidden, 2)]
+        finally:
+            await running.stop(0)
+        return whole, halves
+
+    whole, halves = asyncio.run(run())
+    assert hidden.nbytes == 3 << 20  # past the 1 MiB default, inside the 4 MiB read-ahead
+    assert np.array_equal(whole.expert_indices,
+                          np.concatenate([h.expert_indices for h in halves]))
+    assert np.array_equal(whole.expert_weights,
+                          np.concatenate([h.expert_weights for h in halves]))
 
 
 def test_create_server_hosts_every_router_and_serves_until_stopped(tmp_path: Path) -> None:

@@ -97,6 +97,12 @@ class ServerConfig:
     max_in_flight_bytes: int = _field(512 * MiB, "Request bytes of the Route calls held at "
                                       "once; a call past it is refused RESOURCE_EXHAUSTED "
                                       "(one call is always admitted when none is held).", lo=1)
+    read_ahead_bytes: int = _field(MiB, "Bytes of a Route call's message the transport "
+                                   "reads before admission admits the call (its HTTP/2 "
+                                   "stream window; capped at max_message_bytes). Larger "
+                                   "saves window updates on large calls; refused calls "
+                                   "then bring that much into memory too.",
+                                   lo=64 * 1024, hi=(1 << 31) - 1)
     max_concurrent_rpcs: int = _field(4096, "gRPC's own bound on every RPC at once (health "
                                       "watches and Stats too); must exceed "
                                       "max_in_flight_calls.", lo=2)

@@ -9,10 +9,10 @@ steps, so that every refusal is RESOURCE_EXHAUSTED with ErrorInfo reason
   ``max_calls`` calls held at once, at most :data:`MAX_READERS` of them still reading
   their message, and room in ``max_bytes`` for the message it will bring, reserved at the
   size recent messages had (a maximum that halves every 5 s of smaller messages). A
-  refused call's message is never read: gRPC reads a message only when the handler asks
-  for it (the server turns HTTP/2's BDP probing off and bounds the transport's
-  read-ahead to 1 MiB a call, ``READ_AHEAD_BYTES``), so 40 callers of 8 MiB cannot all
-  be read at once into a 64 MiB budget;
+  refused call's message is read no further than the transport's read-ahead: gRPC reads
+  the rest only when the handler asks for it (the server turns HTTP/2's BDP probing off
+  and bounds the read-ahead to ``server.read_ahead_bytes`` a call, 1 MiB by default),
+  so 40 callers of 8 MiB cannot all be read at once into a 64 MiB budget;
 - :meth:`Admission.add_bytes`, once the message is read: its true size replaces the
   reservation, and a call that then passes ``max_bytes`` is refused (a call alone is
   always admitted, so a message up to ``server.max_message_bytes`` still passes on an

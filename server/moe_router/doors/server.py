@@ -70,19 +70,19 @@ log = logging.getLogger("moe_router")
 
 ALERT_PERIOD_S = 2.0  # how often routers' figures are judged against the alert thresholds
 
-READ_AHEAD_BYTES = 1 << 20
-"""How much of a call's message the transport reads before the handler asks for it (the
-HTTP/2 stream window a call opens with). gRPC's 64 KiB made a 256 KiB Route (16 tokens
-of 4096 fp32) wait for a window update after admission: 1005 -> 830 us p50 with 1 MiB,
-and 4 MiB calls 1.79x -> 1.67x the echo's (2 shared cores, one caller). Admission still
-bounds the rest: 40 callers of 8 MiB took the peak RSS +269 MiB with 64 KiB, +288 with
-1 MiB, +334-372 with 2 MiB. Calls of 32 MiB took the same time either way.
+MAX_FRAME_BYTES = 1 << 20
+"""The largest HTTP/2 frame the server accepts (gRPC's default is 16 KiB), and never more
+than the read-ahead (``server.read_ahead_bytes``): a window's worth of a message may come
+as one frame instead of 64. Measured against 16 KiB frames, same server otherwise, one
+caller taking turns with the echo: 16 tokens 917 -> 858 us p50, 256 tokens (4 MiB) 4041 ->
+3832 and 3913 -> 3735 us. A frame never holds more than the window lets the client send,
+so memory is bounded as before.
 
-It is also the largest HTTP/2 frame the server accepts (gRPC's default is 16 KiB): a
-window's worth of a message may come as one frame instead of 64. Measured against
-16 KiB frames, same server otherwise, one caller taking turns with the echo: 16 tokens
-917 -> 858 us p50, 256 tokens (4 MiB) 4041 -> 3832 and 3913 -> 3735 us. A frame
-never holds more than the window lets the client send, so memory is bounded as before."""
+The read-ahead itself (the stream window a call opens with) is ``server.read_ahead_bytes``,
+1 MiB by default: gRPC's 64 KiB made a 256 KiB Route (16 tokens of 4096 fp32) wait for a
+window update after admission (1005 -> 830 us p50 with 1 MiB), while admission still bounds
+the rest (40 callers of 8 MiB: peak RSS +269 MiB with 64 KiB, +288 with 1 MiB, +334-372
+with 2 MiB). README "Server" gives the trade for larger calls."""
 
 MIN_FRAME_BYTES = 16 * 1024  # HTTP/2's least allowed SETTINGS_MAX_FRAME_SIZE
 
@@ -90,6 +90,7 @@ MIN_FRAME_BYTES = 16 * 1024  # HTTP/2's least allowed SETTINGS_MAX_FRAME_SIZE
 def grpc_server_options(config: ServiceConfig) -> list[tuple[str, Any]]:
     """gRPC Python's defaults, corrected for a serving replica (see README "Server")."""
     s = config.server
+    read_ahead = min(s.read_ahead_bytes, s.max_message_bytes)
     return [
         # Off: otherwise a second server on the same port silently shares its traffic.
         ("grpc.so_reuseport", 0),
@@ -102,9 +103,9 @@ def grpc_server_options(config: ServiceConfig) -> list[tuple[str, Any]]:
         # before admission control asked for them (measured: 40 callers of 8 MiB took
         # the peak RSS from +269 to +811 MiB).
         ("grpc.http2.bdp_probe", 0),
-        ("grpc.http2.lookahead_bytes", min(READ_AHEAD_BYTES, s.max_message_bytes)),
+        ("grpc.http2.lookahead_bytes", read_ahead),
         ("grpc.http2.max_frame_size",
-         max(MIN_FRAME_BYTES, min(READ_AHEAD_BYTES, s.max_message_bytes))),
+         max(MIN_FRAME_BYTES, min(read_ahead, MAX_FRAME_BYTES))),
     ]
 
 
