@@ -1,8 +1,9 @@
 """moe_router.v1 proto <-> domain: the only place the v1 door's messages are built or read.
 
 Requests decode into a :class:`RouteCall` whose tensors stay views of the received bytes;
-answers, Stats entries and ListRouters entries are encoded from the chain's domain
-values (:class:`RouteResult`, :class:`RouterFigures`, the hosted router).
+Stats entries and ListRouters entries are encoded from the chain's domain values
+(:class:`RouterFigures`, the hosted router). Route's answers are written to their wire
+bytes directly (:mod:`moe_router.doors.response_wire`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from collections.abc import Mapping
 import grpc
 import torch
 
-from moe_router.chain.backend import RouteCall, RouteOptions, RouteResult
+from moe_router.chain.backend import RouteCall, RouteOptions
 from moe_router.chain.figures import RouterFigures
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.request_wire import RouteRequestView, TensorView
 from moe_router.doors.security import caller_identity
 from moe_router.errors import NotFoundError, ValidationError
-from moe_router_client.tensors import TensorCodecError, dtype_name, from_parts, to_wire
+from moe_router_client.tensors import TensorCodecError, dtype_name, from_parts
 from moe_router_client.v1 import router_pb2 as pb
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "peer_host",
     "request_id_of",
     "request_to_call",
-    "result_to_response",
     "router_stats",
 ]
 
@@ -148,45 +148,6 @@ def request_to_call(
         request_id=request_id,
         peer=caller_identity() or peer_host(context.peer()),
     )
-
-
-def result_to_response(result: RouteResult, call: RouteCall) -> pb.RouteResponse:
-    """Encode a RouteResult; optional tensors only when present or asked for."""
-    out = result.output
-    # Filled in place: building sub-messages and passing them to the constructor copies
-    # each one again (2 of a 1-token call's 13 us here).
-    response = pb.RouteResponse()
-    to_wire(out.expert_indices, out=response.expert_indices)
-    to_wire(out.expert_weights, out=response.expert_weights)
-    to_wire(out.num_experts_per_token, out=response.num_experts_per_token)
-    info = response.info
-    info.SetInParent()  # present even if every field below were at its default
-    info.tokens_per_expert.extend(out.tokens_per_expert.tolist())
-    info.dropped_tokens = out.dropped_tokens
-    info.router_version = result.router_version
-    info.cache_hit = result.cache_hit
-    info.batch_requests = result.batch_requests
-    info.batch_tokens = result.batch_tokens
-    info.queue_time_us = result.queue_time_us
-    info.compute_time_us = result.compute_time_us
-    info.request_id = call.request_id
-    info.layer = call.layer
-    if out.aux_loss is not None:
-        response.info.aux_loss = float(out.aux_loss)
-    if out.z_loss is not None:
-        response.info.z_loss = float(out.z_loss)
-    if out.complexity_scores is not None:
-        response.complexity_scores.CopyFrom(to_wire(out.complexity_scores.float()))
-    if call.options.return_router_logits:
-        response.router_logits.CopyFrom(to_wire(out.router_logits.float()))
-    if out.dispatch_weights is not None:
-        response.dispatch_weights.CopyFrom(to_wire(out.dispatch_weights.float()))
-    if out.combine_weights is not None:
-        response.combine_weights.CopyFrom(to_wire(out.combine_weights.float()))
-    if out.expert_tokens is not None and out.expert_token_weights is not None:
-        response.expert_tokens.CopyFrom(to_wire(out.expert_tokens.to(torch.int32)))
-        response.expert_token_weights.CopyFrom(to_wire(out.expert_token_weights.float()))
-    return response
 
 
 def router_stats(figures: RouterFigures) -> pb.RouterStats:

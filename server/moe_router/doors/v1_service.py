@@ -1,6 +1,7 @@
 """gRPC handlers of moe_router.v1.RouterService: decode -> backend chain -> encode. Thin.
 
-Proto <-> domain conversion lives in :mod:`moe_router.doors.v1_convert`; errors become
+Proto <-> domain conversion lives in :mod:`moe_router.doors.v1_convert` (Route's answers
+are written to their bytes by :mod:`moe_router.doors.response_wire`); errors become
 status codes in one place (``moe_router.status_mapping``); admission control and the
 drain in :mod:`moe_router.doors.admission`.
 
@@ -22,6 +23,7 @@ from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.admission import Admission
 from moe_router.doors.health import HealthState, RouterStatus
 from moe_router.doors.request_wire import RouteRequestView, parse_route_request
+from moe_router.doors.response_wire import encode_route_response
 from moe_router.doors.rpc_errors import (
     Failure,
     abort_with_error,
@@ -34,7 +36,6 @@ from moe_router.doors.v1_convert import (
     describe_router,
     request_id_of,
     request_to_call,
-    result_to_response,
     router_stats,
 )
 from moe_router.errors import DrainingError, NotFoundError, ValidationError
@@ -76,7 +77,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
 
     async def _route(
         self, request: RouteRequestView, context: grpc.aio.ServicerContext, request_id: str
-    ) -> pb.RouteResponse:
+    ) -> bytes:
+        """A serialized RouteResponse (Route's handlers send it as it is)."""
         if not self.health.loaded:
             raise DrainingError(
                 "server is loading its routers; retry shortly or on another replica",
@@ -85,11 +87,11 @@ class RouterService(pb_grpc.RouterServiceServicer):
             )
         call = request_to_call(request, self.chains, context, request_id)
         result = await self.chains[call.router].chain.route(call)
-        return result_to_response(result, call)
+        return encode_route_response(result, call)
 
     async def _admitted_route(
         self, request: RouteRequestView, context: grpc.aio.ServicerContext, request_id: str
-    ) -> pb.RouteResponse | Failure:
+    ) -> bytes | Failure:
         """One RouteStream message, held by admission like a Route call."""
         try:
             with self.admission.enter() as ticket:
@@ -98,7 +100,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
         except Exception as exc:  # answered by the stream, never kills the server
             return failure(exc, request_id)
 
-    async def _route_call(self, context: grpc.aio.ServicerContext) -> pb.RouteResponse | Failure:
+    async def _route_call(self, context: grpc.aio.ServicerContext) -> bytes | Failure:
         request_id = ""
         try:
             ticket = self.admission.enter()
@@ -114,7 +116,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
 
     async def Route(  # noqa: N802
         self, requests: AsyncIterator[RouteRequestView], context: grpc.aio.ServicerContext
-    ) -> pb.RouteResponse:
+    ) -> bytes:
         """Admit the call, then read its one message and route it (see module docstring).
         A failure is answered from this frame, which holds no request (:func:`failure`)."""
         outcome = await self._route_call(context)
@@ -124,8 +126,8 @@ class RouterService(pb_grpc.RouterServiceServicer):
 
     async def RouteStream(  # noqa: N802
         self, request_iterator: AsyncIterator[RouteRequestView], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.RouteResponse]:
-        pending: asyncio.Queue[asyncio.Task[pb.RouteResponse | Failure] | None] = (
+    ) -> AsyncIterator[bytes]:
+        pending: asyncio.Queue[asyncio.Task[bytes | Failure] | None] = (
             asyncio.Queue(_STREAM_WINDOW)
         )
 
@@ -236,19 +238,15 @@ async def _one_message(context: grpc.aio.ServicerContext) -> RouteRequestView:
 def add_router_service(service: RouterService, server: grpc.aio.Server) -> None:
     """Register ``service`` like the generated adder does, except that Route and
     RouteStream receive raw requests decoded by :func:`parse_route_request` (zero-copy
-    tensors), Route runs as a stream-unary handler (admitted before its message is read,
-    module docstring), and the other methods answer undecodable bytes INVALID_ARGUMENT."""
-    serialize = pb.RouteResponse.SerializeToString
+    tensors) and answer bytes already serialized (:func:`encode_route_response`), Route
+    runs as a stream-unary handler (admitted before its message is read, module
+    docstring), and the other methods answer undecodable bytes INVALID_ARGUMENT."""
     handlers = {
         "Route": grpc.stream_unary_rpc_method_handler(
-            service.Route,
-            request_deserializer=parse_route_request,
-            response_serializer=serialize,
+            service.Route, request_deserializer=parse_route_request,
         ),
         "RouteStream": grpc.stream_stream_rpc_method_handler(
-            service.RouteStream,
-            request_deserializer=parse_route_request,
-            response_serializer=serialize,
+            service.RouteStream, request_deserializer=parse_route_request,
         ),
     }
     for name, request_type, response_type in (
