@@ -103,3 +103,18 @@ def test_a_router_built_in_inference_mode_routes_without_keeping() -> None:
         router.gate.weight.mul_(3.0)  # an inference tensor: no version to key on
         second = router(x).router_logits
     assert torch.allclose(second, first * 3.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("experts", "rows", "copy"), [
+    (8, 1, False), (8, 4, False), (8, 8, True), (256, 1, False), (256, 2, True),
+    (256, 64, True)])
+def test_which_operand_each_block_size_multiplies_by(experts: int, rows: int, copy: bool):
+    """On a CPU: the contiguous [D, E] copy for blocks of 8 rows or more, and for 2 to 7
+    rows of a router of 32 experts or more; a one-row block always takes the transposed
+    view (module docstring: the copy was slower there)."""
+    weight = torch.randn(experts, 64)
+    with torch.inference_mode():
+        kept = KeptGateColumns()
+        columns = kept(weight, rows)
+    assert torch.equal(columns, F.gate_columns(weight))
+    assert columns.is_contiguous() == copy
