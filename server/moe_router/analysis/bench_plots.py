@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -79,11 +80,29 @@ def _routers(ratios: Sequence[Ratio], *names: str) -> list[str]:
                               if r.key.benchmark in names and r.key.router is not None))
 
 
+class RatioLocator(LogLocator):
+    """Log ticks at 1, 2, 5 x 10^n; on an axis spanning less than a factor of
+    :attr:`NARROW` also at 1.2, 1.5, 3 and 7 x 10^n, so that a panel of ratios between 0.9
+    and 1.5 (a matmul-bound router) is not left with the single label 1."""
+
+    NARROW = 4.0
+    WIDE_SUBS = (1.0, 2.0, 5.0)
+    NARROW_SUBS = (1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 7.0)
+
+    def tick_values(self, vmin: float, vmax: float) -> Any:
+        """The ticks for the view ``vmin`` .. ``vmax`` (either order)."""
+        low, high = sorted((vmin, vmax))
+        narrow = low > 0 and high / low < self.NARROW
+        self.set_params(subs=self.NARROW_SUBS if narrow else self.WIDE_SUBS)
+        return super().tick_values(vmin, vmax)
+
+
 def _log_ratio_axis(ax: Axes) -> None:
-    """Log y with ticks at 1, 2, 5 x 10^n written as plain numbers (``0.5``, ``2``, ``20``)."""
+    """Log y with :class:`RatioLocator` ticks written as plain numbers (``0.5``, ``1.2``,
+    ``20``)."""
     ax.set_yscale("log")
     plain = FuncFormatter(lambda value, _: f"{value:g}")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_locator(RatioLocator(base=10, subs=RatioLocator.WIDE_SUBS))
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
 
