@@ -114,8 +114,8 @@ def _tensor(parts: list[bytes | memoryview], number: int, value: torch.Tensor) -
     """Append Tensor field ``number`` holding ``value``, as ``to_wire`` encodes it.
 
     A routed output (a CPU tensor, contiguous, no grad) is sent from its numpy view's
-    buffer (the final join copies it once); anything else (bfloat16, a strided view, a big-endian
-    host) goes through :func:`to_parts`, which handles every case."""
+    buffer (the final join copies it once); anything else (bfloat16, a strided view, a
+    big-endian host) goes through :func:`to_parts`, which handles every case."""
     array = None
     if _LITTLE_ENDIAN_HOST:
         try:
