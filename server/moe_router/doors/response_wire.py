@@ -40,6 +40,10 @@ _FLOAT = struct.Struct("<f")
 _INDICES = _RESPONSE["expert_indices"].number
 _WEIGHTS = _RESPONSE["expert_weights"].number
 _EXPERTS_PER_TOKEN = _RESPONSE["num_experts_per_token"].number
+(_COMPLEXITY, _LOGITS, _INFO_FIELD, _DISPATCH, _COMBINE, _EXPERT_TOKENS,
+ _EXPERT_TOKEN_WEIGHTS) = (_RESPONSE[name].number for name in (
+     "complexity_scores", "router_logits", "info", "dispatch_weights", "combine_weights",
+     "expert_tokens", "expert_token_weights"))
 
 
 def _varint(value: int) -> bytes:
@@ -173,7 +177,7 @@ def _info(result: RouteResult, call: RouteCall) -> bytes:
         (_LAYER, call.layer)) if value)
     body.append(_string(_ROUTER_VERSION, result.router_version))
     body.append(_string(_REQUEST_ID, call.request_id))
-    return _length_delimited(_RESPONSE["info"].number, b"".join(body))
+    return _length_delimited(_INFO_FIELD, b"".join(body))
 
 
 def encode_route_response(result: RouteResult, call: RouteCall) -> bytes:
@@ -185,16 +189,15 @@ def encode_route_response(result: RouteResult, call: RouteCall) -> bytes:
     _tensor(parts, _WEIGHTS, out.expert_weights)
     _tensor(parts, _EXPERTS_PER_TOKEN, out.num_experts_per_token)
     if out.complexity_scores is not None:
-        _tensor(parts, _RESPONSE["complexity_scores"].number, out.complexity_scores.float())
+        _tensor(parts, _COMPLEXITY, out.complexity_scores.float())
     if call.options.return_router_logits:
-        _tensor(parts, _RESPONSE["router_logits"].number, out.router_logits.float())
+        _tensor(parts, _LOGITS, out.router_logits.float())
     parts.append(_info(result, call))
     if out.dispatch_weights is not None:
-        _tensor(parts, _RESPONSE["dispatch_weights"].number, out.dispatch_weights.float())
+        _tensor(parts, _DISPATCH, out.dispatch_weights.float())
     if out.combine_weights is not None:
-        _tensor(parts, _RESPONSE["combine_weights"].number, out.combine_weights.float())
+        _tensor(parts, _COMBINE, out.combine_weights.float())
     if out.expert_tokens is not None and out.expert_token_weights is not None:
-        _tensor(parts, _RESPONSE["expert_tokens"].number, out.expert_tokens.to(torch.int32))
-        _tensor(parts, _RESPONSE["expert_token_weights"].number,
-                out.expert_token_weights.float())
+        _tensor(parts, _EXPERT_TOKENS, out.expert_tokens.to(torch.int32))
+        _tensor(parts, _EXPERT_TOKEN_WEIGHTS, out.expert_token_weights.float())
     return b"".join(parts)

@@ -82,7 +82,7 @@ The read-ahead itself (the stream window a call opens with) is ``server.read_ahe
 1 MiB by default: gRPC's 64 KiB made a 256 KiB Route (16 tokens of 4096 fp32) wait for a
 window update after admission (1005 -> 830 us p50 with 1 MiB), while admission still bounds
 the rest (40 callers of 8 MiB: peak RSS +269 MiB with 64 KiB, +288 with 1 MiB, +334-372
-with 2 MiB). README "Server" gives the trade for larger calls."""
+with 2 MiB). README "The server" gives the trade for larger calls."""
 
 MIN_FRAME_BYTES = 16 * 1024  # HTTP/2's least allowed SETTINGS_MAX_FRAME_SIZE
 
