@@ -1,0 +1,62 @@
+"""scripts/measure_side_by_side.py as a developer runs it: real servers from config files
+(one from a second source tree), the echo, real Route calls; and a refusal when the
+servers do not route alike."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from server_process import small_routers, write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "measure_side_by_side.py"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True,
+                          text=True, timeout=240, cwd=ROOT)
+
+
+def mixtral(seed: int) -> list[dict]:
+    (router,) = [r for r in small_routers() if r["name"] == "mixtral"]
+    return [{**router, "weights": {"init": "random", "seed": seed}}]
+
+
+def test_two_trees_and_the_echo_are_timed_in_turns(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", mixtral(1))
+    other_tree = tmp_path / "tree"  # a copy of the sources, as a git worktree would be
+    for part in ("server", "client"):
+        shutil.copytree(ROOT / part, other_tree / part,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    done = run(f"here={config}", f"there={config}@{other_tree}", "--tokens", "3",
+               "--rounds", "2", "--seconds", "0.2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "mixtral, 3 x float32:" in out
+    rounds = re.findall(r"^round (\d): here (\d+), there (\d+), echo (\d+)$", out, re.M)
+    assert [r[0] for r in rounds] == ["0", "1"]
+    for name in ("here", "there", "echo"):
+        median = re.search(rf"^\s*{name}: median (\d+) us, ([\d.]+)x the echo", out, re.M)
+        assert median is not None, out
+        assert int(median.group(1)) > 0
+    assert re.search(r"echo: median \d+ us, 1\.000x the echo", out)
+
+
+def test_servers_that_route_differently_are_not_compared(tmp_path: Path) -> None:
+    one = write_config(tmp_path / "one.yaml", mixtral(1))
+    two = write_config(tmp_path / "two.yaml", mixtral(2))
+    done = run(f"one={one}", f"two={two}", "--rounds", "1", "--seconds", "0.1")
+    assert done.returncode != 0
+    assert "two answers differently from one" in done.stderr
+    assert "expert_weights" in done.stderr
+    assert "round 0" not in done.stdout  # nothing was timed
+
+
+def test_a_bad_server_argument_names_the_expected_form() -> None:
+    done = run("no-equals-sign")
+    assert done.returncode == 2
+    assert "expected NAME=CONFIG[@CHECKOUT]" in done.stderr
