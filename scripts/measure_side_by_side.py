@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +33,12 @@ import grpc
 import numpy as np
 
 from moe_router.analysis import echo_server
+from moe_router.analysis.load_client import ListeningProcess, python_file_command
 from moe_router_client import RouterClient
 from moe_router_client.tensors import to_wire
 from moe_router_client.v1 import router_pb2 as pb
 
 ROUTE_METHOD = "/moe_router.v1.RouterService/Route"
-_LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
 _START_TIMEOUT_S = 180.0
 
 
@@ -63,45 +60,8 @@ class ServerSpec:
         return cls(name, Path(config), Path(checkout) if checkout else None)
 
 
-class Started:
-    """A child process that announced ``listening on HOST:PORT``; its output is drained
-    (a full pipe would stall its logging) and kept for the error message."""
-
-    def __init__(self, name: str, command: list[str], env: dict[str, str]) -> None:
-        self.name = name
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        self.target = ""
-        found = threading.Event()
-
-        def drain() -> None:
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                self.lines.append(line)
-                match = _LISTENING.search(line)
-                if match and not self.target:
-                    self.target = f"{match.group(1)}:{match.group(2)}"
-                    found.set()
-            found.set()  # the process ended
-
-        threading.Thread(target=drain, daemon=True).start()
-        if not found.wait(_START_TIMEOUT_S) or not self.target:
-            self.stop()
-            tail = "".join(self.lines[-20:])
-            raise SystemExit(f"{name}: no 'listening on' line from {command}:\n{tail}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-def start_server(spec: ServerSpec) -> Started:
-    """``moe-router serve`` for ``spec``, on free ports."""
+def start_server(spec: ServerSpec) -> ListeningProcess:
+    """``moe-router serve`` for ``spec``, on free ports (not yet waited for)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DYNAMIC_MOE_METRICS_PORT": "0",
            "DYNAMIC_MOE_HEALTH_PORT": "0"}
     if spec.checkout is not None:
@@ -109,7 +69,7 @@ def start_server(spec: ServerSpec) -> Started:
         env["PYTHONPATH"] = os.pathsep.join([str(root / "server"), str(root / "client")])
     command = [sys.executable, "-m", "moe_router", "serve", "--config", str(spec.config),
                "--port", "0"]
-    return Started(spec.name, command, env)
+    return ListeningProcess(command, env, spec.name)
 
 
 def route_request(target: str, router: str, tokens: int, dtype: str) -> bytes:
@@ -187,26 +147,37 @@ def main(argv: list[str] | None = None) -> int:
     names = [s.name for s in args.servers]
     if len(set(names)) != len(names):
         parser.error(f"server names must differ, got {names}")
-    started: list[Started] = []
+    started: list[ListeningProcess] = []
     try:
-        for spec in args.servers:
-            started.append(start_server(spec))
-        echo = Started("echo", [sys.executable, echo_server.__file__], dict(os.environ))
+        started += [start_server(spec) for spec in args.servers]
+        echo = ListeningProcess(python_file_command(echo_server.__file__), dict(os.environ),
+                                "echo")
         started.append(echo)
+        for process in started:  # stopped below whether or not it ever listens
+            try:
+                process.wait_ready(_START_TIMEOUT_S)
+            except RuntimeError as exc:  # its own output says why
+                raise SystemExit(str(exc)) from None
         servers = started[:-1]
+        for spec, server in zip(args.servers, servers, strict=True):
+            with RouterClient(server.target) as client:
+                health = client.health()
+            tree = f" from {spec.checkout}" if spec.checkout is not None else ""
+            print(f"{spec.name}: moe-router {health.version} on {health.device}, "
+                  f"{spec.config}{tree}")
         request = route_request(servers[0].target, args.router, args.tokens, args.dtype)
-        answers = {s.name: asyncio.run(_answer(s.target, request)) for s in servers}
+        first = servers[0].label
+        answers = {s.label: asyncio.run(_answer(s.target, request)) for s in servers}
         for name, answer in answers.items():
-            differ = differences(answer, answers[servers[0].name])
+            differ = differences(answer, answers[first])
             if differ:
-                raise SystemExit(f"{name} answers differently from {servers[0].name} "
+                raise SystemExit(f"{name} answers differently from {first} "
                                  f"({', '.join(differ)}): not the same routing, so the "
                                  "times are not comparable")
-        echo_metadata = ((echo_server.RESPONSE_BYTES_KEY,
-                          str(len(answers[servers[0].name]))),)
+        echo_metadata = ((echo_server.RESPONSE_BYTES_KEY, str(len(answers[first]))),)
         print(f"{args.router}, {args.tokens} x {args.dtype}: {len(request)} request bytes, "
-              f"{len(answers[servers[0].name])} answer bytes; p50 us, one caller")
-        p50s: dict[str, list[float]] = {s.name: [] for s in started}
+              f"{len(answers[first])} answer bytes; p50 us, one caller")
+        p50s: dict[str, list[float]] = {s.label: [] for s in started}
         for round_number in range(args.rounds):
             for s in started:
                 if s is echo:
@@ -215,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     figure = asyncio.run(_p50_us(s.target, ROUTE_METHOD, request, (),
                                                  args.seconds, parse=True))
-                p50s[s.name].append(figure)
+                p50s[s.label].append(figure)
             print(f"round {round_number}: "
                   + ", ".join(f"{n} {v[-1]:.0f}" for n, v in p50s.items()), flush=True)
         floor = statistics.median(p50s["echo"])

@@ -32,10 +32,16 @@ def test_two_trees_and_the_echo_are_timed_in_turns(tmp_path: Path) -> None:
     for part in ("server", "client"):
         shutil.copytree(ROOT / part, other_tree / part,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    version_file = other_tree / "server" / "moe_router" / "__init__.py"
+    version = re.search(r'__version__ = "(.+)"', version_file.read_text()).group(1)
+    version_file.write_text(version_file.read_text().replace(version, version + "+tree"))
     done = run(f"here={config}", f"there={config}@{other_tree}", "--tokens", "3",
                "--rounds", "2", "--seconds", "0.2")
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
+    assert re.search(rf"^here: moe-router {re.escape(version)} on cpu, .*config.yaml$", out, re.M)
+    assert re.search(rf"^there: moe-router {re.escape(version)}\+tree on cpu, .* from ", out,
+                     re.M), out  # the second server runs the other tree's code
     assert "mixtral, 3 x float32:" in out
     rounds = re.findall(r"^round (\d): here (\d+), there (\d+), echo (\d+)$", out, re.M)
     assert [r[0] for r in rounds] == ["0", "1"]
@@ -54,6 +60,15 @@ def test_servers_that_route_differently_are_not_compared(tmp_path: Path) -> None
     assert "two answers differently from one" in done.stderr
     assert "expert_weights" in done.stderr
     assert "round 0" not in done.stdout  # nothing was timed
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_own_error(tmp_path: Path) -> None:
+    bad = write_config(tmp_path / "bad.yaml", [{**mixtral(1)[0], "top_k": 9}])
+    done = run(f"bad={bad}", "--rounds", "1", "--seconds", "0.1")
+    assert done.returncode == 1
+    assert "bad did not start" in done.stderr
+    assert "routers[0].top_k: must be <= num_experts (8), got 9" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_bad_server_argument_names_the_expected_form() -> None:
