@@ -1,21 +1,25 @@
-"""Two or more servers and the echo, measured side by side: Route p50 over gRPC, one caller.
+"""Two or more servers measured side by side: Route p50 of one caller, through the gRPC
+door (with the echo beside them) or the co-located door.
 
-    python scripts/measure_side_by_side.py NAME=CONFIG[@CHECKOUT] ... [--router mixtral]
-        [--tokens 1] [--dtype float32] [--rounds 4] [--seconds 2]
+    python scripts/measure_side_by_side.py NAME=CONFIG[@CHECKOUT] ... [--door grpc]
+        [--router mixtral] [--tokens 1] [--dtype float32] [--rounds 4] [--seconds 2]
 
 Each ``NAME=CONFIG`` starts ``moe-router serve --config CONFIG --port 0`` (metrics and health
 on free ports too); ``@CHECKOUT`` runs it from another source tree (a ``git worktree`` of
 the commit to compare against), so a change is measured against the code before it on
-the same machine, at the same time. The bench's echo server (the transport floor) joins
-them. One caller then times closed-loop Route calls of the same request bytes against
-each in turn, round after round (``--seconds`` each), and prints every round's p50, the
-medians and each one's ratio to the echo: ``make bench`` judges one build against its
-floors, this judges builds against each other, which ``--compare`` of two runs cannot do
-within the noise of a shared machine (README "Benchmarks").
+the same machine, at the same time. One caller then times closed-loop Route calls of the
+same hidden states against each server in turn, round after round (``--seconds`` each),
+and prints every round's p50, the medians and their ratios: ``make bench`` judges one
+build against its floors, this judges builds against each other, which ``--compare`` of
+two runs cannot do within the noise of a shared machine (README "Benchmarks").
 
-Before timing, every server must give the same answer bytes for the request (minus the
+``--door grpc`` (default): raw grpc.aio calls, answers parsed as the bench's client
+parses them, with the bench's echo server (the transport floor) taking its turn too.
+``--door colocated``: the blocking ``CoLocatedClient`` with the hidden states in a shared
+buffer, as the bench's 1-caller co-located cells; ratios are to the first server.
+
+Before timing, every server must give the same answer for the hidden states (minus the
 request id and the measured times): a change that moved an answer is not a speed-up.
-Answers are parsed as the bench's client parses them.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import ml_dtypes
 import numpy as np
 
 from moe_router.analysis import echo_server
 from moe_router.analysis.load_client import ListeningProcess, python_file_command
-from moe_router_client import RouterClient
+from moe_router_client import CoLocatedClient, RouterClient, RouteResult
 from moe_router_client.tensors import to_wire
 from moe_router_client.v1 import router_pb2 as pb
 
@@ -72,20 +77,21 @@ def start_server(spec: ServerSpec) -> ListeningProcess:
     return ListeningProcess(command, env, spec.name)
 
 
-def route_request(target: str, router: str, tokens: int, dtype: str) -> bytes:
-    """The serialized RouteRequest every server gets: seeded hidden states of the
-    router's input dim (asked of the server)."""
+def hidden_states(target: str, router: str, tokens: int, dtype: str) -> np.ndarray:
+    """Seeded hidden states [tokens, D] of the router's input dim (asked of the server),
+    float32 or the client's numpy bfloat16."""
     with RouterClient(target) as client:
         dims = {r.name: r.input_dim for r in client.list_routers()}
     if router not in dims:
         raise SystemExit(f"router '{router}' is not served; the servers host {sorted(dims)}")
     hidden = np.random.default_rng(0).standard_normal((tokens, dims[router]), np.float32)
+    return hidden.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else hidden
+
+
+def route_request(router: str, hidden: np.ndarray) -> bytes:
+    """The serialized RouteRequest every server gets over gRPC."""
     request = pb.RouteRequest(router=router, layer=0, skip_cache=True)
-    if dtype == "bfloat16":  # the client's numpy form of bf16: the top half of fp32
-        to_wire((hidden.view(np.uint32) >> 16).astype(np.uint16), dtype=pb.BFLOAT16,
-                out=request.hidden_states)
-    else:
-        to_wire(hidden, out=request.hidden_states)
+    to_wire(hidden, out=request.hidden_states)
     return request.SerializeToString()
 
 
@@ -130,14 +136,105 @@ async def _p50_us(target: str, method: str, request: bytes, metadata: tuple[tupl
     return statistics.median(times) * 1e6
 
 
+def colocated_differences(got: RouteResult, expected: RouteResult) -> list[str]:
+    """What differs between two co-located answers (the arrays' bytes and the routing
+    scalars; not the request id or the times)."""
+    names = ["expert_indices", "expert_weights", "num_experts_per_token"]
+    differ = [n for n in names if np.asarray(getattr(got, n)).tobytes()
+              != np.asarray(getattr(expected, n)).tobytes()]
+    return differ + [f"info.{n}" for n in ("tokens_per_expert", "router_version")
+                     if getattr(got.info, n) != getattr(expected.info, n)]
+
+
+def colocated_p50_us(client: CoLocatedClient, router: str, buffer: np.ndarray,
+                     seconds: float) -> float:
+    """One blocking caller's p50 through the co-located door (hidden states in a shared
+    buffer, as the bench's co-located cells)."""
+    for _ in range(200):
+        client.route(router, buffer, skip_cache=True)
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        client.route(router, buffer, skip_cache=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 1 << 30),
                     ("grpc.max_receive_message_length", 1 << 30)]
+
+
+def time_grpc(servers: list[ListeningProcess], echo: ListeningProcess, router: str,
+              hidden: np.ndarray, rounds: int, seconds: float) -> dict[str, list[float]]:
+    """Every server's and the echo's p50 per round over gRPC, after checking that the
+    servers answer alike."""
+    request = route_request(router, hidden)
+    first = servers[0].label
+    answers = {s.label: asyncio.run(_answer(s.target, request)) for s in servers}
+    for name, answer in answers.items():
+        differ = differences(answer, answers[first])
+        if differ:
+            raise SystemExit(f"{name} answers differently from {first} ({', '.join(differ)}): "
+                             "not the same routing, so the times are not comparable")
+    echo_metadata = ((echo_server.RESPONSE_BYTES_KEY, str(len(answers[first]))),)
+    print(f"gRPC door: {len(request)} request bytes, {len(answers[first])} answer bytes; "
+          "p50 us, one caller")
+    p50s: dict[str, list[float]] = {s.label: [] for s in [*servers, echo]}
+    for round_number in range(rounds):
+        for s in [*servers, echo]:
+            if s is echo:
+                figure = asyncio.run(_p50_us(s.target, echo_server.ECHO_METHOD, request,
+                                             echo_metadata, seconds, parse=False))
+            else:
+                figure = asyncio.run(_p50_us(s.target, ROUTE_METHOD, request, (), seconds,
+                                             parse=True))
+            p50s[s.label].append(figure)
+        _print_round(round_number, p50s)
+    return p50s
+
+
+def time_colocated(servers: list[ListeningProcess], router: str, hidden: np.ndarray,
+                   rounds: int, seconds: float) -> dict[str, list[float]]:
+    """Every server's p50 per round through the co-located door (no echo: its floor is
+    routing in-process, which ``make bench`` measures), after checking that they answer
+    alike."""
+    clients = {s.label: CoLocatedClient(s.target, fallback=False, timeout=60) for s in servers}
+    try:
+        buffers = {}
+        for name, client in clients.items():
+            buffers[name] = client.shared_buffer(hidden.shape, hidden.dtype)
+            buffers[name][...] = hidden
+        first = servers[0].label
+        answers = {n: c.route(router, buffers[n], skip_cache=True) for n, c in clients.items()}
+        for name, answer in answers.items():
+            differ = colocated_differences(answer, answers[first])
+            if differ:
+                raise SystemExit(f"{name} answers differently from {first} "
+                                 f"({', '.join(differ)}): not the same routing, so the times "
+                                 "are not comparable")
+        print("co-located door, hidden states in a shared buffer; p50 us, one blocking caller")
+        p50s: dict[str, list[float]] = {name: [] for name in clients}
+        for round_number in range(rounds):
+            for name, client in clients.items():
+                p50s[name].append(colocated_p50_us(client, router, buffers[name], seconds))
+            _print_round(round_number, p50s)
+        return p50s
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def _print_round(round_number: int, p50s: dict[str, list[float]]) -> None:
+    print(f"round {round_number}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in p50s.items()),
+          flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("servers", nargs="+", type=ServerSpec.parse,
                         metavar="NAME=CONFIG[@CHECKOUT]")
+    parser.add_argument("--door", choices=("grpc", "colocated"), default="grpc")
     parser.add_argument("--router", default="mixtral")
     parser.add_argument("--tokens", type=int, default=1)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -147,56 +244,40 @@ def main(argv: list[str] | None = None) -> int:
     names = [s.name for s in args.servers]
     if len(set(names)) != len(names):
         parser.error(f"server names must differ, got {names}")
-    started: list[ListeningProcess] = []
+    started = [start_server(spec) for spec in args.servers]
     try:
-        started += [start_server(spec) for spec in args.servers]
-        echo = ListeningProcess(python_file_command(echo_server.__file__), dict(os.environ),
-                                "echo")
-        started.append(echo)
+        echo = None
+        if args.door == "grpc":
+            echo = ListeningProcess(python_file_command(echo_server.__file__),
+                                    dict(os.environ), "echo")
+            started.append(echo)
         for process in started:  # stopped below whether or not it ever listens
             try:
                 process.wait_ready(_START_TIMEOUT_S)
             except RuntimeError as exc:  # its own output says why
                 raise SystemExit(str(exc)) from None
-        servers = started[:-1]
+        servers = started[:len(args.servers)]
         for spec, server in zip(args.servers, servers, strict=True):
             with RouterClient(server.target) as client:
                 health = client.health()
             tree = f" from {spec.checkout}" if spec.checkout is not None else ""
             print(f"{spec.name}: moe-router {health.version} on {health.device}, "
                   f"{spec.config}{tree}")
-        request = route_request(servers[0].target, args.router, args.tokens, args.dtype)
-        first = servers[0].label
-        answers = {s.label: asyncio.run(_answer(s.target, request)) for s in servers}
-        for name, answer in answers.items():
-            differ = differences(answer, answers[first])
-            if differ:
-                raise SystemExit(f"{name} answers differently from {first} "
-                                 f"({', '.join(differ)}): not the same routing, so the "
-                                 "times are not comparable")
-        echo_metadata = ((echo_server.RESPONSE_BYTES_KEY, str(len(answers[first]))),)
-        print(f"{args.router}, {args.tokens} x {args.dtype}: {len(request)} request bytes, "
-              f"{len(answers[first])} answer bytes; p50 us, one caller")
-        p50s: dict[str, list[float]] = {s.label: [] for s in started}
-        for round_number in range(args.rounds):
-            for s in started:
-                if s is echo:
-                    figure = asyncio.run(_p50_us(s.target, echo_server.ECHO_METHOD, request,
-                                                 echo_metadata, args.seconds, parse=False))
-                else:
-                    figure = asyncio.run(_p50_us(s.target, ROUTE_METHOD, request, (),
-                                                 args.seconds, parse=True))
-                p50s[s.label].append(figure)
-            print(f"round {round_number}: "
-                  + ", ".join(f"{n} {v[-1]:.0f}" for n, v in p50s.items()), flush=True)
-        floor = statistics.median(p50s["echo"])
+        hidden = hidden_states(servers[0].target, args.router, args.tokens, args.dtype)
+        print(f"{args.router}, {args.tokens} x {args.dtype}")
+        if echo is not None:
+            p50s = time_grpc(servers, echo, args.router, hidden, args.rounds, args.seconds)
+            floor, floor_name = statistics.median(p50s["echo"]), "the echo"
+        else:
+            p50s = time_colocated(servers, args.router, hidden, args.rounds, args.seconds)
+            floor, floor_name = statistics.median(p50s[servers[0].label]), servers[0].label
         for name, figures in p50s.items():
             median = statistics.median(figures)
-            print(f"{name:>12}: median {median:.0f} us, {median / floor:.3f}x the echo, "
+            print(f"{name:>12}: median {median:.0f} us, {median / floor:.3f}x {floor_name}, "
                   f"rounds {min(figures):.0f}-{max(figures):.0f}")
     finally:
-        for s in started:
-            s.stop()
+        for process in started:
+            process.stop()
     return 0
 
 

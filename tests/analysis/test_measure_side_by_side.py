@@ -42,7 +42,7 @@ def test_two_trees_and_the_echo_are_timed_in_turns(tmp_path: Path) -> None:
     assert re.search(rf"^here: moe-router {re.escape(version)} on cpu, .*config.yaml$", out, re.M)
     assert re.search(rf"^there: moe-router {re.escape(version)}\+tree on cpu, .* from ", out,
                      re.M), out  # the second server runs the other tree's code
-    assert "mixtral, 3 x float32:" in out
+    assert "mixtral, 3 x float32\ngRPC door: " in out
     rounds = re.findall(r"^round (\d): here (\d+), there (\d+), echo (\d+)$", out, re.M)
     assert [r[0] for r in rounds] == ["0", "1"]
     for name in ("here", "there", "echo"):
@@ -50,6 +50,18 @@ def test_two_trees_and_the_echo_are_timed_in_turns(tmp_path: Path) -> None:
         assert median is not None, out
         assert int(median.group(1)) > 0
     assert re.search(r"echo: median \d+ us, 1\.000x the echo", out)
+
+
+def test_the_colocated_door_is_timed_against_the_first_server(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", mixtral(1))
+    done = run(f"a={config}", f"b={config}", "--door", "colocated", "--dtype", "bfloat16",
+               "--rounds", "1", "--seconds", "0.2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "mixtral, 1 x bfloat16" in out and "co-located door" in out
+    assert re.search(r"^round 0: a \d+, b \d+$", out, re.M), out
+    assert re.search(r"^\s*a: median \d+ us, 1\.000x a,", out, re.M)
+    assert "echo" not in out
 
 
 def test_servers_that_route_differently_are_not_compared(tmp_path: Path) -> None:
