@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import ml_dtypes
@@ -45,6 +46,8 @@ from moe_router_client.v1 import router_pb2 as pb
 
 ROUTE_METHOD = "/moe_router.v1.RouterService/Route"
 _START_TIMEOUT_S = 180.0
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 1 << 30),
+                    ("grpc.max_receive_message_length", 1 << 30)]
 
 
 @dataclass(frozen=True)
@@ -103,15 +106,12 @@ def differences(answer: bytes, expected: bytes) -> list[str]:
     for info in (got.info, want.info):
         info.request_id = ""
         info.queue_time_us = info.compute_time_us = 0
-    fields = [f"info.{f.name}" for f in pb.RoutingInfo.DESCRIPTOR.fields]
-    fields += [f.name for f in pb.RouteResponse.DESCRIPTOR.fields if f.name != "info"]
 
-    def value(message: pb.RouteResponse, path: str) -> object:
-        owner, name = (message.info, path[5:]) if path.startswith("info.") else (message, path)
-        field = getattr(owner, name)
-        return field.SerializeToString() if hasattr(field, "SerializeToString") else field
+    def differing(a: Any, b: Any, prefix: str = "") -> list[str]:
+        return [prefix + f.name for f in a.DESCRIPTOR.fields
+                if f.name != "info" and getattr(a, f.name) != getattr(b, f.name)]
 
-    return [path for path in fields if value(got, path) != value(want, path)]
+    return differing(got.info, want.info, "info.") + differing(got, want)
 
 
 async def _answer(target: str, request: bytes) -> bytes:
@@ -159,10 +159,6 @@ def colocated_p50_us(client: CoLocatedClient, router: str, buffer: np.ndarray,
         client.route(router, buffer, skip_cache=True)
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1e6
-
-
-_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 1 << 30),
-                    ("grpc.max_receive_message_length", 1 << 30)]
 
 
 def time_grpc(servers: list[ListeningProcess], echo: ListeningProcess, router: str,
