@@ -116,7 +116,7 @@ class Batcher:
 
     async def _run_alone(self, admitted: AdmittedCall) -> RouteResult:
         (answer,) = await self.device.run_pass([admitted])
-        self._count_batch(1, admitted.num_tokens)
+        admitted.call.after_answer.add(self._count_batch, 1, admitted.num_tokens)
         if isinstance(answer, DynamicMoEError):
             raise answer
         return answer

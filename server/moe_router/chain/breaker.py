@@ -161,7 +161,8 @@ class CircuitBreakerBackend:
             else:
                 self._release(epoch)
             raise
-        self._record(epoch, failed=False, slow=self._clock() - admitted_at >= self._slow_s)
+        slow = self._clock() - admitted_at >= self._slow_s
+        call.after_answer.add(self._record_answer, epoch, slow)
         return result
 
     def stats(self) -> BreakerFigures:
@@ -227,6 +228,10 @@ class CircuitBreakerBackend:
         with self._lock:
             if epoch == self._epoch and self._state is BreakerState.HALF_OPEN:
                 self._permits_left += 1
+
+    def _record_answer(self, epoch: int, slow: bool) -> None:
+        """Record a call answered (after its answer has been sent: ``call.after_answer``)."""
+        self._record(epoch, failed=False, slow=slow)
 
     def _record(self, epoch: int, *, failed: bool, slow: bool) -> None:
         events: list[tuple[BreakerState, BreakerState]] = []

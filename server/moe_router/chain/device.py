@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_router.chain.backend import RouteCall, RouteResult
+from moe_router.chain.backend import AT_ONCE, RouteCall, RouteResult
 from moe_router.errors import (
     BackendError,
     DeadlineExceededError,
@@ -244,12 +244,31 @@ class DeviceExecutor:
                 outputs[i] = ValidationError(self._logits_problem(a))
         if sampled is not None and isinstance(outputs[0], RouterOutput):
             outputs[0] = self._report_losses(outputs[0], sampled)
+        # A pass on the loop for one call is accounted after its answer has been sent.
+        after = admitted[0].call.after_answer if inline and len(admitted) == 1 else AT_ONCE
+        after.add(self._account, tokens, finished - started, cpu, inline, len(todo))
         results = iter(outputs)
+        for i, (a, answer) in enumerate(zip(admitted, answers, strict=True)):
+            if answer is not None:
+                continue
+            out = next(results)
+            answers[i] = out if isinstance(out, DynamicMoEError) else RouteResult(
+                output=out,
+                router_version=self.versions[a.call.layer],
+                batch_requests=len(admitted),
+                batch_tokens=tokens,
+                queue_time_us=max(0, int((started - a.admitted) * 1e6)),
+                compute_time_us=int((finished - started) * 1e6),
+            )
+        return answers  # type: ignore[return-value]  # every slot is filled
+
+    def _account(self, tokens: int, wall: float, cpu: float, inline: bool, calls: int) -> None:
+        """Count a pass of ``calls`` calls and ``tokens`` tokens, and fold its cost into its
+        size's running mean (which decides whether the next such pass runs inline)."""
         # On a CPU the pass's own CPU time: in a worker its wall time also counts the
         # waits for the GIL, which an inline pass does not have. On a GPU the wall time:
         # a synchronise that sleeps instead of spinning leaves the kernels' time out of
         # the CPU time, and the loop would wait for them all the same.
-        wall = finished - started
         spent = cpu if self._on_host else wall
         if inline:  # what the loop waited, waits included (a router that sleeps)
             spent = max(spent, wall)
@@ -265,20 +284,7 @@ class DeviceExecutor:
         self._pass_cost[size] = spent if cost is None else cost + 0.2 * (spent - cost)
         with self._count_lock:
             self._passes += 1
-            self._calls += len(todo)
-        for i, (a, answer) in enumerate(zip(admitted, answers, strict=True)):
-            if answer is not None:
-                continue
-            out = next(results)
-            answers[i] = out if isinstance(out, DynamicMoEError) else RouteResult(
-                output=out,
-                router_version=self.versions[a.call.layer],
-                batch_requests=len(admitted),
-                batch_tokens=tokens,
-                queue_time_us=max(0, int((started - a.admitted) * 1e6)),
-                compute_time_us=int((finished - started) * 1e6),
-            )
-        return answers  # type: ignore[return-value]  # every slot is filled
+            self._calls += calls
 
     def _refusal(self, admitted: AdmittedCall, now: float) -> DynamicMoEError | None:
         """Why the call must not run (deadline passed, values it cannot route), or None.

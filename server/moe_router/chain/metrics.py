@@ -197,27 +197,27 @@ class MetricsBackend:
         self._series = metrics.series(router)
 
     async def route(self, call: RouteCall) -> RouteResult:
-        """Pass the call on and record how it went."""
+        """Pass the call on and record how it went (an answer after it has been sent:
+        ``call.after_answer``)."""
         series = self._series
         series.in_flight += 1
         started = time.perf_counter()
-        code = "OK"
-        result = None
         try:
             result = await self._inner.route(call)
-            return result
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as exc:
-            code = status_code_for(exc).name
+        except BaseException as exc:
+            code = ("CANCELLED" if isinstance(exc, asyncio.CancelledError)
+                    else status_code_for(exc).name)
             if isinstance(exc, OverloadedError) and exc.reason == "RATE_LIMITED":
                 self._metrics.rate_limited.labels(self._router).inc()
+            self._record(call, None, code, time.perf_counter() - started)
             raise
-        finally:
-            series.in_flight -= 1
-            self._metrics.record(self._router, call, result, code,
-                                 time.perf_counter() - started, series)
+        call.after_answer.add(self._record, call, result, "OK", time.perf_counter() - started)
+        return result
+
+    def _record(self, call: RouteCall, result: RouteResult | None, code: str,
+                duration_s: float) -> None:
+        self._series.in_flight -= 1
+        self._metrics.record(self._router, call, result, code, duration_s, self._series)
 
     def stats(self) -> MetricsFigures:
         """Calls inside this stage now (the rest of its figures live in Prometheus)."""

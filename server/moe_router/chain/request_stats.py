@@ -248,7 +248,8 @@ class RequestStatsBackend:
         self._latency_s = self._last_answer = 0.0
 
     async def route(self, call: RouteCall) -> RouteResult:
-        """Pass ``call`` on and record its outcome, latency and expert load."""
+        """Pass ``call`` on and record its outcome, latency and expert load (an answer's
+        after it has been sent: ``call.after_answer``)."""
         started = time.perf_counter()
         try:
             result = await self.inner.route(call)
@@ -260,7 +261,10 @@ class RequestStatsBackend:
                 self._failures += failed
                 self._outcomes.append((time.monotonic(), failed))
             raise
-        elapsed_s = time.perf_counter() - started
+        call.after_answer.add(self._record_answer, call, result, time.perf_counter() - started)
+        return result
+
+    def _record_answer(self, call: RouteCall, result: RouteResult, elapsed_s: float) -> None:
         self._load.add(call.layer, result)
         with self._lock:
             self._requests += 1
@@ -273,7 +277,6 @@ class RequestStatsBackend:
                 self._computed += 1
                 self._queue_us += result.queue_time_us
                 self._compute_us += result.compute_time_us
-        return result
 
     def stats(self) -> RequestFigures:
         """The figures now."""

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from moe_router.chain.backend import AfterAnswer
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.colocated_convert import (
     RegionViews,
@@ -446,18 +447,17 @@ class CoLocatedDoor:
         views = connection.views
         assert views is not None  # a ROUTE is served only after HELLO
         request_id = message.request_id
-        try:
-            self._check_ready()
-            call = route_to_call(message, self.chains, views, peer=connection.peer,
-                                 device=self.device)
-            request_id = call.request_id
-            result = await self.chains[call.router].chain.route(call)
-            answer: wire.Message = result_to_routed(result, call, message, views)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # answered, never kills the server
-            answer = self._error(exc, message.seq, request_id)
-        self._send(connection, wire.encode(answer))
+        with AfterAnswer() as after:  # the chain's records of the call, once it is answered
+            try:
+                self._check_ready()
+                call = route_to_call(message, self.chains, views, peer=connection.peer,
+                                     device=self.device, after_answer=after)
+                request_id = call.request_id
+                result = await self.chains[call.router].chain.route(call)
+                answer: wire.Message = result_to_routed(result, call, message, views)
+            except Exception as exc:  # answered, never kills the server
+                answer = self._error(exc, message.seq, request_id)
+            self._send(connection, wire.encode(answer))
 
     # ------------------------------------------------------------------ sending
     def _send(self, connection: _Connection, data: bytes) -> None:

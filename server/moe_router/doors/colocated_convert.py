@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from google.rpc import error_details_pb2
 
-from moe_router.chain.backend import RouteCall, RouteOptions, RouteResult
+from moe_router.chain.backend import AT_ONCE, AfterAnswer, RouteCall, RouteOptions, RouteResult
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.cuda_ipc import open_cuda_tensor
 from moe_router.doors.rpc_errors import new_request_id
@@ -145,9 +145,11 @@ def route_to_call(
     *,
     peer: str,
     device: torch.device,
+    after_answer: AfterAnswer = AT_ONCE,
 ) -> RouteCall:
     """Decode a ROUTE into a RouteCall (what ``v1_convert.request_to_call`` does for
-    Route); the output reference is checked now, so a bad one costs no routing."""
+    Route); the output reference is checked now, so a bad one costs no routing.
+    ``after_answer``: the call's records the door runs once it has sent the answer."""
     if not message.router:
         raise ValidationError(f"router: required; this server hosts {sorted(chains)}")
     if message.router not in chains:
@@ -185,6 +187,7 @@ def route_to_call(
         deadline=None if timeout is None else time.monotonic() + timeout,
         request_id=message.request_id or new_request_id(),
         peer=peer,
+        after_answer=after_answer,
     )
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moe_router.chain.backend import RouteCall, RouteOptions, RouteResult
+from moe_router.chain.backend import AT_ONCE, AfterAnswer, RouteCall, RouteOptions, RouteResult
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.oip_models import model_outputs, resolve_model
 from moe_router.doors.request_wire import split_repeated_bytes
@@ -103,10 +103,12 @@ def request_to_call(
     owner: str,
     peer: str,
     time_remaining: float | None,
+    after_answer: AfterAnswer = AT_ONCE,
 ) -> tuple[RouteCall, list[RequestedOutput]]:
     """The RouteCall Route would make of the same tensors and options, and the outputs
     to answer. ``owner`` names the caller's shared-memory regions, ``peer`` its rate-limit
-    identity; ``time_remaining`` is the gRPC deadline's."""
+    identity; ``time_remaining`` is the gRPC deadline's; ``after_answer``: the call's
+    records the door runs once it has sent the answer."""
     if request.error:
         raise ValidationError(request.error)
     message = request.message
@@ -155,6 +157,7 @@ def request_to_call(
         deadline=deadline,
         request_id=message.id or new_request_id(),
         peer=peer,
+        after_answer=after_answer,
     )
     return call, outputs
 

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 import grpc
 from google.protobuf import descriptor_pool
 
+from moe_router.chain.backend import AfterAnswer
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.health import HealthState, RouterStatus
 from moe_router.doors.oip_convert import (
@@ -131,14 +132,20 @@ class OipService:
     ) -> oip.ModelInferResponse:
         self._check_ready()
         owner = caller_identity()
-        call, outputs = request_to_call(
-            request, self.chains, self.regions,
-            owner=owner,
-            peer=owner or peer_host(context.peer()),
-            time_remaining=context.time_remaining(),
-        )
-        result = await self.chains[call.router].chain.route(call)
-        return result_to_response(result, call, request.message, outputs, self.regions, owner)
+        after = AfterAnswer()  # the chain's records run once the answer is out (Route's)
+        try:
+            call, outputs = request_to_call(
+                request, self.chains, self.regions,
+                owner=owner,
+                peer=owner or peer_host(context.peer()),
+                time_remaining=context.time_remaining(),
+                after_answer=after,
+            )
+            result = await self.chains[call.router].chain.route(call)
+            return result_to_response(
+                result, call, request.message, outputs, self.regions, owner)
+        finally:
+            asyncio.get_running_loop().call_soon(after.run)
 
     async def ModelInfer(  # noqa: N802
         self, request: InferRequestView, context: grpc.aio.ServicerContext

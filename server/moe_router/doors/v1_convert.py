@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import grpc
 import torch
 
-from moe_router.chain.backend import RouteCall, RouteOptions
+from moe_router.chain.backend import AT_ONCE, AfterAnswer, RouteCall, RouteOptions
 from moe_router.chain.figures import RouterFigures
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.request_wire import RouteRequestView, TensorView
@@ -99,11 +99,13 @@ def request_to_call(
     chains: Mapping[str, HostedRouterChain],
     context: grpc.aio.ServicerContext,
     request_id: str,
+    after_answer: AfterAnswer = AT_ONCE,
 ) -> RouteCall:
     """Decode a RouteRequest into a RouteCall; tensors stay views of the received bytes.
 
     ``request_id``: the call's id (the caller's, or one the server made up), used in
-    the answer and in every error.
+    the answer and in every error. ``after_answer``: the call's records the door runs
+    once it has sent the answer.
     """
     if request.error:
         raise ValidationError(request.error)
@@ -147,6 +149,7 @@ def request_to_call(
         deadline=None if remaining is None else time.monotonic() + remaining,
         request_id=request_id,
         peer=caller_identity() or peer_host(context.peer()),
+        after_answer=after_answer,
     )
 
 

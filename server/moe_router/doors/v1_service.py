@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import grpc
 
 from moe_router.chain.alerts import AlertMonitor
+from moe_router.chain.backend import AfterAnswer
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.admission import Admission
 from moe_router.doors.health import HealthState, RouterStatus
@@ -78,16 +79,24 @@ class RouterService(pb_grpc.RouterServiceServicer):
     async def _route(
         self, request: RouteRequestView, context: grpc.aio.ServicerContext, request_id: str
     ) -> bytes:
-        """A serialized RouteResponse (Route's handlers send it as it is)."""
+        """A serialized RouteResponse (Route's handlers send it as it is).
+
+        The chain's records of the call run once the handler has handed the answer to
+        gRPC (``AfterAnswer``): scheduled on the loop now, they run after this turn of
+        it, in which gRPC writes the answer (and before anything the caller sends next)."""
         if not self.health.loaded:
             raise DrainingError(
                 "server is loading its routers; retry shortly or on another replica",
                 retry_after_s=1.0,
                 reason="DRAINING",
             )
-        call = request_to_call(request, self.chains, context, request_id)
-        result = await self.chains[call.router].chain.route(call)
-        return encode_route_response(result, call)
+        after = AfterAnswer()
+        try:
+            call = request_to_call(request, self.chains, context, request_id, after)
+            result = await self.chains[call.router].chain.route(call)
+            return encode_route_response(result, call)
+        finally:
+            asyncio.get_running_loop().call_soon(after.run)
 
     async def _admitted_route(
         self, request: RouteRequestView, context: grpc.aio.ServicerContext, request_id: str
