@@ -183,6 +183,7 @@ ENV_CASES = [
      "http://hook"),
     ("DYNAMIC_MOE_RATE_LIMIT", "1000", "security.rate_limit", 10, 1000),
     ("DYNAMIC_MOE_AUTOSCALE", "false", "optimization.enable_autoscaling", True, False),
+    ("DYNAMIC_MOE_EVENT_LOOP_CPU", "1", "server.event_loop_cpu", 0, 1),
 ]
 
 
@@ -668,3 +669,10 @@ def test_fault_injection_allowed_when_enabled(tmp_path: Path) -> None:
     assert fault is not None
     assert fault.fail_while_file_exists == tmp_path / "fail.flag"
     assert fault.slow_while_file_exists is None and fault.slow_ms == 5.0
+
+
+def test_a_pinned_event_loop_needs_one_intra_op_thread(tmp_path: Path) -> None:
+    assert load_text(tmp_path, "server: {event_loop_cpu: 0}\n" + ROUTER).server.event_loop_cpu == 0
+    with pytest.raises(RouterConfigurationError,
+                       match=r"server.event_loop_cpu: needs server.intra_op_threads 1, got 2"):
+        load_text(tmp_path, "server: {event_loop_cpu: 0, intra_op_threads: 2}\n" + ROUTER)

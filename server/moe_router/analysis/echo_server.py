@@ -6,9 +6,10 @@ answer is a (cached) ``bytes`` payload of the size the caller names in the
 request. What the real service costs above this server is its own work.
 
 Run as a child process, it prints ``listening on HOST:PORT`` and serves until SIGTERM or
-SIGINT. It imports only grpcio, so that its interpreter carries nothing the floor would
-not (the bench runs this file with ``runpy`` rather than ``-m``, which would import
-``moe_router.analysis`` and with it torch).
+SIGINT. It imports only grpcio (and, pinned, the pinning module, which needs nothing
+more), so that its interpreter carries nothing the floor would not (the bench runs this
+file with ``runpy`` rather than ``-m``, which would import ``moe_router.analysis`` and
+with it torch).
 """
 
 from __future__ import annotations
@@ -56,8 +57,11 @@ class EchoHandler(grpc.GenericRpcHandler):
         return self._payload(size)
 
 
-async def serve(host: str = "127.0.0.1", port: int = 0) -> None:
-    """Serve until SIGTERM/SIGINT, announcing ``listening on HOST:PORT`` on stdout."""
+async def serve(host: str = "127.0.0.1", port: int = 0, event_loop_cpu: int | None = None
+                ) -> None:
+    """Serve until SIGTERM/SIGINT, announcing ``listening on HOST:PORT`` on stdout;
+    ``event_loop_cpu``: pinned as the service pins it (``server.event_loop_cpu``), so that
+    the floor of a pinned service is measured pinned too."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -65,6 +69,10 @@ async def serve(host: str = "127.0.0.1", port: int = 0) -> None:
     server.add_generic_rpc_handlers((EchoHandler(),))
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    if event_loop_cpu is not None:
+        from moe_router.doors.cpu_pinning import pin_event_loop  # no torch: moe_router.errors
+
+        pin_event_loop(event_loop_cpu)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -75,12 +83,13 @@ async def serve(host: str = "127.0.0.1", port: int = 0) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python echo_server.py [--host H] [--port P]``."""
+    """``python echo_server.py [--host H] [--port P] [--event-loop-cpu N]``."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--event-loop-cpu", type=int, default=None)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    asyncio.run(serve(args.host, args.port))
+    asyncio.run(serve(args.host, args.port, args.event_loop_cpu))
     return 0
 
 

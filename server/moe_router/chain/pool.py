@@ -36,10 +36,12 @@ class PoolFigures:
 
 
 class DevicePool(ThreadPoolExecutor):
-    """A ``ThreadPoolExecutor`` of at most ``max_workers`` threads that counts its calls."""
+    """A ``ThreadPoolExecutor`` of at most ``max_workers`` threads that counts its calls
+    (``initializer``: run first in each new worker, as the executor's)."""
 
     def __init__(self, *, max_workers: int, min_workers: int = 1, autoscale: bool = True,
-                 name: str = "moe-router-device") -> None:
+                 name: str = "moe-router-device",
+                 initializer: Callable[[], None] | None = None) -> None:
         for value, arg in ((max_workers, "max_workers"), (min_workers, "min_workers")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RouterConfigurationError(f"{arg}: must be a positive integer, got {value!r}")
@@ -47,7 +49,8 @@ class DevicePool(ThreadPoolExecutor):
             raise RouterConfigurationError(
                 f"min_workers: must be <= max_workers ({max_workers}), got {min_workers}"
             )
-        super().__init__(max_workers=max_workers, thread_name_prefix=name)
+        super().__init__(max_workers=max_workers, thread_name_prefix=name,
+                         initializer=initializer)
         self._autoscale = autoscale
         self._min_workers = min_workers if autoscale else max_workers
         self._count_lock = threading.Lock()

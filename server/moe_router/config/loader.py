@@ -203,6 +203,12 @@ def _check_server(server: ServerConfig, ctx: Context) -> None:
             f"{server.max_concurrent_rpcs}; otherwise gRPC refuses overload with its own "
             "bare 'Concurrent RPC limit exceeded!' before the server can say when to retry",
         )
+    if server.event_loop_cpu is not None and server.intra_op_threads != 1:
+        ctx.fail(
+            "server.event_loop_cpu",
+            f"needs server.intra_op_threads 1, got {server.intra_op_threads}; torch's "
+            "worker threads started from the pinned event loop would all share its CPU",
+        )
 
 
 def _check_breaker(breaker: BreakerConfig, ctx: Context) -> None:

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from moe_router.config import ServiceConfig
 from moe_router.doors.admission import Admission
 from moe_router.doors.busy_poll import BusyPollSelector
 from moe_router.doors.colocated import CoLocatedDoor
+from moe_router.doors.cpu_pinning import pin_event_loop
 from moe_router.doors.health import (
     HealthState,
     RouterStatus,
@@ -264,6 +266,20 @@ async def create_server(
         raise
     await health.publish()  # every name NOT_SERVING (and /readyz 503) until loaded
     await server.start()
+    loop = asyncio.get_running_loop()
+    release_thread = None
+    if config.server.event_loop_cpu is not None:
+        try:
+            pinned = pin_event_loop(config.server.event_loop_cpu)
+        except BaseException:
+            await server.stop(0)
+            for close in closers:
+                close()
+            raise
+        closers.append(pinned.restore)
+        release_thread = pinned.release_thread  # threads the loop starts get every CPU
+        loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="asyncio",
+                                                     initializer=release_thread))
 
     # Workers start on demand up to server.max_workers (all at once with
     # optimization.enable_autoscaling off); the in-process optimized router uses it too.
@@ -271,8 +287,8 @@ async def create_server(
         max_workers=min(config.server.max_workers, os.cpu_count() or 1),
         autoscale=config.optimization.enable_autoscaling,
         name="device",
+        initializer=release_thread,
     )
-    loop = asyncio.get_running_loop()
 
     def on_breaker_change(router: str, old: str, new: str) -> None:
         status = RouterStatus.DEGRADED if new != "CLOSED" else RouterStatus.SERVING
