@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtypes of the hidden states (default: the preset's)")
     p.add_argument("--duration", type=_positive_float, default=None,
                    help="timed seconds per cell (default: the preset's)")
+    p.add_argument("--event-loop-cpu", type=_bounded_int(0), default=None,
+                   help="pin the bench server's event loop (server.event_loop_cpu) and the "
+                   "echo's alike to this CPU")
     p.add_argument("--compare", nargs="+", metavar="JSON", default=None,
                    help="OLD.json: after the run, print what got faster or slower than that "
                    "run's service_bench.json; OLD.json NEW.json: compare two without running")

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,8 @@ def test_the_in_process_peers_run_on_the_threads_asked_and_leave_them_as_they_we
     ({"colocated_client": "NoModule"}, "colocated_client"),
     ({"colocated_blocking_client": "NoModule"}, "colocated_blocking_client"),
     ({"inprocess_threads": -1}, "inprocess_threads"),
+    ({"event_loop_cpu": -1}, "event_loop_cpu"),
+    ({"event_loop_cpu": True}, "event_loop_cpu"),
 ])
 def test_plan_names_the_bad_argument(arguments: dict, named: str) -> None:
     with pytest.raises(ValidationError, match=named):
@@ -227,6 +230,31 @@ def test_echo_answers_the_asked_size_to_separate_client_processes() -> None:
     assert run.response_bytes == 777
     assert run.request_bytes > 3 * 5 * 2  # the bf16 payload plus the message around it
     assert all(ms > 0 for ms in run.latencies_ms) and run.span_s > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_pinned_bench_pins_its_server_and_its_echo_alike() -> None:
+    from moe_router.analysis import echo_server
+    from moe_router.analysis.bench_plan import service_config
+    from moe_router.analysis.load_client import ListeningProcess, python_file_command
+
+    cpu = max(os.sched_getaffinity(0))
+    plan = replace(TINY_PLAN, event_loop_cpu=cpu)
+    assert service_config(plan)["server"]["event_loop_cpu"] == cpu
+    assert "event_loop_cpu" not in service_config(TINY_PLAN)["server"]
+    command = python_file_command(echo_server.__file__, "--event-loop-cpu", str(cpu))
+    server = ListeningProcess(command, dict(os.environ), "echo")
+    try:
+        target = server.wait_ready()
+        pid = server.proc.pid
+        status = Path(f"/proc/{pid}/task/{pid}/status").read_text()
+        assert f"Cpus_allowed_list:\t{cpu}\n" in status  # its event loop's thread
+        with LoadClientPool(1) as pool:
+            run = pool.run(LoadSpec(target, "echo", router="r", tokens=1, dim=4,
+                                    dtype="float32", response_bytes=64), 1, 0.02, 0.05)
+        assert run.errors == 0 and run.calls >= 1
+    finally:
+        server.stop()
 
 
 # --------------------------------------------------------------------- real runs

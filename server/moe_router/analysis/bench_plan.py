@@ -115,6 +115,9 @@ class BenchPlan:
     on two threads and 0.04-0.05 ms on one, and ours / plain at 256 tokens read 22x in
     one run and 62x in the next); one thread is also how a serving stack's own calling
     thread would route in-process.
+
+    ``event_loop_cpu``: the bench server's ``server.event_loop_cpu``, and the echo servers
+    pinned the same way, so that a pinned door is measured against a pinned floor.
     """
 
     routers: tuple[BenchRouter, ...] = (MIXTRAL, DEEPSEEK_V3)
@@ -128,6 +131,7 @@ class BenchPlan:
     duration_s: float = 1.2
     inprocess_s: float = 1.0
     inprocess_threads: int = 1
+    event_loop_cpu: int | None = None
     malloc_message_bytes: int = 16 * 1024 * 1024
     malloc_duration_s: float = 1.5
     malloc_rounds: int = 2
@@ -156,6 +160,11 @@ class BenchPlan:
                 self.inprocess_threads, int) or self.inprocess_threads < 0:
             raise ValidationError(f"inprocess_threads: must be an integer >= 0 (0: torch's "
                                   f"default), got {self.inprocess_threads!r}")
+        if self.event_loop_cpu is not None and (isinstance(self.event_loop_cpu, bool) or not
+                                                isinstance(self.event_loop_cpu, int)
+                                                or self.event_loop_cpu < 0):
+            raise ValidationError(f"event_loop_cpu: must be a CPU number >= 0 or None, got "
+                                  f"{self.event_loop_cpu!r}")
         if ":" not in self.colocated_client:
             raise ValidationError(f"colocated_client: must be 'module:ClassName', got "
                                   f"{self.colocated_client!r}")
@@ -196,7 +205,10 @@ def service_config(plan: BenchPlan) -> dict[str, Any]:
     routers; the breaker's slow-call limit raised so long 2048-token calls never trip it.
     (When the co-located door needs a config section to open, it goes here.)"""
     loopback = {"host": "127.0.0.1", "port": 0}
-    return {"server": {**loopback, "device": "auto", "drain_grace_s": 1.0},
+    server: dict[str, Any] = {**loopback, "device": "auto", "drain_grace_s": 1.0}
+    if plan.event_loop_cpu is not None:
+        server["event_loop_cpu"] = plan.event_loop_cpu
+    return {"server": server,
             "metrics": {"enabled": True, **loopback},
             "health": {"enabled": True, **loopback},
             "cache": {"enabled": False},

@@ -152,6 +152,10 @@ def _header(report: BenchReport) -> list[str]:
              f"routing; **matmul** = `x.float() @ W.T` alone; in-process peers timed in turns "
              f"for at least {plan.inprocess_s} s on {threads} (the server keeps its own "
              f"settings).", ""]
+    if plan.event_loop_cpu is not None:
+        lines[-1:-1] = [f"- Pinned: the server's event loop and gRPC completion-queue thread "
+                        f"on CPU {plan.event_loop_cpu} (`server.event_loop_cpu`), the echo "
+                        f"servers' alike."]
     if report.interrupted:
         lines += ["> Interrupted: the tables hold the measurements completed before Ctrl-C.", ""]
     return lines

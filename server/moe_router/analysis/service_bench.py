@@ -119,6 +119,8 @@ class _Run:
         """Start the service (unless ``target``), the echo servers and the client pool
         together, so their start-ups overlap; then see which doors can be measured."""
         echo = python_file_command(echo_server.__file__)
+        if self.plan.event_loop_cpu is not None:  # the floor pinned as the server is
+            echo = [*echo, "--event-loop-cpu", str(self.plan.event_loop_cpu)]
         self.config_path = workdir / "service_bench.yaml"
         self.config_path.write_text(yaml.safe_dump(service_config(self.plan), sort_keys=False))
         service = None
@@ -384,6 +386,8 @@ def run_from_cli(args: Any) -> int:
             overrides[name] = tuple(getattr(args, name))
     if getattr(args, "duration", None) is not None:
         overrides["duration_s"] = args.duration
+    if getattr(args, "event_loop_cpu", None) is not None:
+        overrides["event_loop_cpu"] = args.event_loop_cpu
     compare = list(getattr(args, "compare", None) or [])
     try:
         plan = replace(PRESETS[args.preset], **overrides)
