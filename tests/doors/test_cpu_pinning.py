@@ -68,7 +68,10 @@ def test_the_loop_and_the_poller_are_pinned_and_every_other_thread_is_not(
             assert _cpus(worker.native_id) == ALLOWED, worker.name
         for tid in os.listdir("/proc/self/task"):  # gRPC core's threads, the HTTP ones
             if int(tid) not in (loop_thread.native_id, poller.native_id):
-                assert _cpus(int(tid)) == ALLOWED, tid
+                try:
+                    assert _cpus(int(tid)) == ALLOWED, tid
+                except FileNotFoundError:  # a thread that ended since the listing
+                    pass
         assert f"pinned to CPU {CPU}" in server.log()
     # An in-process server hands the shared poller (and its loop thread) back on stop.
     assert _cpus(poller.native_id) == ALLOWED
@@ -96,16 +99,18 @@ def test_allowed_cpus_are_named_as_ranges(monkeypatch: pytest.MonkeyPatch) -> No
         pin_event_loop(9)
 
 
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="one CPU: a pinned thread looks like the rest")
 def test_a_served_process_pins_its_main_thread_only(tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.yaml", _routers(), server={"event_loop_cpu": CPU})
     server = start_server(config)
     try:
         pid = server.proc.pid
         assert _cpus(pid, pid) == {CPU}  # the main thread runs the event loop
-        others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
-        spread = [t for t in others if _cpus(t, pid) == ALLOWED]
+        others = {int(t): _cpus(int(t), pid) for t in os.listdir(f"/proc/{pid}/task")
+                  if int(t) != pid}
+        pinned = [t for t, cpus in others.items() if cpus != ALLOWED]
         # Every thread but the loop's and the completion-queue poller's keeps them all.
-        assert len(spread) == len(others) - 1, (len(spread), len(others))
+        assert len(pinned) == 1 and others[pinned[0]] == {CPU}, others
         with RouterClient(server.target, timeout=30) as client:
             assert client.health().status == "SERVING"
     finally:
