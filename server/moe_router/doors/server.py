@@ -267,28 +267,6 @@ async def create_server(
     await health.publish()  # every name NOT_SERVING (and /readyz 503) until loaded
     await server.start()
     loop = asyncio.get_running_loop()
-    release_thread = None
-    if config.server.event_loop_cpu is not None:
-        try:
-            pinned = pin_event_loop(config.server.event_loop_cpu)
-        except BaseException:
-            await server.stop(0)
-            for close in closers:
-                close()
-            raise
-        closers.append(pinned.restore)
-        release_thread = pinned.release_thread  # threads the loop starts get every CPU
-        loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="asyncio",
-                                                     initializer=release_thread))
-
-    # Workers start on demand up to server.max_workers (all at once with
-    # optimization.enable_autoscaling off); the in-process optimized router uses it too.
-    pool = DevicePool(  # more threads than cores only contend for the GIL and the cores
-        max_workers=min(config.server.max_workers, os.cpu_count() or 1),
-        autoscale=config.optimization.enable_autoscaling,
-        name="device",
-        initializer=release_thread,
-    )
 
     def on_breaker_change(router: str, old: str, new: str) -> None:
         status = RouterStatus.DEGRADED if new != "CLOSED" else RouterStatus.SERVING
@@ -299,12 +277,29 @@ async def create_server(
         if metrics is not None:
             metrics.breaker_transition(router, old, new)
 
+    pool: DevicePool | None = None
     try:
+        release_thread = None
+        if config.server.event_loop_cpu is not None:
+            pinned = pin_event_loop(config.server.event_loop_cpu)
+            closers.append(pinned.restore)
+            release_thread = pinned.release_thread  # threads the loop starts get every CPU
+            loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="asyncio",
+                                                         initializer=release_thread))
+        # Workers start on demand up to server.max_workers (all at once with
+        # optimization.enable_autoscaling off); the in-process optimized router uses it too.
+        pool = DevicePool(  # more threads than cores only contend for the GIL and the cores
+            max_workers=min(config.server.max_workers, os.cpu_count() or 1),
+            autoscale=config.optimization.enable_autoscaling,
+            name="device",
+            initializer=release_thread,
+        )
         hosted = await asyncio.to_thread(load_routers, config)
         await asyncio.to_thread(warm_up, hosted)
-    except BaseException:
+    except BaseException:  # nothing is served yet: release what was started and bound
         await server.stop(0)
-        pool.shutdown(wait=False)
+        if pool is not None:
+            pool.shutdown(wait=False)
         for close in closers:
             close()
         raise
