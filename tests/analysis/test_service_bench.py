@@ -293,7 +293,8 @@ def test_quick_run_writes_a_complete_report(tmp_path: Path, monkeypatch: pytest.
                     echo = cells[("echo", router, dtype, tokens, level)]
                     colocated = cells[("colocated", router, dtype, tokens, level)]
                     assert {"p50_ms", "p95_ms", "p99_ms", "requests_per_s", "tokens_per_s",
-                            "mb_per_s"} <= set(grpc) & set(colocated)
+                            "mb_per_s", "server_cpu_us_per_call"} <= set(grpc) & set(colocated)
+                    assert echo["server_cpu_us_per_call"] > 0  # each server read apart
                     # the floor carries the very bytes the door carried, each way
                     assert echo["request_bytes"] == grpc["request_bytes"]
                     assert echo["response_bytes"] == grpc["response_bytes"]
@@ -306,7 +307,8 @@ def test_quick_run_writes_a_complete_report(tmp_path: Path, monkeypatch: pytest.
 
     ratios = {(r["name"], r["router"], r["dtype"], r["tokens"], r["concurrency"])
               for r in report["ratios"]}
-    for name in ("grpc_over_echo_p50", "grpc_over_echo_rps", "colocated_over_grpc_p50"):
+    for name in ("grpc_over_echo_p50", "grpc_over_echo_rps", "colocated_over_grpc_p50",
+                 "grpc_over_echo_cpu"):
         assert (name, "mixtral", "bfloat16", 4, 2) in ratios
     for name in ("grpc_over_floor_p50", "colocated_over_ours_p50", "colocated_extra_us"):
         assert (name, "deepseek-v3", "float32", 1, 1) in ratios
@@ -325,6 +327,7 @@ def test_quick_run_writes_a_complete_report(tmp_path: Path, monkeypatch: pytest.
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
         assert f"]({name})" in markdown
     for heading in ("## Targets (issue 10)", "transport floor (echo", "vs the floors",
+                    "## Server CPU per call",
                     "our router vs plain PyTorch", "Shared-memory door vs the same calls",
                     f"Client: `{COLOCATED}`", "glibc malloc tuning", "**Noise**",
                     "one caller per load-client process (1 caller): "

@@ -51,9 +51,10 @@ _INPROCESS = frozenset({"ours", "plain", "matmul", "ours_over_plain_p50",
 
 _COMPARED: dict[str, tuple[tuple[str, bool], ...]] = {
     # benchmark -> (metric, higher is better) compared for it
-    "grpc": (("p50_ms", False), ("requests_per_s", True)),
-    "colocated": (("p50_ms", False), ("requests_per_s", True)),
-    "echo": (("p50_ms", False), ("requests_per_s", True)),
+    "grpc": (("p50_ms", False), ("requests_per_s", True), ("server_cpu_us_per_call", False)),
+    "colocated": (("p50_ms", False), ("requests_per_s", True),
+                  ("server_cpu_us_per_call", False)),
+    "echo": (("p50_ms", False), ("requests_per_s", True), ("server_cpu_us_per_call", False)),
     "ours": (("p50_ms", False),),
     "plain": (("p50_ms", False),),
     "matmul": (("p50_ms", False),),

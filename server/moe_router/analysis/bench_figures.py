@@ -106,6 +106,8 @@ RATIOS: dict[str, RatioKind] = {
     "grpc_over_echo_p50": RatioKind("gRPC p50 / echo p50 (same bytes, same callers)"),
     "grpc_over_echo_p99": RatioKind("gRPC p99 / echo p99"),
     "grpc_over_echo_rps": RatioKind("gRPC req/s / echo req/s", higher_is_better=True),
+    "grpc_over_echo_cpu": RatioKind("gRPC server CPU per call / echo server CPU per call "
+                                    "(same bytes, same callers)"),
     "grpc_scaling": RatioKind("gRPC req/s at c callers / at 1 caller", higher_is_better=True),
     "echo_scaling": RatioKind("echo req/s at c callers / at 1 caller", higher_is_better=True),
     "grpc_over_floor_p50": RatioKind("gRPC p50 / (echo p50 + matmul p50), 1 caller"),
@@ -166,6 +168,8 @@ def derived_ratios(figures: Figures) -> list[Ratio]:
             add("grpc_over_echo_p99", door, _divide(get(door, "p99_ms"), get(echo, "p99_ms")))
             add("grpc_over_echo_rps", door, _divide(get(door, "requests_per_s"),
                                                     get(echo, "requests_per_s")))
+            add("grpc_over_echo_cpu", door, _divide(get(door, "server_cpu_us_per_call"),
+                                                    get(echo, "server_cpu_us_per_call")))
             if door.concurrency != 1:
                 for name, cell in (("grpc_scaling", door), ("echo_scaling", echo)):
                     add(name, door, _divide(get(cell, "requests_per_s"),

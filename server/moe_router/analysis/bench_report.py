@@ -202,6 +202,38 @@ def _grpc_section(figures: Figures, ratios: dict[CellKey, float]) -> list[str]:
                      "echo req/s / 1 caller"], rows)]
 
 
+def _cpu_section(figures: Figures, ratios: dict[CellKey, float]) -> list[str]:
+    """The servers' CPU per call: under many callers on a few cores, what bounds req/s."""
+    rows = []
+    for key in figures.keys("grpc"):
+        echo, shm = replace(key, benchmark="echo"), replace(key, benchmark="colocated")
+        if figures.metric(key, "server_cpu_us_per_call") is None:
+            continue
+        rows.append([str(key.router), str(key.dtype), str(key.tokens), str(key.concurrency),
+                     *(_cpu_cells(figures, cell) for cell in (key, echo)),
+                     _x(ratios.get(replace(key, benchmark="grpc_over_echo_cpu"))),
+                     _fmt(figures.metric(shm, "server_cpu_us_per_call"))])
+    if not rows:
+        return []
+    return ["## Server CPU per call", "",
+            "CPU time of the server process per answered call over each timed window (all "
+            "its threads; in parentheses its event loop's thread alone, and the share of "
+            "the window that thread was on a CPU). Read from outside the server "
+            "(`moe_router.analysis.server_cpu`); the bench's own servers only. With one "
+            "caller it includes the time the service's event loop polls between calls "
+            "(`server.busy_poll_us`), which the echo does not do.", "",
+            *_table(["router", "dtype", "tokens", "callers", "gRPC µs (loop, busy)",
+                     "echo µs (loop, busy)", "gRPC / echo", "shm µs"], rows)]
+
+
+def _cpu_cells(figures: Figures, cell: CellKey) -> str:
+    total, loop, busy = (figures.metric(cell, m) for m in
+                         ("server_cpu_us_per_call", "loop_cpu_us_per_call", "loop_busy"))
+    if total is None:
+        return "-"
+    return f"{total:.0f}" + ("" if loop is None or busy is None else f" ({loop:.0f}, {busy:.0%})")
+
+
 def _floors_section(figures: Figures, ratios: dict[CellKey, float]) -> list[str]:
     rows = []
     for key in figures.keys("grpc"):
@@ -296,7 +328,8 @@ def report_to_markdown(report: BenchReport) -> str:
     figures = report.figures()
     ratios = {r.key: r.value for r in derived_ratios(figures)}
     lines = _header(report) + _targets_section(report.targets(), report.machine)
-    lines += _grpc_section(figures, ratios) + _floors_section(figures, ratios)
+    lines += _grpc_section(figures, ratios) + _cpu_section(figures, ratios)
+    lines += _floors_section(figures, ratios)
     lines += _inprocess_section(figures, ratios) + _colocated_section(report, figures, ratios)
     lines += _malloc_section(report, figures, ratios)
     if report.plots:

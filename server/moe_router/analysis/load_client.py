@@ -25,6 +25,7 @@ from typing import Any
 
 from moe_router.analysis import load_worker
 from moe_router.analysis.load_worker import LoadSpec, Transport, transport_unavailable
+from moe_router.analysis.server_cpu import ServerCpu, read_cpu
 
 __all__ = ["ListeningProcess", "LoadClientPool", "LoadResult", "LoadSpec", "Transport",
            "TransportUnavailable", "child_process_kwargs", "python_file_command",
@@ -43,6 +44,8 @@ class LoadResult:
 
     latencies_ms: one per successful timed call. span_s: first start to last end of those
     calls. request_bytes / response_bytes: serialized sizes of one call each way.
+    server_cpu: the watched server's CPU over the timed window (``run(watch_pid=)``), None
+    when no server was watched or its clocks could not be read.
     """
 
     latencies_ms: list[float]
@@ -51,6 +54,7 @@ class LoadResult:
     request_bytes: int
     response_bytes: int
     first_error: str
+    server_cpu: ServerCpu | None = None
 
     @property
     def calls(self) -> int:
@@ -67,7 +71,9 @@ class LoadResult:
                    span_s=sum(r.span_s for r in runs), errors=sum(r.errors for r in runs),
                    request_bytes=runs[0].request_bytes,
                    response_bytes=max(r.response_bytes for r in runs),
-                   first_error=next((r.first_error for r in runs if r.first_error), ""))
+                   first_error=next((r.first_error for r in runs if r.first_error), ""),
+                   server_cpu=ServerCpu.merged(
+                       [r.server_cpu for r in runs if r.server_cpu is not None]))
 
 
 def route_response_bytes(tokens: int, top_k: int, num_experts: int) -> int:
@@ -219,10 +225,14 @@ class LoadClientPool:
             self.close()
             raise
 
-    def run(self, spec: LoadSpec, concurrency: int, warmup_s: float, duration_s: float
-            ) -> LoadResult:
+    def run(self, spec: LoadSpec, concurrency: int, warmup_s: float, duration_s: float,
+            watch_pid: int | None = None) -> LoadResult:
         """``concurrency`` closed-loop callers of ``spec`` for ``warmup_s`` + ``duration_s``
         (every caller makes at least one warmup call and three timed calls).
+
+        ``watch_pid``: the server answering the calls, whose CPU clocks are read as the
+        timed window opens and closes (``LoadResult.server_cpu``, per call that ended
+        inside it).
 
         Raises :class:`TransportUnavailable` when the workers cannot drive
         ``spec.transport`` here (the co-located client missing), before any call."""
@@ -246,13 +256,23 @@ class LoadClientPool:
                                    f"calls: {reply['error']}")
         request_bytes = prepared[0]["request_bytes"]
         warmup_until = time.monotonic() + warmup_s
+        measure_until = warmup_until + duration_s
         for worker, share in zip(used, shares, strict=True):
             worker.send({"op": "go", "concurrency": share, "warmup_until": warmup_until,
-                         "measure_until": warmup_until + duration_s})
+                         "measure_until": measure_until})
+        window = None
+        if watch_pid is not None:
+            time.sleep(max(0.0, warmup_until - time.monotonic()))
+            opened = read_cpu(watch_pid)
+            time.sleep(max(0.0, measure_until - time.monotonic()))
+            closed = read_cpu(watch_pid)
+            window = None if opened is None or closed is None else (opened, closed)
         parts = [w.receive(deadline) for w in used]
         starts = [s for p in parts for s in p["starts"]]
         ends = [e for p in parts for e in p["ends"]]
         errors = [p["first_error"] for p in parts if p["first_error"]]
+        server_cpu = None if window is None else ServerCpu.between(
+            *window, sum(window[0].at <= e <= window[1].at for e in ends))
         return LoadResult(
             latencies_ms=[(e - s) * 1e3 for s, e in zip(starts, ends, strict=True)],
             span_s=(max(ends) - min(starts)) if starts else 0.0,
@@ -260,6 +280,7 @@ class LoadClientPool:
             request_bytes=int(request_bytes),
             response_bytes=max(int(p["response_bytes"]) for p in parts),
             first_error=errors[0] if errors else "",
+            server_cpu=server_cpu,
         )
 
     def close(self) -> None:

@@ -92,11 +92,18 @@ def _latency_figures(latencies_ms: list[float], tokens: int) -> dict[str, float]
 
 def _load_figures(run: LoadResult, tokens: int) -> dict[str, float]:
     per_s = run.calls / run.span_s
-    return {**_latency_figures(run.latencies_ms, tokens), "requests_per_s": per_s,
-            "tokens_per_s": per_s * tokens,
-            "mb_per_s": per_s * (run.request_bytes + run.response_bytes) / 1e6,
-            "request_bytes": float(run.request_bytes),
-            "response_bytes": float(run.response_bytes)}
+    figures = {**_latency_figures(run.latencies_ms, tokens), "requests_per_s": per_s,
+               "tokens_per_s": per_s * tokens,
+               "mb_per_s": per_s * (run.request_bytes + run.response_bytes) / 1e6,
+               "request_bytes": float(run.request_bytes),
+               "response_bytes": float(run.response_bytes)}
+    cpu = run.server_cpu  # the server's CPU per call: what bounds req/s on a few cores
+    for name, value in (("server_cpu_us_per_call", cpu and cpu.us_per_call),
+                        ("loop_cpu_us_per_call", cpu and cpu.loop_us_per_call),
+                        ("loop_busy", cpu and cpu.loop_busy)):
+        if value:  # None: not watched, no calls or too short a window; 0: not resolved
+            figures[name] = value
+    return figures
 
 
 class _Run:
@@ -108,6 +115,8 @@ class _Run:
         self.pool: LoadClientPool | None = None
         self.service_target: str | None = None
         self.echo_target = ""
+        self.service_pid: int | None = None  # None: a --target server, not watched
+        self.echo_pid: int | None = None
         self.config_path = Path()
         self.response_bytes: dict[tuple[str, int], int] = {}
         self.unhosted: set[str] = set()
@@ -132,6 +141,8 @@ class _Run:
                                           f"echo (tuned={tuned})")
                        for tuned in (False, True)}
         main_echo = self._spawn(echo, child_environment(), "the echo server")
+        self.echo_pid = main_echo.proc.pid
+        self.service_pid = None if service is None else service.proc.pid
         self.pool = LoadClientPool(self.plan.client_procs, env=child_environment())
         self.echo_target = main_echo.wait_ready()
         try:
@@ -261,7 +272,8 @@ class _Run:
                 try:
                     run = self.pool.run(  # type: ignore[union-attr]
                         self._spec(spec, dtype, tokens, name, transport), level,
-                        plan.warmup_s if round_ == 0 else 0.0, plan.duration_s / plan.rounds)
+                        plan.warmup_s if round_ == 0 else 0.0, plan.duration_s / plan.rounds,
+                        watch_pid=self.echo_pid if name == "echo" else self.service_pid)
                 except TransportUnavailable as exc:  # the workers see what we did not
                     self.doors.remove(transport)
                     self._skip(transport, str(exc))
