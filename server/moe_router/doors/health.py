@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from moe_router.doors.method_registration import add_method_handlers
 from moe_router.doors.rpc_errors import lenient_handler
 
 __all__ = [
@@ -83,8 +84,7 @@ def add_health_service(servicer: health.aio.HealthServicer, server: grpc.aio.Ser
     }
     handlers = {name: lenient_handler(h, request.DESCRIPTOR.name) for name, h in handlers.items()}
     service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
+    add_method_handlers(server, service, handlers)
 
 
 class HealthState:

@@ -24,6 +24,7 @@ from google.protobuf import descriptor_pool
 from moe_router.chain.backend import AfterAnswer
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.health import HealthState, RouterStatus
+from moe_router.doors.method_registration import add_method_handlers
 from moe_router.doors.oip_convert import (
     InferRequestView,
     model_statistics,
@@ -284,10 +285,7 @@ def add_oip_service(
             request_deserializer=request_type.FromString,
             response_serializer=response_type.SerializeToString,
         )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(OIP_SERVICE_NAME, handlers),)
-    )
-    server.add_registered_method_handlers(OIP_SERVICE_NAME, handlers)
+    add_method_handlers(server, OIP_SERVICE_NAME, handlers)
     return service
 
 

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from moe_router.doors.method_registration import add_method_handlers
 from moe_router.doors.rpc_errors import lenient_handler
 
 __all__ = ["V1_SERVICE_NAME", "V1ALPHA_SERVICE_NAME", "enable_reflection"]
@@ -72,6 +73,4 @@ def enable_reflection(
         reflection_pb2.ServerReflectionRequest.DESCRIPTOR.name,
     )
     for service in (V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME):
-        handlers = {"ServerReflectionInfo": handler}
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-        server.add_registered_method_handlers(service, handlers)
+        add_method_handlers(server, service, {"ServerReflectionInfo": handler})

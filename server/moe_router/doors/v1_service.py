@@ -23,6 +23,7 @@ from moe_router.chain.backend import AfterAnswer
 from moe_router.chain.hosted import HostedRouterChain
 from moe_router.doors.admission import Admission
 from moe_router.doors.health import HealthState, RouterStatus
+from moe_router.doors.method_registration import add_method_handlers
 from moe_router.doors.request_wire import RouteRequestView, parse_route_request
 from moe_router.doors.response_wire import encode_route_response
 from moe_router.doors.rpc_errors import (
@@ -268,6 +269,5 @@ def add_router_service(service: RouterService, server: grpc.aio.Server) -> None:
             request_deserializer=lenient(request_type.FromString, request_type.DESCRIPTOR.name),
             response_serializer=response_type.SerializeToString,
         )
-    service_name = pb.DESCRIPTOR.services_by_name["RouterService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
-    server.add_registered_method_handlers(service_name, handlers)
+    add_method_handlers(server, pb.DESCRIPTOR.services_by_name["RouterService"].full_name,
+                        handlers)
