@@ -14,7 +14,12 @@ build against its floors, this judges builds against each other, which ``--compa
 two runs cannot do within the noise of a shared machine (README "Benchmarks").
 
 ``--door grpc`` (default): raw grpc.aio calls, answers parsed as the bench's client
-parses them, with the bench's echo server (the transport floor) taking its turn too.
+parses them, with the bench's echo server (the transport floor) taking its turn too;
+``--callers N`` makes each turn N closed-loop callers on one channel. Every gRPC turn
+also reads the server's CPU clock (``moe_router.analysis.server_cpu``): the calls a
+second and the server's CPU per call are printed after the p50s. Under many callers on
+a few cores the CPU per call is what bounds the calls a second, and it is steadier from
+round to round than a p50.
 ``--door colocated``: the blocking ``CoLocatedClient`` with the hidden states in a shared
 buffer, as the bench's 1-caller co-located cells; ratios are to the first server.
 
@@ -40,6 +45,7 @@ import numpy as np
 
 from moe_router.analysis import echo_server
 from moe_router.analysis.load_client import ListeningProcess, python_file_command
+from moe_router.analysis.server_cpu import read_cpu
 from moe_router_client import CoLocatedClient, RouterClient, RouteResult
 from moe_router_client.tensors import to_wire
 from moe_router_client.v1 import router_pb2 as pb
@@ -120,20 +126,38 @@ async def _answer(target: str, request: bytes) -> bytes:
         return result
 
 
-async def _p50_us(target: str, method: str, request: bytes, metadata: tuple[tuple[str, str], ...],
-                  seconds: float, parse: bool) -> float:
+@dataclass(frozen=True)
+class Turn:
+    """One server's turn: p50 of every timed call, calls a second, server CPU per call
+    (None where its clock could not be read)."""
+
+    p50_us: float
+    per_s: float
+    cpu_us: float | None
+
+
+async def _turn(target: str, method: str, request: bytes, metadata: tuple[tuple[str, str], ...],
+                seconds: float, parse: bool, callers: int, pid: int) -> Turn:
     async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
         call = channel.unary_unary(
             method, response_deserializer=pb.RouteResponse.FromString if parse else None)
         for _ in range(200):  # warm: the channel, both sides' caches
             await call(request, metadata=metadata, timeout=60)
-        times = []
+        times: list[float] = []
         end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            started = time.perf_counter()
-            await call(request, metadata=metadata, timeout=60)
-            times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e6
+
+        async def caller() -> None:
+            while time.perf_counter() < end:
+                started = time.perf_counter()
+                await call(request, metadata=metadata, timeout=60)
+                times.append(time.perf_counter() - started)
+
+        before, opened = read_cpu(pid), time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        after, closed = read_cpu(pid), time.perf_counter()
+    cpu = None if before is None or after is None else \
+        (after.process_s - before.process_s) / len(times) * 1e6
+    return Turn(statistics.median(times) * 1e6, len(times) / (closed - opened), cpu)
 
 
 def colocated_differences(got: RouteResult, expected: RouteResult) -> list[str]:
@@ -162,8 +186,9 @@ def colocated_p50_us(client: CoLocatedClient, router: str, buffer: np.ndarray,
 
 
 def time_grpc(servers: list[ListeningProcess], echo: ListeningProcess, router: str,
-              hidden: np.ndarray, rounds: int, seconds: float) -> dict[str, list[float]]:
-    """Every server's and the echo's p50 per round over gRPC, after checking that the
+              hidden: np.ndarray, rounds: int, seconds: float, callers: int = 1
+              ) -> dict[str, list[Turn]]:
+    """Every server's and the echo's turn per round over gRPC, after checking that the
     servers answer alike."""
     request = route_request(router, hidden)
     first = servers[0].label
@@ -174,20 +199,21 @@ def time_grpc(servers: list[ListeningProcess], echo: ListeningProcess, router: s
             raise SystemExit(f"{name} answers differently from {first} ({', '.join(differ)}): "
                              "not the same routing, so the times are not comparable")
     echo_metadata = ((echo_server.RESPONSE_BYTES_KEY, str(len(answers[first]))),)
+    who = "one caller" if callers == 1 else f"{callers} callers"
     print(f"gRPC door: {len(request)} request bytes, {len(answers[first])} answer bytes; "
-          "p50 us, one caller")
-    p50s: dict[str, list[float]] = {s.label: [] for s in [*servers, echo]}
+          f"p50 us, {who}")
+    turns: dict[str, list[Turn]] = {s.label: [] for s in [*servers, echo]}
     for round_number in range(rounds):
         for s in [*servers, echo]:
             if s is echo:
-                figure = asyncio.run(_p50_us(s.target, echo_server.ECHO_METHOD, request,
-                                             echo_metadata, seconds, parse=False))
+                turn = asyncio.run(_turn(s.target, echo_server.ECHO_METHOD, request,
+                                         echo_metadata, seconds, False, callers, s.proc.pid))
             else:
-                figure = asyncio.run(_p50_us(s.target, ROUTE_METHOD, request, (), seconds,
-                                             parse=True))
-            p50s[s.label].append(figure)
-        _print_round(round_number, p50s)
-    return p50s
+                turn = asyncio.run(_turn(s.target, ROUTE_METHOD, request, (), seconds, True,
+                                         callers, s.proc.pid))
+            turns[s.label].append(turn)
+        _print_round(round_number, {n: [t.p50_us for t in ts] for n, ts in turns.items()})
+    return turns
 
 
 def time_colocated(servers: list[ListeningProcess], router: str, hidden: np.ndarray,
@@ -221,6 +247,14 @@ def time_colocated(servers: list[ListeningProcess], router: str, hidden: np.ndar
             client.close()
 
 
+def _cpu_figures(figures: list[float | None]) -> str:
+    known = [f for f in figures if f is not None]
+    if not known:
+        return "not readable here"
+    return (f"median {statistics.median(known):.0f} us a call, rounds "
+            f"{min(known):.0f}-{max(known):.0f}")
+
+
 def _print_round(round_number: int, p50s: dict[str, list[float]]) -> None:
     print(f"round {round_number}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in p50s.items()),
           flush=True)
@@ -236,7 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per turn")
+    parser.add_argument("--callers", type=int, default=1,
+                        help="closed-loop callers per turn (gRPC door)")
     args = parser.parse_args(argv)
+    if args.callers < 1 or (args.callers > 1 and args.door != "grpc"):
+        parser.error(f"--callers: a positive count, and only with --door grpc; got "
+                     f"{args.callers} with --door {args.door}")
     names = [s.name for s in args.servers]
     if len(set(names)) != len(names):
         parser.error(f"server names must differ, got {names}")
@@ -261,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{spec.config}{tree}")
         hidden = hidden_states(servers[0].target, args.router, args.tokens, args.dtype)
         print(f"{args.router}, {args.tokens} x {args.dtype}")
+        turns: dict[str, list[Turn]] = {}
         if echo is not None:
-            p50s = time_grpc(servers, echo, args.router, hidden, args.rounds, args.seconds)
+            turns = time_grpc(servers, echo, args.router, hidden, args.rounds, args.seconds,
+                              args.callers)
+            p50s = {name: [t.p50_us for t in ts] for name, ts in turns.items()}
             floor, floor_name = statistics.median(p50s["echo"]), "the echo"
         else:
             p50s = time_colocated(servers, args.router, hidden, args.rounds, args.seconds)
@@ -271,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             median = statistics.median(figures)
             print(f"{name:>12}: median {median:.0f} us, {median / floor:.3f}x {floor_name}, "
                   f"rounds {min(figures):.0f}-{max(figures):.0f}")
+        for name, ts in turns.items():
+            print(f"{name:>12}: {statistics.median(t.per_s for t in ts):.0f} calls/s, "
+                  f"server CPU {_cpu_figures([t.cpu_us for t in ts])}")
     finally:
         for process in started:
             process.stop()

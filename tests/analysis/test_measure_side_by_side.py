@@ -50,6 +50,21 @@ def test_two_trees_and_the_echo_are_timed_in_turns(tmp_path: Path) -> None:
         assert median is not None, out
         assert int(median.group(1)) > 0
     assert re.search(r"echo: median \d+ us, 1\.000x the echo", out)
+    for name in ("here", "there", "echo"):  # each server's own CPU clock, read apart
+        cpu = re.search(rf"^\s*{name}: (\d+) calls/s, server CPU median (\d+) us a call", out,
+                        re.M)
+        assert cpu is not None, out
+        assert int(cpu.group(1)) > 0 and int(cpu.group(2)) > 0
+
+
+def test_several_callers_per_turn_over_grpc_only(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", mixtral(1))
+    done = run(f"a={config}", "--callers", "4", "--rounds", "1", "--seconds", "0.3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "p50 us, 4 callers" in done.stdout
+    assert re.search(r"^\s*a: \d+ calls/s, server CPU median \d+ us a call", done.stdout, re.M)
+    refused = run(f"a={config}", "--door", "colocated", "--callers", "4")
+    assert refused.returncode == 2 and "only with --door grpc" in refused.stderr
 
 
 def test_the_colocated_door_is_timed_against_the_first_server(tmp_path: Path) -> None:
