@@ -10,7 +10,14 @@ import time
 
 import pytest
 
-from moe_router.analysis.server_cpu import MIN_TICKS_PER_WINDOW, CpuReading, ServerCpu, read_cpu
+from moe_router.analysis.server_cpu import (
+    MIN_CALLS_PER_CALLER,
+    MIN_TICKS_PER_WINDOW,
+    CpuReading,
+    ServerCpu,
+    calls_inside,
+    read_cpu,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads another process's CPU clock and /proc")
@@ -86,6 +93,23 @@ def test_figures_per_call_by_hand() -> None:
     short = ServerCpu(0.01, 0.01, (MIN_TICKS_PER_WINDOW - 1) * tick_s, 10)
     assert short.us_per_call == pytest.approx(1000.0)  # the process clock is exact
     assert short.loop_us_per_call is None and short.loop_busy is None  # ticks too coarse
+    # 16 callers whose calls are long against the window: the calls at its edges are
+    # guessed at, so no per-call figure
+    few = ServerCpu(0.4, 0.1, 0.4, MIN_CALLS_PER_CALLER * 16 - 1, in_flight=16)
+    assert few.us_per_call is None and few.loop_us_per_call is None
+    assert few.loop_busy == pytest.approx(0.25)  # what the window itself saw still holds
+    enough = ServerCpu(0.4, 0.1, 0.4, MIN_CALLS_PER_CALLER * 16, in_flight=16)
+    assert enough.us_per_call == pytest.approx(0.4 / 160 * 1e6)
+
+
+def test_a_call_counts_for_its_share_inside_the_window() -> None:
+    starts = [0.0, 1.0, 2.5, 3.5, 5.0]
+    ends = [1.0, 2.0, 3.5, 4.5, 6.0]
+    # window [1.5, 4.0]: half of the second call, all of the third, half of the fourth;
+    # the first ended and the last began outside it
+    assert calls_inside(starts, ends, 1.5, 4.0) == pytest.approx(2.0)
+    assert calls_inside([2.0], [2.0], 1.5, 4.0) == 1.0  # no measurable length, inside
+    assert calls_inside([], [], 0.0, 1.0) == 0.0
 
 
 def test_a_load_run_reads_the_echo_servers_cpu_over_its_window() -> None:

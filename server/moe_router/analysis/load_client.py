@@ -25,7 +25,7 @@ from typing import Any
 
 from moe_router.analysis import load_worker
 from moe_router.analysis.load_worker import LoadSpec, Transport, transport_unavailable
-from moe_router.analysis.server_cpu import ServerCpu, read_cpu
+from moe_router.analysis.server_cpu import ServerCpu, calls_inside, read_cpu
 
 __all__ = ["ListeningProcess", "LoadClientPool", "LoadResult", "LoadSpec", "Transport",
            "TransportUnavailable", "child_process_kwargs", "python_file_command",
@@ -231,8 +231,7 @@ class LoadClientPool:
         (every caller makes at least one warmup call and three timed calls).
 
         ``watch_pid``: the server answering the calls, whose CPU clocks are read as the
-        timed window opens and closes (``LoadResult.server_cpu``, per call that ended
-        inside it).
+        timed window opens and closes (``LoadResult.server_cpu``, for the calls inside it).
 
         Raises :class:`TransportUnavailable` when the workers cannot drive
         ``spec.transport`` here (the co-located client missing), before any call."""
@@ -272,7 +271,7 @@ class LoadClientPool:
         ends = [e for p in parts for e in p["ends"]]
         errors = [p["first_error"] for p in parts if p["first_error"]]
         server_cpu = None if window is None else ServerCpu.between(
-            *window, sum(window[0].at <= e <= window[1].at for e in ends))
+            *window, calls_inside(starts, ends, window[0].at, window[1].at), concurrency)
         return LoadResult(
             latencies_ms=[(e - s) * 1e3 for s, e in zip(starts, ends, strict=True)],
             span_s=(max(ends) - min(starts)) if starts else 0.0,
