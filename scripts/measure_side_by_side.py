@@ -45,7 +45,7 @@ import numpy as np
 
 from moe_router.analysis import echo_server
 from moe_router.analysis.load_client import ListeningProcess, python_file_command
-from moe_router.analysis.server_cpu import read_cpu
+from moe_router.analysis.server_cpu import ServerCpu, read_cpu
 from moe_router_client import CoLocatedClient, RouterClient, RouteResult
 from moe_router_client.tensors import to_wire
 from moe_router_client.v1 import router_pb2 as pb
@@ -129,7 +129,7 @@ async def _answer(target: str, request: bytes) -> bytes:
 @dataclass(frozen=True)
 class Turn:
     """One server's turn: p50 of every timed call, calls a second, server CPU per call
-    (None where its clock could not be read)."""
+    (None where its clock could not be read or the turn had too few calls)."""
 
     p50_us: float
     per_s: float
@@ -156,7 +156,7 @@ async def _turn(target: str, method: str, request: bytes, metadata: tuple[tuple[
         await asyncio.gather(*(caller() for _ in range(callers)))
         after, closed = read_cpu(pid), time.perf_counter()
     cpu = None if before is None or after is None else \
-        (after.process_s - before.process_s) / len(times) * 1e6
+        ServerCpu.between(before, after, len(times), callers).us_per_call
     return Turn(statistics.median(times) * 1e6, len(times) / (closed - opened), cpu)
 
 
@@ -250,7 +250,7 @@ def time_colocated(servers: list[ListeningProcess], router: str, hidden: np.ndar
 def _cpu_figures(figures: list[float | None]) -> str:
     known = [f for f in figures if f is not None]
     if not known:
-        return "not readable here"
+        return "not given (clock not readable here, or too few calls a turn)"
     return (f"median {statistics.median(known):.0f} us a call, rounds "
             f"{min(known):.0f}-{max(known):.0f}")
 
