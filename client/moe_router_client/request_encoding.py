@@ -7,10 +7,17 @@ serializes only the small fields and each tensor field is appended by hand (tag,
 length, dtype, packed shape, data), so the payload is copied once, by the final join.
 Field numbers come from the generated descriptor; a test checks protobuf decodes the
 result to the same message ``build_route_request`` makes.
+
+A serving stack sends the same router, layer, options and shapes call after call, so the
+bytes in front of each payload are kept (bounded caches): the scalar fields' bytes by
+their values when the call names no request id, and each tensor field's head (field
+key, length, dtype, packed shape, the data key and length) by field, dtype and shape.
+A call is then those bytes and the payload, joined once.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -51,17 +58,23 @@ _FIELD_KEYS = {name: _key(_REQUEST.fields_by_name[name].number, _LEN) for name i
 
 def _tensor_parts(name: str, array: Any) -> list[bytes | memoryview]:
     dtype, shape, storage = to_parts(array)
+    payload = memoryview(storage.reshape(-1).view(np.uint8).data)
+    return [_tensor_head(name, dtype, shape, payload.nbytes), payload]
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_head(name: str, dtype: int, shape: tuple[int, ...], nbytes: int) -> bytes:
+    """The bytes of field ``name`` before a payload of ``nbytes``: key, length, dtype,
+    packed shape, data key and length."""
     header = bytearray()
     if dtype:
         header += _DTYPE_KEY + _varint(dtype)
     if shape:
         packed = b"".join(_varint(dim) for dim in shape)
         header += _SHAPE_KEY + _varint(len(packed)) + packed
-    payload = memoryview(storage.reshape(-1).view(np.uint8).data)
-    if payload.nbytes:
-        header += _DATA_KEY + _varint(payload.nbytes)
-    body_length = len(header) + payload.nbytes
-    return [_FIELD_KEYS[name] + _varint(body_length) + bytes(header), payload]
+    if nbytes:
+        header += _DATA_KEY + _varint(nbytes)
+    return _FIELD_KEYS[name] + _varint(len(header) + nbytes) + bytes(header)
 
 
 def scalar_fields(
@@ -89,6 +102,14 @@ def scalar_fields(
     return request
 
 
+@functools.lru_cache(maxsize=1024)
+def _scalar_bytes(router: str, layer: int, return_router_logits: bool, skip_cache: bool,
+                  seed: int | None, return_losses: bool) -> bytes:
+    """The scalar fields' bytes of a call without a request id."""
+    return scalar_fields(router, layer, return_router_logits, skip_cache, seed, None,
+                         return_losses).SerializeToString()
+
+
 def encode_route_request(
     router: str,
     hidden_states: Any,
@@ -105,9 +126,15 @@ def encode_route_request(
     return_losses: bool = False,
 ) -> bytes:
     """The serialized RouteRequest of ``build_route_request`` with the same arguments."""
-    small = scalar_fields(router, layer, return_router_logits, skip_cache, seed, request_id,
-                          return_losses)
-    parts: list[bytes | memoryview] = [small.SerializeToString()]
+    flags = (return_router_logits, skip_cache, return_losses)
+    if (not request_id and type(router) is str and type(layer) is int
+            and (seed is None or type(seed) is int) and all(type(f) is bool for f in flags)):
+        head = _scalar_bytes(router, layer, return_router_logits, skip_cache, seed,
+                             return_losses)
+    else:  # a request id (unique per call), or values only protobuf may judge
+        head = scalar_fields(router, layer, return_router_logits, skip_cache, seed, request_id,
+                             return_losses).SerializeToString()
+    parts: list[bytes | memoryview] = [head]
     tensors = (hidden_states, attention_weights, logits, gradients, input_ids)
     for name, value in zip(_TENSOR_FIELDS, tensors, strict=True):
         if value is not None:

@@ -61,3 +61,28 @@ def test_bad_arguments_are_refused_like_build_route_request():
         encode_route_request("", np.zeros((1, 2), np.float32))
     with pytest.raises(TypeError):
         encode_route_request("r", [[1.0, 2.0]])
+
+
+def test_kept_heads_carry_only_what_the_call_repeats():
+    # the same router, options and shape call after call: each call its own payload
+    first, second = (np.full((2, 3), value, np.float32) for value in (1.0, 2.0))
+    for hidden in (first, second, first):
+        encoded = encode_route_request("r", hidden, layer=3, skip_cache=True)
+        assert pb.RouteRequest.FromString(encoded) == build_route_request(
+            "r", hidden, layer=3, skip_cache=True)
+    # another shape, another layer, a request id: each decodes to its own message
+    for kwargs in (dict(layer=4), dict(layer=3, request_id="call-7"), dict(layer=3, seed=9)):
+        wide = np.ones((1, 5), np.float32)
+        assert pb.RouteRequest.FromString(encode_route_request("r", wide, **kwargs)) == \
+            build_route_request("r", wide, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(seed=1.5), dict(skip_cache="yes"), dict(layer=True),
+                                    dict(layer=1.0)])
+def test_values_protobuf_refuses_stay_refused_after_their_equals_were_kept(kwargs):
+    hidden = np.zeros((1, 2), np.float32)
+    encode_route_request("r", hidden, seed=1, skip_cache=True, layer=1)  # kept: 1 == True
+    with pytest.raises(TypeError):
+        build_route_request("r", hidden, **kwargs)
+    with pytest.raises(TypeError):
+        encode_route_request("r", hidden, **kwargs)
