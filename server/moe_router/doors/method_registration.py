@@ -6,9 +6,9 @@ A registered method skips the generic lookup, but grpc.aio's accept loop keeps o
 every call that arrives, adding and removing a callback on each. With every method of the
 four services registered (21 futures) that was paid by every Route call; registering only
 Route, RouteStream, ModelInfer and ModelStreamInfer leaves five futures (with the generic
-one). Measured at 16 callers of 1-token Mixtral fp32 on the 2-core development machine:
-343-344 against 354 us of server CPU per call, four rounds each, the same ordering in a
-second run (README "The server"). The other methods (Stats, Health, ListRouters, the
+one). Measured at 16 callers of 1-token Mixtral fp32 on the 2-core development machine,
+two servers of each build side by side: 343-346 against 358-359 us of server CPU per
+call (README "The server"). The other methods (Stats, Health, ListRouters, the
 metadata and shared-memory calls, health checks, reflection) are served through the
 generic handler at the cost of a few Python calls to find them.
 """
