@@ -1,4 +1,5 @@
-"""The fused CPU softmax top-k op and the routers that use it.
+"""The fused CPU top-k ops (the whole route, and the selection alone) and the routers that
+use them.
 
 Checked against float64 routing computed here by hand (softmax of x @ W^T, a stable
 descending sort for the top-k, renormalisation), against the routers' own PyTorch path,
@@ -22,6 +23,7 @@ from moe_router.routing import (
     TopKRouter,
     fused_topk,
 )
+from moe_router.routing.fused_topk import SelectionSpec
 from moe_router.routing.output import LOGIT_BOUND
 from moe_router.routing.router_config import CorrectionBiasTarget, GroupMaskFill, GroupScore
 
@@ -50,6 +52,15 @@ def _by_hand(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, e
     return indices, values * scale, logits
 
 
+def _softmax_route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool,
+                   eps: float, scale: float, want_scores: bool = True,
+                   load: torch.Tensor | None = None) -> fused_topk.FusedRoute:
+    """The route op as the plain softmax top-k (Mixtral) calls it."""
+    return fused_topk.topk_route(x, weight, None, k, SelectionSpec(renormalize=renormalize,
+                                                                   eps=eps, scale=scale),
+                                 want_scores=want_scores, load=load)
+
+
 def _torch_path(router: TopKRouter, x: torch.Tensor, **kwargs):
     """The same router's answer through its PyTorch ops."""
     fusable, selection_fusable = router._fusable, router._selection_fusable
@@ -76,14 +87,14 @@ def test_the_op_routes_as_float64_by_hand(experts: int, k: int, dim: int, tokens
     x = torch.randn(tokens, dim, generator=gen)
     weight = torch.randn(experts, dim, generator=gen) / dim**0.5
     eps, scale = (1e-6, 2.5) if renormalize else (0.0, 1.0)
-    got = fused_topk.topk_softmax_route(x, weight, k, renormalize, eps, scale)
+    got = _softmax_route(x, weight, k, renormalize, eps, scale)
     indices, weights, logits = _by_hand(x, weight, k, renormalize, eps, scale)
     assert got.indices.dtype == torch.int32 and got.num_per_token.dtype == torch.int32
-    assert got.weights.dtype == got.logits.dtype == got.probs.dtype == torch.float32
+    assert got.weights.dtype == got.logits.dtype == got.scores.dtype == torch.float32
     assert torch.equal(got.indices.long(), indices)
     torch.testing.assert_close(got.weights.double(), weights, rtol=0, atol=4e-6 * scale)
     torch.testing.assert_close(got.logits.double(), logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.probs.double(), logits.softmax(-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.scores.double(), logits.softmax(-1), rtol=0, atol=1e-6)
     assert got.num_per_token.tolist() == [k] * tokens
     assert got.counts.dtype == torch.int64
     assert torch.equal(got.counts, torch.bincount(indices.reshape(-1), minlength=experts))
@@ -94,8 +105,8 @@ def test_the_op_routes_as_float64_by_hand(experts: int, k: int, dim: int, tokens
 def test_half_precision_inputs_are_widened_exactly(dtype: torch.dtype) -> None:
     x = torch.randn(9, 48).to(dtype)
     weight = torch.randn(16, 48)
-    narrow = fused_topk.topk_softmax_route(x, weight, 4, True, 0.0, 1.0)
-    wide = fused_topk.topk_softmax_route(x.float(), weight, 4, True, 0.0, 1.0)
+    narrow = _softmax_route(x, weight, 4, True, 0.0, 1.0)
+    wide = _softmax_route(x.float(), weight, 4, True, 0.0, 1.0)
     for got, want in zip(narrow[:-1], wide[:-1], strict=True):
         assert torch.equal(got, want)  # bf16 / fp16 -> fp32 is exact: the same bits
     assert narrow.logits_bounded is wide.logits_bounded is True
@@ -108,11 +119,11 @@ def test_equal_scores_go_to_the_lower_index() -> None:
     weight[3] = weight[6] = weight[1]
     weight[5] = weight[2]
     x = torch.randn(50, 32)
-    got = fused_topk.topk_softmax_route(x, weight, 5, True, 0.0, 1.0)
+    got = _softmax_route(x, weight, 5, True, 0.0, 1.0)
     indices, _, _ = _by_hand(x, weight, 5, True, 0.0, 1.0)
     assert torch.equal(got.indices.long(), indices)
     # A stable sort of the op's own probabilities gives the same order.
-    stable = got.probs.sort(dim=-1, descending=True, stable=True).indices[:, :5]
+    stable = got.scores.sort(dim=-1, descending=True, stable=True).indices[:, :5]
     assert torch.equal(got.indices.long(), stable)
 
 
@@ -124,9 +135,9 @@ def test_a_rows_answer_does_not_depend_on_its_batch_mates_or_the_threads(threads
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        together = fused_topk.topk_softmax_route(batch, weight, 2, True, 1e-20, 1.0)
+        together = _softmax_route(batch, weight, 2, True, 1e-20, 1.0)
         for row in (0, 1, 100, 332):
-            alone = fused_topk.topk_softmax_route(batch[row : row + 1], weight, 2, True,
+            alone = _softmax_route(batch[row : row + 1], weight, 2, True,
                                                   1e-20, 1.0)
             for got, want in zip(alone[:2] + alone[4:6], together[:2] + together[4:6],
                                  strict=True):
@@ -165,12 +176,12 @@ def test_the_op_adds_its_counts_into_the_load_from_threads_at_once() -> None:
     weight = torch.randn(16, 64)
     calls = [torch.randn(1 + i % 5, 64) for i in range(300)]
     load = torch.zeros(16, dtype=torch.int64)
-    expected = sum(fused_topk.topk_softmax_route(x, weight, 4, True, 0.0, 1.0, False).counts
+    expected = sum(_softmax_route(x, weight, 4, True, 0.0, 1.0, False).counts
                    for x in calls)
 
     def route_all() -> None:
         for x in calls:
-            fused_topk.topk_softmax_route(x, weight, 4, True, 0.0, 1.0, False, load=load)
+            _softmax_route(x, weight, 4, True, 0.0, 1.0, False, load=load)
 
     threads = [threading.Thread(target=route_all) for _ in range(4)]
     for thread in threads:
@@ -179,7 +190,7 @@ def test_the_op_adds_its_counts_into_the_load_from_threads_at_once() -> None:
         thread.join()
     assert torch.equal(load, 4 * expected)
     with pytest.raises(RuntimeError, match="load: expected a contiguous int64 CPU"):
-        fused_topk.topk_softmax_route(calls[0], weight, 4, True, 0.0, 1.0, False,
+        _softmax_route(calls[0], weight, 4, True, 0.0, 1.0, False,
                                       load=torch.zeros(16, dtype=torch.int32))
 
 
@@ -245,24 +256,68 @@ def test_the_router_still_routes_where_the_op_cannot_be_built(monkeypatch) -> No
 
 
 @needs_op
-def test_only_the_plain_softmax_top_k_is_fused() -> None:
-    fused = [_router(), _router(renormalize=False), _router(routed_scaling_factor=2.0)]
-    torch_only = [
+def test_the_whole_route_is_fused_where_the_gate_is_a_plain_matmul() -> None:
+    fused = [
+        _router(), _router(renormalize=False), _router(routed_scaling_factor=2.0),
         _router(scoring=ScoringFunction.SIGMOID),
-        _router(gate_bias=True),
-        _router(logit_softcap=30.0),
-        _router(logit_multiplier=2.0),
-        _router(capacity_factor=1.0),
-        _router(per_expert_scale=True),
         TopKRouter(RouterConfig(hidden_size=64, num_experts=8, top_k=2),
                    use_correction_bias=True).eval(),
+        _grouped(),
     ]
+    selection_only = [_router(gate_bias=True), _router(logit_softcap=30.0),
+                      _router(logit_multiplier=2.0)]
+    torch_only = [_router(capacity_factor=1.0), _router(per_expert_scale=True)]
     x = torch.randn(3, 64)
     with torch.inference_mode():
-        assert all(r._fused_gate(x) is not None for r in fused)
-        assert all(r._fused_gate(x) is None for r in torch_only)
+        assert all(r._fused_gate(torch.randn(3, r.hidden_size)) is not None for r in fused)
+        assert all(r._fused_gate(x) is None and r._selection_fusable for r in selection_only)
+        assert all(r._fused_gate(x) is None and not r._selection_fusable for r in torch_only)
         assert fused[0]._fused_gate(x.to(torch.bfloat16)) is not None
     assert fused[0]._fused_gate(x) is None  # outside inference: autograd may want the graph
+
+
+@needs_op
+def test_a_large_gate_is_fused_for_few_token_calls_only() -> None:
+    """Past SMALL_GATE_BYTES the op's own matmul loses to the tuned one beyond a few tokens
+    (DeepSeek-V3's 7 MB gate: 1.17x at 16 tokens); a small gate is fused at every size."""
+    dim = fused_topk.SMALL_GATE_BYTES // (4 * 64) + 16  # 64 experts: just over the bound
+    large = _grouped(experts=64, dim=dim, scoring=ScoringFunction.SIGMOID)
+    small = _router()
+    limit = fused_topk.LARGE_GATE_MAX_ROWS
+    with torch.inference_mode():
+        assert large._fused_gate(torch.randn(limit, dim)) is not None
+        assert large._fused_gate(torch.randn(limit + 1, dim)) is None
+        assert small._fused_gate(torch.randn(4096, 64)) is not None
+
+
+@needs_op
+@pytest.mark.parametrize("case", ["deepseek-v3", "deepseek-v2", "zero fill, negative bias",
+                                  "bias on the logits", "top-k, sigmoid", "top-k, bias"])
+def test_the_fused_route_answers_as_the_pytorch_path(case: str) -> None:
+    """The op's own gate matmul against the batch-invariant one: logits to float32
+    rounding, the same experts, weights and losses to rounding."""
+    router = _SELECTIONS[case]()
+    if case.startswith("zero"):
+        with torch.no_grad():
+            router.e_score_correction_bias.fill_(-2.0)
+    x = torch.randn(3, 7, 32)
+    with torch.inference_mode():
+        assert router._fused_gate(x.reshape(-1, 32)) is not None
+        fused = router(x, return_losses=True)
+        plain = _torch_path(router, x, return_losses=True)
+        unasked = router(x)
+    assert torch.equal(fused.expert_indices, plain.expert_indices)
+    assert torch.equal(fused.tokens_per_expert, plain.tokens_per_expert)
+    assert torch.equal(fused.num_experts_per_token, plain.num_experts_per_token)
+    torch.testing.assert_close(fused.router_logits, plain.router_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.expert_weights, plain.expert_weights, rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(fused.aux_loss, plain.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.z_loss, plain.z_loss, rtol=1e-5, atol=1e-6)
+    # The losses cost nothing to the answer: a call without them has the same bits.
+    assert unasked.aux_loss is None and unasked.z_loss is None
+    for name in ("expert_indices", "expert_weights", "router_logits", "tokens_per_expert"):
+        assert torch.equal(getattr(unasked, name), getattr(fused, name))
 
 
 @needs_op
@@ -271,7 +326,7 @@ def test_non_finite_rows_answer_in_range_and_show_in_the_logits() -> None:
     x = torch.randn(3, 16)
     x[1, 4] = float("nan")
     x[2, 0] = float("inf")
-    got = fused_topk.topk_softmax_route(x, weight, 2, True, 0.0, 1.0)
+    got = _softmax_route(x, weight, 2, True, 0.0, 1.0)
     assert ((got.indices >= 0) & (got.indices < 8)).all()
     assert (got.indices[:, 0] != got.indices[:, 1]).all()
     assert torch.isfinite(got.logits[0]).all() and not torch.isfinite(got.logits[1:]).all()
@@ -298,16 +353,15 @@ def test_the_ops_say_whether_every_logit_is_finite_and_below_the_bound(value: st
         for row in (0, 150, 299):
             x = torch.randn(300, 8)
             x[row, 3] = bad
-            route = fused_topk.topk_softmax_route(x, torch.eye(8), 2, True, 0.0, 1.0, False)
+            route = _softmax_route(x, torch.eye(8), 2, True, 0.0, 1.0, False)
             others = torch.arange(300) != row  # (inf * 0 makes the bad row's others NaN)
             assert torch.equal(route.logits[others], x[others])
             assert route.logits_bounded is expected, (row, route.logits_bounded)
             selection = fused_topk.topk_select(
-                x, None, 2, sigmoid=True, bias_on_logits=False, groups=1, kept_groups=1,
-                top2_sum=False, fill_zero=False, renormalize=True, eps=0.0, scale=1.0)
+                x, None, 2, SelectionSpec(sigmoid=True))
             assert selection.logits_bounded is expected
         clean = torch.randn(300, 8)
-        assert fused_topk.topk_softmax_route(clean, torch.eye(8), 2, True, 0.0, 1.0,
+        assert _softmax_route(clean, torch.eye(8), 2, True, 0.0, 1.0,
                                              False).logits_bounded is True
     finally:
         torch.set_num_threads(previous)
@@ -327,9 +381,9 @@ def test_the_routers_answer_carries_the_ops_verdict_and_none_without_it() -> Non
 
 
 def _grouped(experts: int = 64, groups: int = 8, kept: int = 4, k: int = 8,
-             bias: bool = True, **options) -> GroupedTopKRouter:
+             bias: bool = True, dim: int = 32, **options) -> GroupedTopKRouter:
     torch.manual_seed(experts + groups + kept + k)
-    router = GroupedTopKRouter(RouterConfig(hidden_size=32, num_experts=experts, top_k=k,
+    router = GroupedTopKRouter(RouterConfig(hidden_size=dim, num_experts=experts, top_k=k,
                                             n_group=groups, topk_group=kept, **options),
                                use_correction_bias=bias).eval()
     if bias:
@@ -360,7 +414,8 @@ _SELECTIONS = {
 @pytest.mark.parametrize("case", sorted(_SELECTIONS))
 def test_the_fused_selection_answers_as_the_pytorch_path(case: str) -> None:
     router = _SELECTIONS[case]()
-    assert router._selection_fusable and not router._fusable
+    assert router._selection_fusable
+    router._fusable = False  # the selection op on the batch-invariant matmul's logits
     if case.startswith("zero"):
         with torch.no_grad():  # every biased score negative: zero-filled experts can win
             router.e_score_correction_bias.fill_(-2.0)
@@ -386,23 +441,32 @@ def test_equal_groups_and_experts_go_to_the_lower_index(group_score: GroupScore)
     row = torch.tensor([3.0, 2.0, 3.0, 2.0] * 4)
     logits = torch.stack([row, row.flip(0)])
     got = fused_topk.topk_select(
-        logits, None, 4, sigmoid=True, bias_on_logits=False, groups=4, kept_groups=2,
-        top2_sum=group_score is GroupScore.TOP2_SUM, fill_zero=False, renormalize=True,
-        eps=1e-20, scale=1.0)
+        logits, None, 4, SelectionSpec(sigmoid=True, groups=4, kept_groups=2,
+                                       top2_sum=group_score is GroupScore.TOP2_SUM, eps=1e-20))
     assert got.indices.tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert got.counts.tolist() == [1] * 8 + [0] * 8
 
 
 @needs_op
-def test_merged_grouped_calls_answer_what_each_call_alone_does() -> None:
-    router = _SELECTIONS["deepseek-v3"]()
-    calls = [torch.randn(n, 32) for n in (1, 2, 9, 33)]
+@pytest.mark.parametrize("dim", [32, fused_topk.SMALL_GATE_BYTES // (4 * 64) + 16])
+def test_merged_grouped_calls_answer_what_each_call_alone_does(dim: int) -> None:
+    """A small gate routes every call through the op; one past SMALL_GATE_BYTES sends the
+    calls above LARGE_GATE_MAX_ROWS through the merged matmul and the others through the
+    op, in one merged pass."""
+    router = _grouped(dim=dim, scoring=ScoringFunction.SIGMOID,
+                      group_score=GroupScore.TOP2_SUM, routed_scaling_factor=2.5)
+    calls = [torch.randn(n, dim) for n in (1, 2, 9, 33, 8)]
+    wants = [False, True, False, True, True]
     with torch.inference_mode():
-        merged = router.route_many(calls)
-        alone = [router(c) for c in calls]
+        paths = [router._fused_gate(c) is not None for c in calls]
+        merged = router.route_many(calls, return_losses=wants)
+        alone = [router(c, return_losses=want) for c, want in zip(calls, wants, strict=True)]
+    assert paths == ([True] * 5 if dim == 32 else [True, True, False, False, True])
     for got, want in zip(merged, alone, strict=True):
-        for name in ("expert_indices", "expert_weights", "router_logits", "tokens_per_expert"):
-            assert torch.equal(getattr(got, name), getattr(want, name))
+        for name in ("expert_indices", "expert_weights", "router_logits", "tokens_per_expert",
+                     "aux_loss", "z_loss"):
+            assert torch.equal(getattr(got, name), getattr(want, name)) if getattr(
+                want, name) is not None else getattr(got, name) is None
 
 
 @needs_op

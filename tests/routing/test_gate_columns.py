@@ -2,8 +2,8 @@
 in-place update, a load, a new tensor, a move, a dtype change) shows in the next answer,
 and training still gets its gradient.
 
-The routers here score by sigmoid: the plain softmax top-k routes through the fused CPU
-op, which reads the weight itself on every call (tests/routing/test_fused_topk.py)."""
+The routers here are kept off the fused CPU route, which reads the weight itself on every
+call (tests/routing/test_fused_topk.py): their logits come from the kept columns."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from moe_router.routing.gate_columns import KeptGateColumns
 
 def _router(dim: int = 16, experts: int = 6) -> TopKRouter:
     torch.manual_seed(0)
-    return TopKRouter(RouterConfig(hidden_size=dim, num_experts=experts, top_k=2,
-                                   renormalize=True, scoring=ScoringFunction.SIGMOID)).eval()
+    router = TopKRouter(RouterConfig(hidden_size=dim, num_experts=experts, top_k=2,
+                                     renormalize=True, scoring=ScoringFunction.SIGMOID)).eval()
+    router._fusable = False  # the batch-invariant matmul on the kept columns
+    return router
 
 
 def _expected_logits(router: TopKRouter, x: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,19 @@
 // The top-k family's inference routing as two CPU ops, a Python extension module (pybind11:
 // a call costs about 2 us less than through torch.ops, and releases the GIL while it runs).
-// topk_softmax_route: the plain softmax top-k's whole route, gate matmul included, in a
-// single pass over each token's row; topk_select: the selection from gate logits. See
-// fused_topk.py for when the routers use them and why.
+// topk_route: the whole route, gate matmul included, one token row after another;
+// topk_select: the selection from gate logits another gate computed. See fused_topk.py for
+// when the routers use them and why.
 //
-// Shapes: T tokens, D hidden size, E experts, k = top_k.
+// Shapes: T tokens, D hidden size, E experts, G groups, k = top_k.
 //
-//     logits[t, e] = sum_d x[t, d] * w[e, d]                  [T, E] fp32
-//     probs[t]     = softmax(logits[t])                       [T, E]
-//     indices[t]   = the k largest probs, largest first,      [T, k] int32
+//     logits[t, e] = sum_d x[t, d] * w[e, d]                  [T, E] fp32 (topk_route)
+//     scores[t]    = softmax(logits[t]) | sigmoid(logits[t])  [T, E]
+//     choice[t]    = scores[t] (+ bias) | logits[t] + bias    [T, E]
+//                    then, with G > 1, the experts of all but the kept_groups best groups
+//                    (by best choice, or the sum of the best two) set to -inf or 0
+//     indices[t]   = the k largest choices, largest first,    [T, k] int32
 //                    equal values in index order (a stable descending sort's order)
-//     weights[t]   = probs[t, indices[t]]                     [T, k] fp32
+//     weights[t]   = scores[t, indices[t]]                    [T, k] fp32
 //                    / (sum + eps, or sum when eps is 0)      if renormalize
 //                    * scale                                  if scale != 1
 //     counts[e]    = how many of the T * k slots chose e      [E] int64
@@ -18,9 +21,9 @@
 //     load[e]     += counts[e]   (atomically), when a load tensor is given
 //
 // Every row is computed by the same code in the same order whatever the other rows are
-// and however the rows are split between threads (the dot products keep 16 partial sums
-// per expert, added pairwise at the end), so a token's answer never depends on its batch
-// mates or on the intra-op thread count.
+// and however the rows are split between threads or tiles (the dot products keep 16
+// partial sums per expert, added pairwise at the end), so a token's answer never depends
+// on its batch mates or on the intra-op thread count.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -129,94 +132,6 @@ std::pair<at::Tensor, at::Tensor> tally(const int32_t* indices, int64_t rows, in
   return {counts, per_token};
 }
 
-template <typename In>
-bool route_rows(const In* x, const float* w, int64_t rows, int64_t d, int64_t e,
-                int64_t k, bool renormalize, float eps, float scale, double bound,
-                float* logits, float* probs, int32_t* indices, float* weights) {
-  // Rows per task: about 256K multiply-adds, so small calls stay on the calling thread.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, d * e));
-  std::atomic<bool> all_bounded{true};
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(probs == nullptr ? static_cast<size_t>(e) : 0);
-    bool bounded = true;
-    for (int64_t t = begin; t < end; ++t) {
-      float* row_logit = logits + t * e;
-      float* row_prob = probs == nullptr ? scratch.data() : probs + t * e;
-      int32_t* row_index = indices + t * k;
-      float* row_weight = weights + t * k;
-      row_logits(x + t * d, w, d, e, row_logit);
-      bounded &= row_bounded(row_logit, e, bound);
-      row_softmax(row_logit, e, row_prob);
-      row_top_k(row_prob, e, k, row_index, row_weight);
-      if (renormalize) {
-        float total = 0.0f;
-        for (int64_t j = 0; j < k; ++j) total += row_weight[j];
-        const float denominator = eps != 0.0f ? total + eps : total;
-        for (int64_t j = 0; j < k; ++j) row_weight[j] /= denominator;
-      }
-      if (scale != 1.0f) {
-        for (int64_t j = 0; j < k; ++j) row_weight[j] *= scale;
-      }
-    }
-    if (!bounded) all_bounded.store(false, std::memory_order_relaxed);
-  });
-  return all_bounded.load();
-}
-
-std::tuple<std::vector<at::Tensor>, bool> topk_softmax_route(
-    const at::Tensor& x_in, const at::Tensor& weight_in, int64_t k, bool renormalize,
-    double eps, double scale, bool want_probs, double bound,
-    const c10::optional<at::Tensor>& load) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "x: expected a CPU [T, D] tensor");
-  TORCH_CHECK(weight_in.dim() == 2 && weight_in.device().is_cpu() &&
-                  weight_in.scalar_type() == at::kFloat,
-              "weight: expected a CPU float32 [E, D] tensor");
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();  // no-ops mostly
-  TORCH_CHECK(x.size(1) == weight.size(1), "x and weight: hidden sizes differ");
-  const int64_t rows = x.size(0), d = x.size(1), e = weight.size(0);
-  TORCH_CHECK(k >= 1 && k <= e, "k: expected 1..E");
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor logits = at::empty({rows, e}, f32);
-  // The softmax is kept only when asked (the aux loss reads it): one allocation less.
-  at::Tensor probs = want_probs ? at::empty({rows, e}, f32) : at::Tensor();
-  at::Tensor indices = at::empty({rows, k}, f32.dtype(at::kInt));
-  at::Tensor weights = at::empty({rows, k}, f32);
-  const float* w = weight.const_data_ptr<float>();
-  const float eps_f = static_cast<float>(eps), scale_f = static_cast<float>(scale);
-  float* l = logits.mutable_data_ptr<float>();
-  float* p = want_probs ? probs.mutable_data_ptr<float>() : nullptr;
-  int32_t* ix = indices.mutable_data_ptr<int32_t>();
-  float* wt = weights.mutable_data_ptr<float>();
-  bool bounded = true;
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      bounded = route_rows(x.const_data_ptr<float>(), w, rows, d, e, k, renormalize, eps_f,
-                           scale_f, bound, l, p, ix, wt);
-      break;
-    case at::kBFloat16:
-      bounded = route_rows(x.const_data_ptr<c10::BFloat16>(), w, rows, d, e, k, renormalize,
-                           eps_f, scale_f, bound, l, p, ix, wt);
-      break;
-    case at::kHalf:
-      bounded = route_rows(x.const_data_ptr<c10::Half>(), w, rows, d, e, k, renormalize,
-                           eps_f, scale_f, bound, l, p, ix, wt);
-      break;
-    default:
-      TORCH_CHECK(false, "x: expected float32, bfloat16 or float16");
-  }
-  auto [counts, per_token] = tally(ix, rows, k, e, f32);
-  if (load.has_value() && load->defined()) {
-    TORCH_CHECK(load->dim() == 1 && load->size(0) == e && load->is_contiguous() &&
-                    load->device().is_cpu() && load->scalar_type() == at::kLong,
-                "load: expected a contiguous int64 CPU [E] tensor");
-    // Atomic: passes of one router may run in several threads at once, the GIL released.
-    int64_t* total = load->mutable_data_ptr<int64_t>();
-    const int64_t* c = counts.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < e; ++i) __atomic_fetch_add(total + i, c[i], __ATOMIC_RELAXED);
-  }
-  return {{indices, weights, per_token, counts, logits, probs}, bounded};
-}
-
 // ---------------------------------------------------------------------------------------
 // The selection alone, from gate logits already computed (any gate: the batch-invariant
 // matmul, a gate bias, logit transforms), for the top-k family with a correction bias,
@@ -293,6 +208,25 @@ void select_row(const float* logits, const float* bias, const SelectOptions& o,
   }
 }
 
+const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t e) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == e && bias->is_contiguous() &&
+                  bias->device().is_cpu() && bias->scalar_type() == at::kFloat,
+              "bias: expected a contiguous float32 CPU [E] tensor");
+  return bias->const_data_ptr<float>();
+}
+
+SelectOptions select_options(int64_t e, int64_t k, bool sigmoid, bool bias_on_logits,
+                             int64_t groups, int64_t kept_groups, int64_t group_score,
+                             bool fill_zero, bool renormalize, double eps, double scale) {
+  TORCH_CHECK(k >= 1 && k <= e, "k: expected 1..E");
+  TORCH_CHECK(groups >= 1 && groups <= 64 && e % groups == 0, "groups: expected 1..64 dividing E");
+  TORCH_CHECK(kept_groups >= 1 && kept_groups <= groups, "kept_groups: expected 1..groups");
+  return SelectOptions{e, k, groups, kept_groups, group_score, sigmoid, bias_on_logits,
+                       fill_zero, renormalize, static_cast<float>(eps),
+                       static_cast<float>(scale)};
+}
+
 std::tuple<std::vector<at::Tensor>, bool> topk_select(
     const at::Tensor& logits, const c10::optional<at::Tensor>& bias, int64_t k, bool sigmoid,
     bool bias_on_logits, int64_t groups, int64_t kept_groups, int64_t group_score,
@@ -301,19 +235,9 @@ std::tuple<std::vector<at::Tensor>, bool> topk_select(
                   logits.scalar_type() == at::kFloat,
               "logits: expected a contiguous float32 [T, E] tensor");
   const int64_t rows = logits.size(0), e = logits.size(1);
-  TORCH_CHECK(k >= 1 && k <= e, "k: expected 1..E");
-  TORCH_CHECK(groups >= 1 && groups <= 64 && e % groups == 0, "groups: expected 1..64 dividing E");
-  TORCH_CHECK(kept_groups >= 1 && kept_groups <= groups, "kept_groups: expected 1..groups");
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == e && bias->is_contiguous() &&
-                    bias->scalar_type() == at::kFloat,
-                "bias: expected a contiguous float32 [E] tensor");
-    b = bias->const_data_ptr<float>();
-  }
-  const SelectOptions o{e, k, groups, kept_groups, group_score, sigmoid, bias_on_logits,
-                        fill_zero, renormalize, static_cast<float>(eps),
-                        static_cast<float>(scale)};
+  const SelectOptions o = select_options(e, k, sigmoid, bias_on_logits, groups, kept_groups,
+                                         group_score, fill_zero, renormalize, eps, scale);
+  const float* b = bias_data(bias, e);
   const auto f32 = logits.options();
   at::Tensor scores = at::empty({rows, e}, f32);
   at::Tensor indices = at::empty({rows, k}, f32.dtype(at::kInt));
@@ -338,14 +262,127 @@ std::tuple<std::vector<at::Tensor>, bool> topk_select(
   return {{indices, weights, per_token, counts, scores}, all_bounded.load()};
 }
 
+// ---------------------------------------------------------------------------------------
+// The whole route, gate matmul included: the logits of a tile of rows (below), then each
+// row's selection as topk_select makes it.
+//
+// The gate's rows are read in blocks of kExperts, each block for every row of a tile of
+// rows before the next block, so a gate larger than the core's cache (DeepSeek-V3's 7 MB)
+// is read from memory once per tile rather than once per token. Every logit is still
+// dot_rows's, the same code in the same order whatever the tile and the thread: tiling
+// changes no bit.
+
+constexpr int64_t kTileBytes = int64_t{1} << 18;  // a tile's rows of x: within an L2
+
+template <typename In>
+void tile_logits(const In* x, const float* w, int64_t rows, int64_t d, int64_t e,
+                 float* logits) {
+  int64_t first = 0;
+  for (; first + kExperts <= e; first += kExperts) {
+    for (int64_t t = 0; t < rows; ++t) {
+      dot_rows<In, kExperts>(x + t * d, w + first * d, d, logits + t * e + first);
+    }
+  }
+  for (int64_t t = 0; t < rows; ++t) {
+    switch (e - first) {
+      case 3: dot_rows<In, 3>(x + t * d, w + first * d, d, logits + t * e + first); break;
+      case 2: dot_rows<In, 2>(x + t * d, w + first * d, d, logits + t * e + first); break;
+      case 1: dot_rows<In, 1>(x + t * d, w + first * d, d, logits + t * e + first); break;
+      default: break;
+    }
+  }
+}
+
+template <typename In>
+bool route_rows(const In* x, const float* w, const float* bias, const SelectOptions& o,
+                int64_t rows, int64_t d, double bound, float* logits, float* scores,
+                int32_t* indices, float* weights) {
+  const int64_t e = o.e, k = o.k;
+  const int64_t tile = std::clamp<int64_t>(kTileBytes / (d * int64_t{sizeof(In)}), 1, 16);
+  // Rows per task: about 256K multiply-adds (whole tiles), so small calls stay on the
+  // calling thread.
+  const int64_t grain = std::max<int64_t>(tile, (int64_t{1} << 18) / std::max<int64_t>(1, d * e));
+  std::atomic<bool> all_bounded{true};
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    // choice [E], the top-k values [k], and the scores [E] when they are not kept
+    std::vector<float> scratch(static_cast<size_t>(e + k + (scores == nullptr ? e : 0)));
+    bool bounded = true;
+    for (int64_t start = begin; start < end; start += tile) {
+      const int64_t stop = std::min(end, start + tile);
+      tile_logits(x + start * d, w, stop - start, d, e, logits + start * e);
+      for (int64_t t = start; t < stop; ++t) {
+        const float* row_logit = logits + t * e;
+        bounded &= row_bounded(row_logit, e, bound);
+        float* row_score = scores == nullptr ? scratch.data() + e + k : scores + t * e;
+        select_row(row_logit, bias, o, row_score, scratch.data(), indices + t * k,
+                   weights + t * k, scratch.data() + e);
+      }
+    }
+    if (!bounded) all_bounded.store(false, std::memory_order_relaxed);
+  });
+  return all_bounded.load();
+}
+
+std::tuple<std::vector<at::Tensor>, bool> topk_route(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias,
+    int64_t k, bool sigmoid, bool bias_on_logits, int64_t groups, int64_t kept_groups,
+    int64_t group_score, bool fill_zero, bool renormalize, double eps, double scale,
+    bool want_scores, double bound, const c10::optional<at::Tensor>& load) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "x: expected a CPU [T, D] tensor");
+  TORCH_CHECK(weight_in.dim() == 2 && weight_in.device().is_cpu() &&
+                  weight_in.scalar_type() == at::kFloat,
+              "weight: expected a CPU float32 [E, D] tensor");
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();  // no-ops mostly
+  TORCH_CHECK(x.size(1) == weight.size(1), "x and weight: hidden sizes differ");
+  const int64_t rows = x.size(0), d = x.size(1), e = weight.size(0);
+  const SelectOptions o = select_options(e, k, sigmoid, bias_on_logits, groups, kept_groups,
+                                         group_score, fill_zero, renormalize, eps, scale);
+  const float* b = bias_data(bias, e);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor logits = at::empty({rows, e}, f32);
+  // The scores are kept only when asked (the aux loss reads them): one allocation less.
+  at::Tensor scores = want_scores ? at::empty({rows, e}, f32) : at::Tensor();
+  at::Tensor indices = at::empty({rows, k}, f32.dtype(at::kInt));
+  at::Tensor weights = at::empty({rows, k}, f32);
+  const float* w = weight.const_data_ptr<float>();
+  float* l = logits.mutable_data_ptr<float>();
+  float* sc = want_scores ? scores.mutable_data_ptr<float>() : nullptr;
+  int32_t* ix = indices.mutable_data_ptr<int32_t>();
+  float* wt = weights.mutable_data_ptr<float>();
+  bool bounded = true;
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      bounded = route_rows(x.const_data_ptr<float>(), w, b, o, rows, d, bound, l, sc, ix, wt);
+      break;
+    case at::kBFloat16:
+      bounded = route_rows(x.const_data_ptr<c10::BFloat16>(), w, b, o, rows, d, bound, l, sc,
+                           ix, wt);
+      break;
+    case at::kHalf:
+      bounded = route_rows(x.const_data_ptr<c10::Half>(), w, b, o, rows, d, bound, l, sc, ix,
+                           wt);
+      break;
+    default:
+      TORCH_CHECK(false, "x: expected float32, bfloat16 or float16");
+  }
+  auto [counts, per_token] = tally(ix, rows, k, e, f32);
+  if (load.has_value() && load->defined()) {
+    TORCH_CHECK(load->dim() == 1 && load->size(0) == e && load->is_contiguous() &&
+                    load->device().is_cpu() && load->scalar_type() == at::kLong,
+                "load: expected a contiguous int64 CPU [E] tensor");
+    // Atomic: passes of one router may run in several threads at once, the GIL released.
+    int64_t* total = load->mutable_data_ptr<int64_t>();
+    const int64_t* c = counts.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < e; ++i) __atomic_fetch_add(total + i, c[i], __ATOMIC_RELAXED);
+  }
+  return {{indices, weights, per_token, counts, logits, scores}, bounded};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("topk_softmax_route", &topk_softmax_route, pybind11::arg("x"), pybind11::arg("weight"),
-        pybind11::arg("k"), pybind11::arg("renormalize"), pybind11::arg("eps"),
-        pybind11::arg("scale"), pybind11::arg("want_probs"), pybind11::arg("bound"),
-        pybind11::arg("load"), pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "([indices, weights, num_per_token, counts, logits, probs or None], bounded) of "
+  m.def("topk_route", &topk_route, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "([indices, weights, num_per_token, counts, logits, scores or None], bounded) of "
         "x [T, D] through the gate weight [E, D]; counts added into load when given");
   m.def("topk_select", &topk_select, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "([indices, weights, num_per_token, counts, scores], bounded) from gate logits "

@@ -4,8 +4,9 @@ first use.
 Routing a few tokens is a handful of tiny tensor ops, each costing its dispatch more than
 its arithmetic: eager PyTorch's softmax top-k is five calls (matmul, softmax, topk, sum,
 div) and ours, which also answers int32 indices, per-token and per-expert counts and
-keeps batch invariance, was thirteen. One op that does it all per row costs one dispatch:
-``topk_softmax_route`` measured here on one thread (AMD EPYC, 2 cores), against plain
+keeps batch invariance, was thirteen; DeepSeek-V3's grouped selection is a dozen more.
+One op that does it all per row costs one dispatch: ``topk_route`` (then
+``topk_softmax_route``) measured here on one thread (AMD EPYC, 2 cores), against plain
 PyTorch routing (``x @ W.T``, softmax, top-k, renormalise), p50:
 
     E = 8,   D = 4096:  1 token 3.7 against 7.4 us, 16 tokens 19 against 31,
@@ -15,7 +16,10 @@ PyTorch routing (``x @ W.T``, softmax, top-k, renormalise), p50:
 Its gate matmul is its own: each row's dot products keep 16 partial sums per expert,
 added in a fixed order, so a token's logits do not depend on its batch mates nor on the
 intra-op thread count (the rows are split between threads, never a dot product). The
-answers equal PyTorch's to float32 rounding (indices exactly, save for near ties).
+answers equal PyTorch's to float32 rounding (indices exactly, save for near ties). It is
+no tuned matmul, so a large gate takes it for few-token calls only
+(:data:`SMALL_GATE_BYTES`); ``topk_select`` then selects from the batch-invariant
+matmul's logits.
 
 :func:`kernel_available` is False when the ops cannot be had (no C++ compiler or ninja on
 the host, a build error: logged once); the routers then use PyTorch ops. The build takes
@@ -32,6 +36,7 @@ import importlib.util
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,8 +44,8 @@ import torch
 
 from moe_router.routing.output import LOGIT_BOUND
 
-__all__ = ["STALE_LOCK_S", "FusedRoute", "FusedSelection", "kernel_available", "library_name",
-           "topk_select", "topk_softmax_route"]
+__all__ = ["STALE_LOCK_S", "FusedRoute", "FusedSelection", "SelectionSpec", "gate_fused_for",
+           "kernel_available", "library_name", "topk_route", "topk_select"]
 
 log = logging.getLogger("moe_router")
 
@@ -58,7 +63,7 @@ class FusedRoute(NamedTuple):
     num_per_token: torch.Tensor  # [T] int32, all k
     counts: torch.Tensor  # [E] int64
     logits: torch.Tensor  # [T, E] float32
-    probs: torch.Tensor | None  # [T, E] float32, the softmax; None unless asked for
+    scores: torch.Tensor | None  # [T, E] float32, softmax or sigmoid; None unless asked for
     logits_bounded: bool  # every logit finite and below LOGIT_BOUND in magnitude
 
 
@@ -71,6 +76,33 @@ class FusedSelection(NamedTuple):
     counts: torch.Tensor  # [E] int64
     scores: torch.Tensor  # [T, E] float32, softmax or sigmoid of the logits
     logits_bounded: bool  # every logit read finite and below LOGIT_BOUND in magnitude
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """How a router of the top-k family selects (what the ops take besides the tensors).
+
+    ``sigmoid``: sigmoid scores, else softmax; ``bias_on_logits``: the correction bias is
+    added to the logits, else to the scores; ``groups`` of which ``kept_groups`` stay, by
+    their best choice or the sum of their best two (``top2_sum``), the others' experts at
+    -inf or 0 (``fill_zero``); weights renormalised (w / (sum w + eps), w / sum w when
+    ``eps`` is 0) when ``renormalize``, then times ``scale``. At most 64 groups.
+    """
+
+    sigmoid: bool = False
+    bias_on_logits: bool = False
+    groups: int = 1
+    kept_groups: int = 1
+    top2_sum: bool = False
+    fill_zero: bool = False
+    renormalize: bool = True
+    eps: float = 0.0
+    scale: float = 1.0
+
+    def arguments(self) -> tuple[bool, bool, int, int, int, bool, bool, float, float]:
+        """The ops' positional arguments after k, in their order."""
+        return (self.sigmoid, self.bias_on_logits, self.groups, self.kept_groups,
+                int(self.top2_sum), self.fill_zero, self.renormalize, self.eps, self.scale)
 
 
 class _Kernel:
@@ -146,6 +178,32 @@ def _remove_if_stale(lock: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
+SMALL_GATE_BYTES = 2 << 20
+LARGE_GATE_MAX_ROWS = 8
+"""When :func:`topk_route`'s own gate matmul is used: for a gate of at most
+``SMALL_GATE_BYTES`` (fp32 [E, D]) at every call size; for a larger one only for calls of
+at most ``LARGE_GATE_MAX_ROWS`` tokens, where reading the gate from memory is the cost and
+one dispatch beats several. Its dot products are not a tuned matmul: measured here on one
+thread (2 shared cores of an AMD EPYC, p50, against the batch-invariant matmul and
+``topk_select``):
+
+    E = 8,   D = 4096  (128 KB): 0.49x at 1 token, 0.81x at 256, 0.61x at 2048
+    E = 64,  D = 2048  (512 KB): 0.54x at 1 token, 0.93x at 256
+    E = 128, D = 2048  (1 MB):   0.69x at 1 token, 0.98x at 256, 0.92x at 2048
+    E = 160, D = 5120  (3.3 MB): 0.79x at 1 token, 0.66x at 2, 0.98x at 8, 1.21x at 16
+    E = 256, D = 7168  (7.3 MB): 0.81x at 1 token, 0.67x at 2, 0.96x at 8, 1.17x at 16,
+                                 1.45x at 256
+
+A call's path depends on its own size alone, so a merged pass answers each call as
+routing it alone does."""
+
+
+def gate_fused_for(rows: int, weight: torch.Tensor) -> bool:
+    """Whether a call of ``rows`` tokens through gate ``weight`` [E, D] (fp32) takes
+    :func:`topk_route`'s own gate matmul (see :data:`SMALL_GATE_BYTES`)."""
+    return rows <= LARGE_GATE_MAX_ROWS or weight.numel() * 4 <= SMALL_GATE_BYTES
+
+
 _KERNEL = _Kernel()
 
 
@@ -154,50 +212,38 @@ def kernel_available() -> bool:
     return _KERNEL.get() is not None
 
 
-def topk_softmax_route(
-    x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, eps: float, scale: float,
-    want_probs: bool = True, load: torch.Tensor | None = None,
+def topk_route(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    spec: SelectionSpec,
+    *,
+    want_scores: bool = True,
+    load: torch.Tensor | None = None,
 ) -> FusedRoute:
     """Route x [T, D] (fp32, bf16 or fp16, CPU) through gate ``weight`` [E, D] (fp32):
-    softmax top-``k``, renormalised with ``eps`` when ``renormalize``
-    (w / (sum w + eps), w / sum w when eps is 0), times ``scale``; the softmax itself
-    only with ``want_probs``; and whether every logit was finite and below
-    :data:`LOGIT_BOUND` in magnitude. The counts are also added into ``load`` (int64
-    [E], atomically) when given: the router's running expert load, one dispatch less per
-    call than ``load.add_(counts)``. Only where :func:`kernel_available`."""
-    tensors, bounded = _ops().topk_softmax_route(x, weight, k, renormalize, eps, scale,
-                                                 want_probs, LOGIT_BOUND, load)
-    indices, weights, per_token, counts, logits, probs = tensors
-    return FusedRoute(indices, weights, per_token, counts, logits, probs, bounded)
+    the gate logits by the op's own batch-invariant dot products, then
+    :func:`topk_select`'s selection; the scores themselves only with ``want_scores``.
+    The counts are also added into ``load`` (int64 [E], atomically) when given: the
+    router's running expert load, one dispatch less per call than ``load.add_(counts)``.
+    Only where :func:`kernel_available`."""
+    tensors, bounded = _ops().topk_route(x, weight, bias, k, *spec.arguments(), want_scores,
+                                         LOGIT_BOUND, load)
+    indices, weights, per_token, counts, logits, scores = tensors
+    return FusedRoute(indices, weights, per_token, counts, logits, scores, bounded)
 
 
 def topk_select(
-    logits: torch.Tensor,
-    bias: torch.Tensor | None,
-    k: int,
-    *,
-    sigmoid: bool,
-    bias_on_logits: bool,
-    groups: int,
-    kept_groups: int,
-    top2_sum: bool,
-    fill_zero: bool,
-    renormalize: bool,
-    eps: float,
-    scale: float,
+    logits: torch.Tensor, bias: torch.Tensor | None, k: int, spec: SelectionSpec
 ) -> FusedSelection:
     """The top-k family's selection from gate logits [T, E] (fp32, contiguous, CPU), as
     :meth:`TopKRouter.select <moe_router.routing.topk.TopKRouter.select>` and
     :func:`scoring.mask_dropped_groups <moe_router.routing.scoring.mask_dropped_groups>`
-    define it: softmax or ``sigmoid`` scores, the correction ``bias`` [E] on the scores
-    (or the logits), ``groups`` of which ``kept_groups`` stay (by best or ``top2_sum``
-    score; the others' experts -inf or 0 with ``fill_zero``), top-``k`` with ties to the
-    lower index, weights from the scores renormalised and scaled; and whether every logit
-    was finite and below :data:`LOGIT_BOUND` in magnitude. At most 64 groups. Only where
-    :func:`kernel_available`."""
-    tensors, bounded = _ops().topk_select(
-        logits, bias, k, sigmoid, bias_on_logits, groups, kept_groups, int(top2_sum),
-        fill_zero, renormalize, eps, scale, LOGIT_BOUND)
+    define it (``spec``), with the correction ``bias`` [E] when given: top-``k`` with
+    ties to the lower index (and the lower group); and whether every logit was finite
+    and below :data:`LOGIT_BOUND` in magnitude. Only where :func:`kernel_available`."""
+    tensors, bounded = _ops().topk_select(logits, bias, k, *spec.arguments(), LOGIT_BOUND)
     indices, weights, per_token, counts, scores = tensors
     return FusedSelection(indices, weights, per_token, counts, scores, bounded)
 

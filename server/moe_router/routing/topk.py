@@ -50,11 +50,12 @@ class TopKRouter(RouterBase):
     (DeepSeek-V3's ``noaux_tc`` without groups: Ernie 4.5, MiniMax-M2, HunYuan-V3).
 
     Inference on a CPU runs through compiled ops (:mod:`~moe_router.routing.fused_topk`)
-    when the host can build them: the whole route of the plain softmax top-k (no bias,
-    groups, shared experts, logit or input transforms, learned scales or dropping:
-    Mixtral, Qwen-MoE, OLMoE) as one op, and the selection of the other softmax or
-    sigmoid configurations without shared experts, learned scales or dropping as another
-    (the gate stays the batch-invariant matmul).
+    when the host can build them, for softmax or sigmoid scores with or without a
+    correction bias and expert groups (no shared experts, learned scales or dropping):
+    the whole route as one op where the gate is a plain matmul (no gate bias, input norm
+    or logit transform: Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3's few-token calls) and the
+    call's size suits the op's matmul (:func:`~moe_router.routing.fused_topk.gate_fused_for`),
+    else the batch-invariant matmul and the selection as another op.
     """
 
     fixed_k = True
@@ -96,17 +97,27 @@ class TopKRouter(RouterBase):
             and not (config.per_expert_scale or config.learned_weight_scale)
             and not config.drops_tokens
         )
-        # ... and for the plain softmax top-k the whole route, gate matmul included.
+        # ... and the whole route, gate matmul included, where the gate is a plain matmul.
         self._fusable = (
             self._selection_fusable
-            and type(self) is TopKRouter
-            and not use_correction_bias
-            and config.scoring is ScoringFunction.SOFTMAX
-            and config.top_k < config.num_experts
             and not config.gate_bias
             and config.input_norm is InputNorm.NONE
             and config.logit_multiplier == 1.0
             and config.logit_softcap is None
+        )
+        # Chosen on the scores themselves (no bias, no groups): as select(), eps may vanish.
+        grouped = type(self).restrict_choice is not TopKRouter.restrict_choice
+        self._selection_spec = fused_topk.SelectionSpec(
+            sigmoid=config.scoring is ScoringFunction.SIGMOID,
+            bias_on_logits=config.correction_bias_target is CorrectionBiasTarget.LOGITS,
+            groups=config.n_group if grouped else 1,
+            kept_groups=config.topk_group if grouped else 1,
+            top2_sum=config.group_score is GroupScore.TOP2_SUM,
+            fill_zero=config.group_mask_fill is GroupMaskFill.ZERO,
+            renormalize=config.renormalize,
+            eps=0.0 if (not use_correction_bias and not grouped and self._eps_vanishes)
+            else config.renormalize_eps,
+            scale=config.routed_scaling_factor,
         )
         if use_correction_bias:
             self.register_buffer(
@@ -137,32 +148,51 @@ class TopKRouter(RouterBase):
         generator: torch.Generator | None = None,
         return_losses: Sequence[bool] | bool | None = None,
     ) -> list[RouterOutput]:
-        """:meth:`RouterBase.route_many_validated`; with the fused op each call is its own
-        op call, the very one routing it alone makes (the op's rows are independent)."""
-        weight = self._fused_gate(flats[0]) if flats else None
-        if weight is not None:
-            if return_losses is None or isinstance(return_losses, bool):
-                wants = [self._wants_losses(return_losses)] * len(flats)
-            else:
-                wants = [self._wants_losses(w) for w in return_losses]
-            return [self._route_fused(f, lead, weight, want)
-                    for f, lead, want in zip(flats, leads, wants, strict=True)]
-        return super().route_many_validated(
-            flats, leads, generator=generator, return_losses=return_losses
-        )
+        """:meth:`RouterBase.route_many_validated`; a call the fused op routes
+        (:meth:`_fused_gate`, by its own size) is its own op call, the very one routing it
+        alone makes (the op's rows are independent); the others share the merged matmul."""
+        if return_losses is None or isinstance(return_losses, bool):
+            asked: Sequence[bool | None] = [return_losses] * len(flats)
+        else:
+            asked = return_losses
+        gates = [self._fused_gate(f) for f in flats]
+        rest = [i for i, gate in enumerate(gates) if gate is None]
+        outputs: list[RouterOutput | None] = [
+            None if gate is None else
+            self._route_fused(flat, lead, gate, self._wants_losses(want))
+            for flat, lead, gate, want in zip(flats, leads, gates, asked, strict=True)
+        ]
+        if rest:
+            merged = super().route_many_validated(
+                [flats[i] for i in rest], [leads[i] for i in rest], generator=generator,
+                return_losses=[self._wants_losses(asked[i]) for i in rest],
+            )
+            for i, output in zip(rest, merged, strict=True):
+                outputs[i] = output
+        return outputs  # type: ignore[return-value]  # every slot is filled
 
     def _fused_gate(self, flat: torch.Tensor) -> torch.Tensor | None:
-        """The gate weight [E, D] when this call goes through the fused op, else None: a
-        plain softmax top-k (``_fusable``), inference without autograd, input and fp32
-        gate on the CPU, and the op built on this host."""
+        """The gate weight [E, D] when this call goes through the fused route
+        (:func:`fused_topk.topk_route`), else None: a fusable router (``_fusable``),
+        inference without autograd, input, fp32 gate and bias on the CPU, a call size the
+        op's matmul serves well (:func:`fused_topk.gate_fused_for`), and the op built on
+        this host."""
         if not self._fusable or self.training or torch.is_grad_enabled():
             return None
         # The dicts nn.Module's __getattr__ would search (1 us a call through it).
         weight = self._modules["gate"]._parameters["weight"]  # type: ignore[union-attr]
-        if (flat.is_cpu and weight.is_cpu and weight.dtype == torch.float32  # type: ignore[union-attr]
-                and fused_topk.kernel_available()):
-            return weight
-        return None
+        if not (flat.is_cpu and weight.is_cpu and weight.dtype == torch.float32  # type: ignore[union-attr]
+                and fused_topk.gate_fused_for(flat.shape[0], weight)  # type: ignore[arg-type]
+                and self._fusable_bias() and fused_topk.kernel_available()):
+            return None
+        return weight
+
+    def _fusable_bias(self) -> bool:
+        """Whether the correction bias (if any) is one the fused ops read: fp32, on the CPU."""
+        if not self.use_correction_bias:
+            return True
+        bias = self._buffers["e_score_correction_bias"]
+        return bias.dtype == torch.float32 and bias.is_cpu  # type: ignore[union-attr]
 
     def _route_fused(
         self, flat: torch.Tensor, lead: tuple[int, ...], weight: torch.Tensor, losses: bool
@@ -170,17 +200,17 @@ class TopKRouter(RouterBase):
         """Route flat [T, D] with the fused op and gate ``weight`` (:meth:`_fused_gate`);
         the losses, counts and statistics as :meth:`RouterBase._finish` makes them."""
         cfg = self.config
-        eps = 0.0 if self._eps_vanishes else cfg.renormalize_eps
+        bias = self._buffers["e_score_correction_bias"] if self.use_correction_bias else None
         # The op adds the counts into the running expert load (a CPU router's buffer).
-        route = fused_topk.topk_softmax_route(
-            flat, weight, cfg.top_k, cfg.renormalize, eps, cfg.routed_scaling_factor,
-            want_probs=losses, load=self._buffers["expert_load"],
+        route = fused_topk.topk_route(
+            flat, weight, None if bias is None else bias.contiguous(), cfg.top_k,
+            self._selection_spec, want_scores=losses, load=self._buffers["expert_load"],
         )
         indices, weights, per_token, logits = (
             route.indices, route.weights, route.num_per_token, route.logits)
         aux_loss = z_loss = None
-        if route.probs is not None:  # asked for with the losses
-            aux_loss = F.aux_loss_from_counts(route.probs, route.counts, cfg.top_k)
+        if route.scores is not None:  # asked for with the losses
+            aux_loss = self._aux_loss(self._fused_selection(route), route.counts)
             z_loss = self.compute_z_loss(logits)
         self.update_stats(route.counts, per_token, 0, indices.numel(), load_added=True)
         if len(lead) > 1:  # [B, S, ...]
@@ -198,6 +228,15 @@ class TopKRouter(RouterBase):
             z_loss=z_loss,
             logits_bounded=route.logits_bounded,
         )
+
+    def _fused_selection(self, op: fused_topk.FusedRoute | fused_topk.FusedSelection) -> Selection:
+        """A fused op's answer as the pipeline's Selection: sigmoid scores renormalised
+        into routing probabilities only when the losses read them."""
+        scores = op.scores
+        assert scores is not None  # the route op keeps them when the losses are asked for
+        probs = scores if self.config.scoring is ScoringFunction.SOFTMAX else (
+            lambda: F.renormalize(scores))
+        return Selection(op.indices, op.weights, probs, {}, op.counts, op.logits_bounded)
 
     @property
     def k_range(self) -> tuple[int, int]:
@@ -220,10 +259,8 @@ class TopKRouter(RouterBase):
         """Top-k of flat logits [T, E]; indices/weights [T, k(+S)], probs [T, E]."""
         cfg = self.config
         if (self._selection_fusable and not self.training and not torch.is_grad_enabled()
-                and logits.is_cpu and fused_topk.kernel_available()):
-            bias = self.e_score_correction_bias if self.use_correction_bias else None
-            if bias is None or (bias.dtype == torch.float32 and bias.is_cpu):
-                return self._select_fused(logits, bias)
+                and logits.is_cpu and self._fusable_bias() and fused_topk.kernel_available()):
+            return self._select_fused(logits)
         routed = cfg.routed_experts
         scores = F.score(logits, cfg.scoring)
         choice = scores[:, :routed] if routed < cfg.num_experts else scores
@@ -254,30 +291,15 @@ class TopKRouter(RouterBase):
             return Selection(indices, weights, scores, {})
         return Selection(indices, weights, lambda: F.renormalize(scores), {})
 
-    def _select_fused(self, logits: torch.Tensor, bias: torch.Tensor | None) -> Selection:
+    def _select_fused(self, logits: torch.Tensor) -> Selection:
         """:meth:`select` as one op (:func:`fused_topk.topk_select`), counts included."""
-        cfg = self.config
-        grouped = type(self).restrict_choice is not TopKRouter.restrict_choice
-        chosen_on_scores = bias is None and not grouped  # as select(): eps may vanish
-        selection = fused_topk.topk_select(
+        bias = self._buffers["e_score_correction_bias"] if self.use_correction_bias else None
+        return self._fused_selection(fused_topk.topk_select(
             logits if logits.is_contiguous() else logits.contiguous(),
             None if bias is None else bias.contiguous(),
-            cfg.top_k,
-            sigmoid=cfg.scoring is ScoringFunction.SIGMOID,
-            bias_on_logits=cfg.correction_bias_target is CorrectionBiasTarget.LOGITS,
-            groups=cfg.n_group if grouped else 1,
-            kept_groups=cfg.topk_group if grouped else 1,
-            top2_sum=cfg.group_score is GroupScore.TOP2_SUM,
-            fill_zero=cfg.group_mask_fill is GroupMaskFill.ZERO,
-            renormalize=cfg.renormalize,
-            eps=0.0 if chosen_on_scores and self._eps_vanishes else cfg.renormalize_eps,
-            scale=cfg.routed_scaling_factor,
-        )
-        scores = selection.scores
-        probs = scores if cfg.scoring is ScoringFunction.SOFTMAX else (
-            lambda: F.renormalize(scores))
-        return Selection(selection.indices, selection.weights, probs, {}, selection.counts,
-                         selection.logits_bounded)
+            self.config.top_k,
+            self._selection_spec,
+        ))
 
     def aux_loss_counts(self, selection: Selection) -> torch.Tensor | None:
         """Megatron's plain top-k of the probabilities [T, E] over all experts (ties to
