@@ -129,16 +129,20 @@ def test_equal_scores_go_to_the_lower_index() -> None:
 
 @needs_op
 @pytest.mark.parametrize("threads", [1, 2, 4])
-def test_a_rows_answer_does_not_depend_on_its_batch_mates_or_the_threads(threads: int) -> None:
-    weight = torch.randn(8, 4096) / 64
-    batch = torch.randn(333, 4096)
+@pytest.mark.parametrize(("experts", "dim"), [(8, 4096), (7, 45), (66, 300)])
+def test_a_rows_answer_does_not_depend_on_its_batch_mates_or_the_threads(
+        threads: int, experts: int, dim: int) -> None:
+    """Alone a row is multiplied by itself; among 333 (tiles of up to 16 rows, blocks of
+    up to four rows, experts in blocks of four and the rest) with others: the same bits,
+    for hidden sizes with and without a partial last group of 16 columns."""
+    weight = torch.randn(experts, dim) / dim**0.5
+    batch = torch.randn(333, dim)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         together = _softmax_route(batch, weight, 2, True, 1e-20, 1.0)
-        for row in (0, 1, 100, 332):
-            alone = _softmax_route(batch[row : row + 1], weight, 2, True,
-                                                  1e-20, 1.0)
+        for row in (0, 1, 2, 3, 100, 330, 331, 332):
+            alone = _softmax_route(batch[row : row + 1], weight, 2, True, 1e-20, 1.0)
             for got, want in zip(alone[:2] + alone[4:6], together[:2] + together[4:6],
                                  strict=True):
                 assert torch.equal(got[0], want[row])
@@ -256,16 +260,16 @@ def test_the_router_still_routes_where_the_op_cannot_be_built(monkeypatch) -> No
 
 
 @needs_op
-def test_the_whole_route_is_fused_where_the_gate_is_a_plain_matmul() -> None:
+def test_the_whole_route_is_fused_where_the_gate_is_a_plain_linear_layer() -> None:
     fused = [
         _router(), _router(renormalize=False), _router(routed_scaling_factor=2.0),
         _router(scoring=ScoringFunction.SIGMOID),
         TopKRouter(RouterConfig(hidden_size=64, num_experts=8, top_k=2),
                    use_correction_bias=True).eval(),
         _grouped(),
+        _router(gate_bias=True),
     ]
-    selection_only = [_router(gate_bias=True), _router(logit_softcap=30.0),
-                      _router(logit_multiplier=2.0)]
+    selection_only = [_router(logit_softcap=30.0), _router(logit_multiplier=2.0)]
     torch_only = [_router(capacity_factor=1.0), _router(per_expert_scale=True)]
     x = torch.randn(3, 64)
     with torch.inference_mode():
@@ -276,23 +280,33 @@ def test_the_whole_route_is_fused_where_the_gate_is_a_plain_matmul() -> None:
     assert fused[0]._fused_gate(x) is None  # outside inference: autograd may want the graph
 
 
+@pytest.fixture
+def one_row_at_once(monkeypatch):
+    """The op as an AVX2 build has it (one row at a time), whatever this host built."""
+    assert fused_topk.kernel_available()
+    monkeypatch.setattr(fused_topk._ops(), "rows_at_once", 1)
+
+
 @needs_op
-def test_a_large_gate_is_fused_for_few_token_calls_only() -> None:
-    """Past SMALL_GATE_BYTES the op's own matmul loses to the tuned one beyond a few tokens
-    (DeepSeek-V3's 7 MB gate: 1.17x at 16 tokens); a small gate is fused at every size."""
-    dim = fused_topk.SMALL_GATE_BYTES // (4 * 64) + 16  # 64 experts: just over the bound
-    large = _grouped(experts=64, dim=dim, scoring=ScoringFunction.SIGMOID)
-    small = _router()
-    limit = fused_topk.LARGE_GATE_MAX_ROWS
+def test_the_avx512_build_fuses_every_call_and_others_few_token_calls(one_row_at_once) -> None:
+    """Built for AVX2 the op's matmul loses to the tuned one past a few tokens once the
+    gate is wide (FEW_TOKENS); a router of at most FEW_EXPERTS experts is fused at every
+    size."""
+    wide = _grouped(experts=64, scoring=ScoringFunction.SIGMOID)
+    narrow = _router(experts=fused_topk.FEW_EXPERTS)
+    limit = fused_topk.FEW_TOKENS
     with torch.inference_mode():
-        assert large._fused_gate(torch.randn(limit, dim)) is not None
-        assert large._fused_gate(torch.randn(limit + 1, dim)) is None
-        assert small._fused_gate(torch.randn(4096, 64)) is not None
+        assert wide._fused_gate(torch.randn(limit, 32)) is not None
+        assert wide._fused_gate(torch.randn(limit + 1, 32)) is None
+        assert narrow._fused_gate(torch.randn(4096, 64)) is not None
+        fused_topk._ops().rows_at_once = 4  # as the AVX-512 build
+        assert wide._fused_gate(torch.randn(4096, 32)) is not None
 
 
 @needs_op
 @pytest.mark.parametrize("case", ["deepseek-v3", "deepseek-v2", "zero fill, negative bias",
-                                  "bias on the logits", "top-k, sigmoid", "top-k, bias"])
+                                  "bias on the logits", "top-k, sigmoid", "top-k, bias",
+                                  "top-k, gate bias"])
 def test_the_fused_route_answers_as_the_pytorch_path(case: str) -> None:
     """The op's own gate matmul against the batch-invariant one: logits to float32
     rounding, the same experts, weights and losses to rounding."""
@@ -300,7 +314,7 @@ def test_the_fused_route_answers_as_the_pytorch_path(case: str) -> None:
     if case.startswith("zero"):
         with torch.no_grad():
             router.e_score_correction_bias.fill_(-2.0)
-    x = torch.randn(3, 7, 32)
+    x = torch.randn(2, 4, 32)  # FEW_TOKENS: the op's matmul on every build
     with torch.inference_mode():
         assert router._fused_gate(x.reshape(-1, 32)) is not None
         fused = router(x, return_losses=True)
@@ -407,6 +421,7 @@ _SELECTIONS = {
     "top-k, bias": lambda: TopKRouter(RouterConfig(hidden_size=32, num_experts=16, top_k=4),
                                       use_correction_bias=True).eval(),
     "top-k, logit cap": lambda: _router(dim=32, experts=16, k=4, logit_softcap=1.5),
+    "top-k, gate bias": lambda: _router(dim=32, experts=16, k=4, gate_bias=True),
 }
 
 
@@ -448,20 +463,18 @@ def test_equal_groups_and_experts_go_to_the_lower_index(group_score: GroupScore)
 
 
 @needs_op
-@pytest.mark.parametrize("dim", [32, fused_topk.SMALL_GATE_BYTES // (4 * 64) + 16])
-def test_merged_grouped_calls_answer_what_each_call_alone_does(dim: int) -> None:
-    """A small gate routes every call through the op; one past SMALL_GATE_BYTES sends the
-    calls above LARGE_GATE_MAX_ROWS through the merged matmul and the others through the
-    op, in one merged pass."""
-    router = _grouped(dim=dim, scoring=ScoringFunction.SIGMOID,
-                      group_score=GroupScore.TOP2_SUM, routed_scaling_factor=2.5)
-    calls = [torch.randn(n, dim) for n in (1, 2, 9, 33, 8)]
+def test_merged_grouped_calls_answer_what_each_call_alone_does(one_row_at_once) -> None:
+    """With the op taking calls of at most FEW_TOKENS tokens, the larger calls of a merged
+    pass share the merged matmul and the others are op calls of their own."""
+    router = _grouped(scoring=ScoringFunction.SIGMOID, group_score=GroupScore.TOP2_SUM,
+                      routed_scaling_factor=2.5)
+    calls = [torch.randn(n, 32) for n in (1, 2, 9, 33, 8)]
     wants = [False, True, False, True, True]
     with torch.inference_mode():
         paths = [router._fused_gate(c) is not None for c in calls]
         merged = router.route_many(calls, return_losses=wants)
         alone = [router(c, return_losses=want) for c, want in zip(calls, wants, strict=True)]
-    assert paths == ([True] * 5 if dim == 32 else [True, True, False, False, True])
+    assert paths == [True, True, False, False, True]
     for got, want in zip(merged, alone, strict=True):
         for name in ("expert_indices", "expert_weights", "router_logits", "tokens_per_expert",
                      "aux_loss", "z_loss"):

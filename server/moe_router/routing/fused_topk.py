@@ -16,10 +16,9 @@ PyTorch routing (``x @ W.T``, softmax, top-k, renormalise), p50:
 Its gate matmul is its own: each row's dot products keep 16 partial sums per expert,
 added in a fixed order, so a token's logits do not depend on its batch mates nor on the
 intra-op thread count (the rows are split between threads, never a dot product). The
-answers equal PyTorch's to float32 rounding (indices exactly, save for near ties). It is
-no tuned matmul, so a large gate takes it for few-token calls only
-(:data:`SMALL_GATE_BYTES`); ``topk_select`` then selects from the batch-invariant
-matmul's logits.
+answers equal PyTorch's to float32 rounding (indices exactly, save for near ties). Where
+the op's matmul loses to the tuned one (:data:`FEW_TOKENS`), ``topk_select`` selects from
+the batch-invariant matmul's logits instead.
 
 :func:`kernel_available` is False when the ops cannot be had (no C++ compiler or ninja on
 the host, a build error: logged once); the routers then use PyTorch ops. The build takes
@@ -178,30 +177,31 @@ def _remove_if_stale(lock: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-SMALL_GATE_BYTES = 2 << 20
-LARGE_GATE_MAX_ROWS = 8
-"""When :func:`topk_route`'s own gate matmul is used: for a gate of at most
-``SMALL_GATE_BYTES`` (fp32 [E, D]) at every call size; for a larger one only for calls of
-at most ``LARGE_GATE_MAX_ROWS`` tokens, where reading the gate from memory is the cost and
-one dispatch beats several. Its dot products are not a tuned matmul: measured here on one
-thread (2 shared cores of an AMD EPYC, p50, against the batch-invariant matmul and
-``topk_select``):
+FEW_TOKENS = 8
+FEW_EXPERTS = 16
+"""When :func:`topk_route`'s own gate matmul serves a call. Built for AVX-512 it multiplies
+four rows at once and beats the batch-invariant matmul plus ``topk_select`` at every size
+(measured here on one thread, 2 shared cores of an AMD EPYC with AVX-512, p50, op against
+that pair):
 
-    E = 8,   D = 4096  (128 KB): 0.49x at 1 token, 0.81x at 256, 0.61x at 2048
-    E = 64,  D = 2048  (512 KB): 0.54x at 1 token, 0.93x at 256
-    E = 128, D = 2048  (1 MB):   0.69x at 1 token, 0.98x at 256, 0.92x at 2048
-    E = 160, D = 5120  (3.3 MB): 0.79x at 1 token, 0.66x at 2, 0.98x at 8, 1.21x at 16
-    E = 256, D = 7168  (7.3 MB): 0.81x at 1 token, 0.67x at 2, 0.96x at 8, 1.17x at 16,
-                                 1.45x at 256
+    E = 8,   D = 4096:  0.39x at 1 token, 0.19x at 256, 0.25x at 2048
+    E = 64,  D = 2048:  0.46x at 1 token, 0.79x at 256, 0.80x at 2048
+    E = 128, D = 2880:  0.64x at 1 token, 0.88x at 256, 0.87x at 2048
+    E = 256, D = 7168:  0.76x at 1 token, 0.44x at 4, 0.81x at 256, 0.80x at 2048
 
+Built for AVX2 (sixteen registers: one row at a time) it loses past a few tokens once
+the gate is wide (the same host with the AVX2 build: 1.12-1.36x at 64 tokens and more
+for 64-256 experts, 0.30-0.34x for 8), so there it takes calls of at most
+``FEW_TOKENS`` tokens, and every call of a router with at most ``FEW_EXPERTS`` experts.
 A call's path depends on its own size alone, so a merged pass answers each call as
 routing it alone does."""
 
 
 def gate_fused_for(rows: int, weight: torch.Tensor) -> bool:
-    """Whether a call of ``rows`` tokens through gate ``weight`` [E, D] (fp32) takes
-    :func:`topk_route`'s own gate matmul (see :data:`SMALL_GATE_BYTES`)."""
-    return rows <= LARGE_GATE_MAX_ROWS or weight.numel() * 4 <= SMALL_GATE_BYTES
+    """Whether a call of ``rows`` tokens through gate ``weight`` [E, D] takes
+    :func:`topk_route`'s own gate matmul (see :data:`FEW_TOKENS`)."""
+    return (rows <= FEW_TOKENS or weight.shape[0] <= FEW_EXPERTS
+            or _ops().rows_at_once > 1)
 
 
 _KERNEL = _Kernel()
@@ -219,17 +219,19 @@ def topk_route(
     k: int,
     spec: SelectionSpec,
     *,
+    gate_bias: torch.Tensor | None = None,
     want_scores: bool = True,
     load: torch.Tensor | None = None,
 ) -> FusedRoute:
-    """Route x [T, D] (fp32, bf16 or fp16, CPU) through gate ``weight`` [E, D] (fp32):
-    the gate logits by the op's own batch-invariant dot products, then
-    :func:`topk_select`'s selection; the scores themselves only with ``want_scores``.
+    """Route x [T, D] (fp32, bf16 or fp16, CPU) through gate ``weight`` [E, D] (fp32) and
+    ``gate_bias`` [E] (fp32) when given: the gate logits by the op's own batch-invariant
+    dot products, then :func:`topk_select`'s selection with the correction ``bias``; the
+    scores themselves only with ``want_scores``.
     The counts are also added into ``load`` (int64 [E], atomically) when given: the
     router's running expert load, one dispatch less per call than ``load.add_(counts)``.
     Only where :func:`kernel_available`."""
-    tensors, bounded = _ops().topk_route(x, weight, bias, k, *spec.arguments(), want_scores,
-                                         LOGIT_BOUND, load)
+    tensors, bounded = _ops().topk_route(x, weight, gate_bias, bias, k, *spec.arguments(),
+                                         want_scores, LOGIT_BOUND, load)
     indices, weights, per_token, counts, logits, scores = tensors
     return FusedRoute(indices, weights, per_token, counts, logits, scores, bounded)
 

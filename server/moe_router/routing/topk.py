@@ -52,8 +52,8 @@ class TopKRouter(RouterBase):
     Inference on a CPU runs through compiled ops (:mod:`~moe_router.routing.fused_topk`)
     when the host can build them, for softmax or sigmoid scores with or without a
     correction bias and expert groups (no shared experts, learned scales or dropping):
-    the whole route as one op where the gate is a plain matmul (no gate bias, input norm
-    or logit transform: Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3's few-token calls) and the
+    the whole route as one op where the gate is a plain linear layer (no input norm or
+    logit transform: Mixtral, Qwen-MoE, OLMoE, GPT-OSS, DeepSeek-V3's few-token calls) and the
     call's size suits the op's matmul (:func:`~moe_router.routing.fused_topk.gate_fused_for`),
     else the batch-invariant matmul and the selection as another op.
     """
@@ -97,10 +97,10 @@ class TopKRouter(RouterBase):
             and not (config.per_expert_scale or config.learned_weight_scale)
             and not config.drops_tokens
         )
-        # ... and the whole route, gate matmul included, where the gate is a plain matmul.
+        # ... and the whole route, gate matmul included, where the gate is a plain linear
+        # layer.
         self._fusable = (
             self._selection_fusable
-            and not config.gate_bias
             and config.input_norm is InputNorm.NONE
             and config.logit_multiplier == 1.0
             and config.logit_softcap is None
@@ -180,10 +180,12 @@ class TopKRouter(RouterBase):
         if not self._fusable or self.training or torch.is_grad_enabled():
             return None
         # The dicts nn.Module's __getattr__ would search (1 us a call through it).
-        weight = self._modules["gate"]._parameters["weight"]  # type: ignore[union-attr]
+        parameters = self._modules["gate"]._parameters  # type: ignore[union-attr]
+        weight, gate_bias = parameters["weight"], parameters["bias"]
         if not (flat.is_cpu and weight.is_cpu and weight.dtype == torch.float32  # type: ignore[union-attr]
-                and fused_topk.gate_fused_for(flat.shape[0], weight)  # type: ignore[arg-type]
-                and self._fusable_bias() and fused_topk.kernel_available()):
+                and (gate_bias is None or gate_bias.dtype == torch.float32)
+                and self._fusable_bias() and fused_topk.kernel_available()
+                and fused_topk.gate_fused_for(flat.shape[0], weight)):  # type: ignore[arg-type]
             return None
         return weight
 
@@ -202,9 +204,11 @@ class TopKRouter(RouterBase):
         cfg = self.config
         bias = self._buffers["e_score_correction_bias"] if self.use_correction_bias else None
         # The op adds the counts into the running expert load (a CPU router's buffer).
+        gate_bias = self._modules["gate"]._parameters["bias"]  # type: ignore[union-attr]
         route = fused_topk.topk_route(
             flat, weight, None if bias is None else bias.contiguous(), cfg.top_k,
-            self._selection_spec, want_scores=losses, load=self._buffers["expert_load"],
+            self._selection_spec, gate_bias=None if gate_bias is None else gate_bias.contiguous(),
+            want_scores=losses, load=self._buffers["expert_load"],
         )
         indices, weights, per_token, logits = (
             route.indices, route.weights, route.num_per_token, route.logits)
