@@ -56,9 +56,9 @@ def _softmax_route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: b
                    eps: float, scale: float, want_scores: bool = True,
                    load: torch.Tensor | None = None) -> fused_topk.FusedRoute:
     """The route op as the plain softmax top-k (Mixtral) calls it."""
-    return fused_topk.topk_route(x, weight, None, k, SelectionSpec(renormalize=renormalize,
-                                                                   eps=eps, scale=scale),
-                                 want_scores=want_scores, load=load)
+    return fused_topk.topk_route(x, weight, None, None, k,
+                                 SelectionSpec(renormalize=renormalize, eps=eps, scale=scale),
+                                 want_scores, load)
 
 
 def _torch_path(router: TopKRouter, x: torch.Tensor, **kwargs):
@@ -284,7 +284,7 @@ def test_the_whole_route_is_fused_where_the_gate_is_a_plain_linear_layer() -> No
 def one_row_at_once(monkeypatch):
     """The op as an AVX2 build has it (one row at a time), whatever this host built."""
     assert fused_topk.kernel_available()
-    monkeypatch.setattr(fused_topk._ops(), "rows_at_once", 1)
+    monkeypatch.setattr(fused_topk._KERNEL, "every_size", False)
 
 
 @needs_op
@@ -299,7 +299,7 @@ def test_the_avx512_build_fuses_every_call_and_others_few_token_calls(one_row_at
         assert wide._fused_gate(torch.randn(limit, 32)) is not None
         assert wide._fused_gate(torch.randn(limit + 1, 32)) is None
         assert narrow._fused_gate(torch.randn(4096, 64)) is not None
-        fused_topk._ops().rows_at_once = 4  # as the AVX-512 build
+        fused_topk._KERNEL.every_size = True  # as the AVX-512 build
         assert wide._fused_gate(torch.randn(4096, 32)) is not None
 
 
@@ -532,3 +532,13 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_process(tmp_path) 
         capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "True", done.stderr
     assert "removing" in done.stderr and not lock.exists()
+
+
+@needs_op
+def test_the_build_says_whether_its_matmul_serves_every_size() -> None:
+    """Four rows at once on AVX-512 (every call fused there), one on other builds."""
+    assert fused_topk.kernel_available()
+    rows = fused_topk._ops().rows_at_once
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert rows == (4 if avx512 else 1)
+    assert fused_topk._KERNEL.every_size is (rows > 1)

@@ -30,6 +30,7 @@ later processes import it from there without running ninja.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -43,8 +44,8 @@ import torch
 
 from moe_router.routing.output import LOGIT_BOUND
 
-__all__ = ["STALE_LOCK_S", "FusedRoute", "FusedSelection", "SelectionSpec", "gate_fused_for",
-           "kernel_available", "library_name", "topk_route", "topk_select"]
+__all__ = ["STALE_LOCK_S", "FusedRoute", "FusedSelection", "SelectionSpec", "kernel_available",
+           "library_name", "routes_call", "topk_route", "topk_select"]
 
 log = logging.getLogger("moe_router")
 
@@ -98,8 +99,10 @@ class SelectionSpec:
     eps: float = 0.0
     scale: float = 1.0
 
+    @functools.cached_property
     def arguments(self) -> tuple[bool, bool, int, int, int, bool, bool, float, float]:
-        """The ops' positional arguments after k, in their order."""
+        """The ops' positional arguments after k, in their order (made once: a call is a
+        few microseconds)."""
         return (self.sigmoid, self.bias_on_logits, self.groups, self.kept_groups,
                 int(self.top2_sum), self.fill_zero, self.renormalize, self.eps, self.scale)
 
@@ -111,12 +114,14 @@ class _Kernel:
         self._lock = threading.Lock()
         self._tried = False
         self.ops: Any = None  # the extension module once loaded
+        self.every_size = False  # its matmul serves every call size (see FEW_TOKENS)
 
     def get(self) -> Any:
         if not self._tried:
             with self._lock:
                 if not self._tried:
                     self.ops = _build()
+                    self.every_size = self.ops is not None and self.ops.rows_at_once > 1
                     self._tried = True
         return self.ops
 
@@ -197,11 +202,12 @@ A call's path depends on its own size alone, so a merged pass answers each call 
 routing it alone does."""
 
 
-def gate_fused_for(rows: int, weight: torch.Tensor) -> bool:
-    """Whether a call of ``rows`` tokens through gate ``weight`` [E, D] takes
-    :func:`topk_route`'s own gate matmul (see :data:`FEW_TOKENS`)."""
-    return (rows <= FEW_TOKENS or weight.shape[0] <= FEW_EXPERTS
-            or _ops().rows_at_once > 1)
+def routes_call(rows: int, weight: torch.Tensor) -> bool:
+    """Whether :func:`topk_route` serves a call of ``rows`` tokens through gate ``weight``
+    [E, D]: the op is built on this host and its matmul serves the size (see
+    :data:`FEW_TOKENS`)."""
+    return _KERNEL.get() is not None and (
+        _KERNEL.every_size or rows <= FEW_TOKENS or weight.shape[0] <= FEW_EXPERTS)
 
 
 _KERNEL = _Kernel()
@@ -215,22 +221,20 @@ def kernel_available() -> bool:
 def topk_route(
     x: torch.Tensor,
     weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
     bias: torch.Tensor | None,
     k: int,
     spec: SelectionSpec,
-    *,
-    gate_bias: torch.Tensor | None = None,
     want_scores: bool = True,
     load: torch.Tensor | None = None,
 ) -> FusedRoute:
     """Route x [T, D] (fp32, bf16 or fp16, CPU) through gate ``weight`` [E, D] (fp32) and
     ``gate_bias`` [E] (fp32) when given: the gate logits by the op's own batch-invariant
     dot products, then :func:`topk_select`'s selection with the correction ``bias``; the
-    scores themselves only with ``want_scores``.
-    The counts are also added into ``load`` (int64 [E], atomically) when given: the
-    router's running expert load, one dispatch less per call than ``load.add_(counts)``.
-    Only where :func:`kernel_available`."""
-    tensors, bounded = _ops().topk_route(x, weight, gate_bias, bias, k, *spec.arguments(),
+    scores themselves only with ``want_scores``. The counts are also added into ``load``
+    (int64 [E], atomically) when given: the router's running expert load, one dispatch
+    less per call than ``load.add_(counts)``. Only where :func:`kernel_available`."""
+    tensors, bounded = _ops().topk_route(x, weight, gate_bias, bias, k, *spec.arguments,
                                          want_scores, LOGIT_BOUND, load)
     indices, weights, per_token, counts, logits, scores = tensors
     return FusedRoute(indices, weights, per_token, counts, logits, scores, bounded)
@@ -245,7 +249,7 @@ def topk_select(
     define it (``spec``), with the correction ``bias`` [E] when given: top-``k`` with
     ties to the lower index (and the lower group); and whether every logit was finite
     and below :data:`LOGIT_BOUND` in magnitude. Only where :func:`kernel_available`."""
-    tensors, bounded = _ops().topk_select(logits, bias, k, *spec.arguments(), LOGIT_BOUND)
+    tensors, bounded = _ops().topk_select(logits, bias, k, *spec.arguments, LOGIT_BOUND)
     indices, weights, per_token, counts, scores = tensors
     return FusedSelection(indices, weights, per_token, counts, scores, bounded)
 

@@ -54,7 +54,7 @@ class TopKRouter(RouterBase):
     correction bias and expert groups (no shared experts, learned scales or dropping):
     the whole route as one op where the gate is a plain linear layer (no input norm or
     logit transform: Mixtral, Qwen-MoE, OLMoE, GPT-OSS, DeepSeek-V3's few-token calls) and the
-    call's size suits the op's matmul (:func:`~moe_router.routing.fused_topk.gate_fused_for`),
+    call's size suits the op's matmul (:func:`~moe_router.routing.fused_topk.routes_call`),
     else the batch-invariant matmul and the selection as another op.
     """
 
@@ -175,8 +175,7 @@ class TopKRouter(RouterBase):
         """The gate weight [E, D] when this call goes through the fused route
         (:func:`fused_topk.topk_route`), else None: a fusable router (``_fusable``),
         inference without autograd, input, fp32 gate and bias on the CPU, a call size the
-        op's matmul serves well (:func:`fused_topk.gate_fused_for`), and the op built on
-        this host."""
+        op's matmul serves well and the op built on this host (:func:`fused_topk.routes_call`)."""
         if not self._fusable or self.training or torch.is_grad_enabled():
             return None
         # The dicts nn.Module's __getattr__ would search (1 us a call through it).
@@ -184,8 +183,8 @@ class TopKRouter(RouterBase):
         weight, gate_bias = parameters["weight"], parameters["bias"]
         if not (flat.is_cpu and weight.is_cpu and weight.dtype == torch.float32  # type: ignore[union-attr]
                 and (gate_bias is None or gate_bias.dtype == torch.float32)
-                and self._fusable_bias() and fused_topk.kernel_available()
-                and fused_topk.gate_fused_for(flat.shape[0], weight)):  # type: ignore[arg-type]
+                and (not self.use_correction_bias or self._fusable_bias())
+                and fused_topk.routes_call(flat.shape[0], weight)):  # type: ignore[arg-type]
             return None
         return weight
 
@@ -206,9 +205,9 @@ class TopKRouter(RouterBase):
         # The op adds the counts into the running expert load (a CPU router's buffer).
         gate_bias = self._modules["gate"]._parameters["bias"]  # type: ignore[union-attr]
         route = fused_topk.topk_route(
-            flat, weight, None if bias is None else bias.contiguous(), cfg.top_k,
-            self._selection_spec, gate_bias=None if gate_bias is None else gate_bias.contiguous(),
-            want_scores=losses, load=self._buffers["expert_load"],
+            flat, weight, None if gate_bias is None else gate_bias.contiguous(),
+            None if bias is None else bias.contiguous(), cfg.top_k, self._selection_spec,
+            losses, self._buffers["expert_load"],
         )
         indices, weights, per_token, logits = (
             route.indices, route.weights, route.num_per_token, route.logits)
@@ -222,7 +221,7 @@ class TopKRouter(RouterBase):
             weights = weights.reshape(*lead, cfg.top_k)
             per_token = per_token.reshape(lead)
             logits = logits.reshape(*lead, cfg.num_experts)
-        return RouterOutput(
+        return RouterOutput.of(
             expert_indices=indices,
             expert_weights=weights,
             num_experts_per_token=per_token,
