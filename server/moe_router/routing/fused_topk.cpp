@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -331,8 +332,11 @@ bool route_rows(const In* x, const float* w, const float* gate_bias, const float
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     // choice [E], the top-k values [k], and the scores [E] when they are not kept
     std::vector<float> scratch(static_cast<size_t>(e + k + (scores == nullptr ? e : 0)));
-    // bf16 / fp16 rows widened to fp32 (exactly) a tile at a time
-    std::vector<float> wide(std::is_same_v<In, float> ? 0 : static_cast<size_t>(tile * d));
+    // bf16 / fp16 rows widened to fp32 (exactly) a tile at a time, into a buffer of
+    // this task's rows at most and never zeroed first (a 1-token call of 4096 would
+    // otherwise clear 256 KiB)
+    const int64_t buffered = std::is_same_v<In, float> ? 0 : std::min(tile, end - begin) * d;
+    std::unique_ptr<float[]> wide(buffered > 0 ? new float[buffered] : nullptr);
     bool bounded = true;
     for (int64_t start = begin; start < end; start += tile) {
       const int64_t stop = std::min(end, start + tile);
@@ -343,7 +347,7 @@ bool route_rows(const In* x, const float* w, const float* gate_bias, const float
         for (int64_t i = 0; i < (stop - start) * d; ++i) {
           wide[i] = static_cast<float>(x[start * d + i]);
         }
-        rows_x = wide.data();
+        rows_x = wide.get();
       }
       tile_logits(rows_x, w, stop - start, d, e, logits + start * e);
       for (int64_t t = start; t < stop; ++t) {
