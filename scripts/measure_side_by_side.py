@@ -25,12 +25,15 @@ buffer, as the bench's 1-caller co-located cells; ratios are to the first server
 
 Before timing, every server must give the same answer for the hidden states (minus the
 request id and the measured times): a change that moved an answer is not a speed-up.
+``--rounding RTOL`` lets float answers differ by that much, relatively, for a change to
+the arithmetic itself (a new kernel); the chosen experts must still be the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import statistics
 import sys
@@ -47,7 +50,7 @@ from moe_router.analysis import echo_server
 from moe_router.analysis.load_client import ListeningProcess, python_file_command
 from moe_router.analysis.server_cpu import ServerCpu, read_cpu
 from moe_router_client import CoLocatedClient, RouterClient, RouteResult
-from moe_router_client.tensors import to_wire
+from moe_router_client.tensors import from_wire, to_wire
 from moe_router_client.v1 import router_pb2 as pb
 
 ROUTE_METHOD = "/moe_router.v1.RouterService/Route"
@@ -104,20 +107,38 @@ def route_request(router: str, hidden: np.ndarray) -> bytes:
     return request.SerializeToString()
 
 
-def differences(answer: bytes, expected: bytes) -> list[str]:
+def differences(answer: bytes, expected: bytes, rounding: float = 0.0) -> list[str]:
     """The RouteResponse fields (``info.*`` for RoutingInfo's) in which ``answer``
     differs from ``expected``, leaving out what differs between any two calls: the
-    request id and the measured times."""
+    request id and the measured times. ``rounding``: float tensors and scalars may differ
+    by this much, relatively (a change to the arithmetic); the rest must be equal."""
     got, want = pb.RouteResponse.FromString(answer), pb.RouteResponse.FromString(expected)
     for info in (got.info, want.info):
         info.request_id = ""
         info.queue_time_us = info.compute_time_us = 0
 
+    def same(a: Any, b: Any) -> bool:
+        if a == b:
+            return True
+        if not rounding:
+            return False
+        if isinstance(a, float) and isinstance(b, float):
+            return math.isclose(a, b, rel_tol=rounding)
+        if isinstance(a, pb.Tensor) and a.dtype == b.dtype == pb.FLOAT32 and a.shape == b.shape:
+            return close_arrays(from_wire(a), from_wire(b), rounding)
+        return False
+
     def differing(a: Any, b: Any, prefix: str = "") -> list[str]:
         return [prefix + f.name for f in a.DESCRIPTOR.fields
-                if f.name != "info" and getattr(a, f.name) != getattr(b, f.name)]
+                if f.name != "info" and not same(getattr(a, f.name), getattr(b, f.name))]
 
     return differing(got.info, want.info, "info.") + differing(got, want)
+
+
+def close_arrays(got: Any, want: Any, rounding: float) -> bool:
+    """Whether two float arrays of one shape are equal to ``rounding``, relatively."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return got.shape == want.shape and bool(np.allclose(got, want, rtol=rounding, atol=0.0))
 
 
 async def _answer(target: str, request: bytes) -> bytes:
@@ -160,12 +181,16 @@ async def _turn(target: str, method: str, request: bytes, metadata: tuple[tuple[
     return Turn(statistics.median(times) * 1e6, len(times) / (closed - opened), cpu)
 
 
-def colocated_differences(got: RouteResult, expected: RouteResult) -> list[str]:
+def colocated_differences(got: RouteResult, expected: RouteResult,
+                          rounding: float = 0.0) -> list[str]:
     """What differs between two co-located answers (the arrays' bytes and the routing
-    scalars; not the request id or the times)."""
+    scalars; not the request id or the times); the weights to ``rounding``, relatively."""
     names = ["expert_indices", "expert_weights", "num_experts_per_token"]
     differ = [n for n in names if np.asarray(getattr(got, n)).tobytes()
               != np.asarray(getattr(expected, n)).tobytes()]
+    if rounding and "expert_weights" in differ and close_arrays(
+            got.expert_weights, expected.expert_weights, rounding):
+        differ.remove("expert_weights")
     return differ + [f"info.{n}" for n in ("tokens_per_expert", "router_version")
                      if getattr(got.info, n) != getattr(expected.info, n)]
 
@@ -186,15 +211,15 @@ def colocated_p50_us(client: CoLocatedClient, router: str, buffer: np.ndarray,
 
 
 def time_grpc(servers: list[ListeningProcess], echo: ListeningProcess, router: str,
-              hidden: np.ndarray, rounds: int, seconds: float, callers: int = 1
-              ) -> dict[str, list[Turn]]:
+              hidden: np.ndarray, rounds: int, seconds: float, callers: int = 1,
+              rounding: float = 0.0) -> dict[str, list[Turn]]:
     """Every server's and the echo's turn per round over gRPC, after checking that the
     servers answer alike."""
     request = route_request(router, hidden)
     first = servers[0].label
     answers = {s.label: asyncio.run(_answer(s.target, request)) for s in servers}
     for name, answer in answers.items():
-        differ = differences(answer, answers[first])
+        differ = differences(answer, answers[first], rounding)
         if differ:
             raise SystemExit(f"{name} answers differently from {first} ({', '.join(differ)}): "
                              "not the same routing, so the times are not comparable")
@@ -217,7 +242,7 @@ def time_grpc(servers: list[ListeningProcess], echo: ListeningProcess, router: s
 
 
 def time_colocated(servers: list[ListeningProcess], router: str, hidden: np.ndarray,
-                   rounds: int, seconds: float) -> dict[str, list[float]]:
+                   rounds: int, seconds: float, rounding: float = 0.0) -> dict[str, list[float]]:
     """Every server's p50 per round through the co-located door (no echo: its floor is
     routing in-process, which ``make bench`` measures), after checking that they answer
     alike."""
@@ -230,7 +255,7 @@ def time_colocated(servers: list[ListeningProcess], router: str, hidden: np.ndar
         first = servers[0].label
         answers = {n: c.route(router, buffers[n], skip_cache=True) for n, c in clients.items()}
         for name, answer in answers.items():
-            differ = colocated_differences(answer, answers[first])
+            differ = colocated_differences(answer, answers[first], rounding)
             if differ:
                 raise SystemExit(f"{name} answers differently from {first} "
                                  f"({', '.join(differ)}): not the same routing, so the times "
@@ -272,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per turn")
     parser.add_argument("--callers", type=int, default=1,
                         help="closed-loop callers per turn (gRPC door)")
+    parser.add_argument("--rounding", type=float, default=0.0, metavar="RTOL",
+                        help="let the servers' float answers differ by this much, relatively "
+                             "(a change to the arithmetic); the experts must still agree")
     args = parser.parse_args(argv)
     if args.callers < 1 or (args.callers > 1 and args.door != "grpc"):
         parser.error(f"--callers: a positive count, and only with --door grpc; got "
@@ -303,11 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         turns: dict[str, list[Turn]] = {}
         if echo is not None:
             turns = time_grpc(servers, echo, args.router, hidden, args.rounds, args.seconds,
-                              args.callers)
+                              args.callers, args.rounding)
             p50s = {name: [t.p50_us for t in ts] for name, ts in turns.items()}
             floor, floor_name = statistics.median(p50s["echo"]), "the echo"
         else:
-            p50s = time_colocated(servers, args.router, hidden, args.rounds, args.seconds)
+            p50s = time_colocated(servers, args.router, hidden, args.rounds, args.seconds,
+                                  args.rounding)
             floor, floor_name = statistics.median(p50s[servers[0].label]), servers[0].label
         for name, figures in p50s.items():
             median = statistics.median(figures)

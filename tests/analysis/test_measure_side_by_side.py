@@ -4,13 +4,19 @@ servers do not route alike."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 from server_process import small_routers, write_config
+
+from moe_router_client.tensors import to_wire
+from moe_router_client.v1 import router_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "measure_side_by_side.py"
@@ -87,6 +93,57 @@ def test_servers_that_route_differently_are_not_compared(tmp_path: Path) -> None
     assert "two answers differently from one" in done.stderr
     assert "expert_weights" in done.stderr
     assert "round 0" not in done.stdout  # nothing was timed
+
+
+def _script_module():
+    spec = importlib.util.spec_from_file_location("measure_side_by_side", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rounding_lets_float_answers_differ_by_that_much_only() -> None:
+    """Weights one float32 ulp apart are different routing by default and the same with
+    --rounding 1e-6; other experts, or weights further apart, never are (both doors'
+    comparisons)."""
+    script = _script_module()
+    indices = np.array([[0, 3], [2, 1]], np.int32)
+    weights = np.array([[0.75, 0.25], [0.5, 0.5]], np.float32)
+    ulp_apart = np.nextafter(weights, np.float32(2.0))
+
+    def answer(idx: np.ndarray, w: np.ndarray) -> bytes:
+        response = pb.RouteResponse()
+        to_wire(idx, out=response.expert_indices)
+        to_wire(w, out=response.expert_weights)
+        response.info.router_version = "v1"
+        return response.SerializeToString()
+
+    base = answer(indices, weights)
+    assert script.differences(answer(indices, ulp_apart), base) == ["expert_weights"]
+    assert script.differences(answer(indices, ulp_apart), base, 1e-6) == []
+    assert script.differences(answer(indices, weights * 1.01), base, 1e-6) == ["expert_weights"]
+    assert script.differences(answer(indices[:, ::-1].copy(), weights), base,
+                              1e-6) == ["expert_indices"]
+
+    def result(idx: np.ndarray, w: np.ndarray) -> SimpleNamespace:
+        info = SimpleNamespace(tokens_per_expert=[1, 1, 1, 1], router_version="v1")
+        return SimpleNamespace(expert_indices=idx, expert_weights=w,
+                               num_experts_per_token=np.full(2, 2, np.int32), info=info)
+
+    colocated = script.colocated_differences
+    assert colocated(result(indices, ulp_apart), result(indices, weights)) == ["expert_weights"]
+    assert colocated(result(indices, ulp_apart), result(indices, weights), 1e-6) == []
+    assert colocated(result(indices[:, ::-1].copy(), ulp_apart), result(indices, weights),
+                     1e-6) == ["expert_indices"]
+
+
+def test_rounding_is_an_option_of_the_command(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", mixtral(1))
+    done = run(f"a={config}", f"b={config}", "--rounding", "1e-6", "--rounds", "1",
+               "--seconds", "0.1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^round 0: a \d+, b \d+, echo \d+$", done.stdout, re.M), done.stdout
 
 
 def test_a_server_that_cannot_start_is_reported_with_its_own_error(tmp_path: Path) -> None:
