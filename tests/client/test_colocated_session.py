@@ -12,6 +12,7 @@ import pytest
 from moe_router_client import colocated_wire as wire
 from moe_router_client.colocated_session import MemfdRegion, Session, Step
 from moe_router_client.colocated_shared import SharedBuffers, shared_array
+from moe_router_client.errors import RouterError
 from moe_router_client.v1 import router_pb2 as pb
 
 DESCRIPTION = wire.Description(0, "mixtral", 4, 64, 8, 2, 1)
@@ -110,3 +111,43 @@ def test_a_shared_buffer_is_referenced_where_the_input_lies(session: Session) ->
     assert copied.tensors[0].place.name == session.inputs.name  # type: ignore[union-attr]
     del buffer
     shared.close()
+
+
+def _written_answer(region: MemfdRegion, refs: tuple[wire.OutputRef, ...]) -> wire.Routed:
+    return wire.Routed(1, refs, (1, 0, 1, 0), 0, "v1", False, 1, 1, 0, 3, "rid", 0)
+
+
+def test_the_answer_is_read_out_of_the_region_once_and_checked() -> None:
+    """The outputs are copied out of the reused region (a later call's answer does not
+    change them), by the dtype and shape the answer names, through numpy or torch."""
+    torch = pytest.importorskip("torch")
+    region = MemfdRegion("answers", 1 << 16)
+    try:
+        indices = np.array([[3, 1], [0, 2]], np.int32)
+        weights = np.array([[0.75, 0.25], [0.5, 0.5]], np.float32)
+        region.bytes[0:16] = indices.view(np.uint8).reshape(-1)
+        region.bytes[64:80] = weights.view(np.uint8).reshape(-1)
+        region.bytes[128:136] = np.array([2, 2], np.int32).view(np.uint8)
+        refs = (wire.OutputRef("expert_indices", pb.INT32, (2, 2), 0, 16),
+                wire.OutputRef("expert_weights", pb.FLOAT32, (2, 2), 64, 16),
+                wire.OutputRef("num_experts_per_token", pb.INT32, (2,), 128, 8))
+        got = Session._result(_written_answer(region, refs), region, False)
+        region.bytes[:200] = 0  # the next call's answer
+        assert np.array_equal(got.expert_indices, indices) and got.expert_indices.dtype == np.int32
+        assert np.array_equal(got.expert_weights, weights)
+        assert got.num_experts_per_token.tolist() == [2, 2]
+        assert not got.expert_weights.flags.writeable  # as every decoded answer
+        assert got.info.tokens_per_expert == [1, 0, 1, 0] and got.info.compute_time_us == 3
+        region.bytes[64:80] = weights.view(np.uint8).reshape(-1)
+        as_torch = Session._result(_written_answer(region, refs), region, True)
+        assert as_torch.expert_weights.dtype == torch.float32
+        assert as_torch.expert_weights.tolist() == weights.tolist()
+        outside = (refs[0], refs[1], wire.OutputRef("num_experts_per_token", pb.INT32, (2,),
+                                                    region.size - 4, 8))
+        with pytest.raises(RouterError, match="outside the .*-byte output region"):
+            Session._result(_written_answer(region, outside), region, False)
+        short = (wire.OutputRef("expert_indices", pb.INT32, (2, 2), 0, 8), *refs[1:])
+        with pytest.raises(ValueError, match="holds 8 bytes, expected 16"):
+            Session._result(_written_answer(region, short), region, False)
+    finally:
+        region.close()
