@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
+from moe_router_client.frozen_init import fast_init
+
 __all__ = [
     "PROTOCOL_VERSION",
     "MAX_MESSAGE_BYTES",
@@ -74,6 +76,7 @@ class Kind(IntEnum):
     ERROR = 20
 
 
+@fast_init
 @dataclass(frozen=True)
 class RegionRef:
     """Bytes ``[offset, offset + byte_size)`` of the registered region ``name``."""
@@ -101,6 +104,7 @@ class CudaIpcRef:
     event_sync_required: bool
 
 
+@fast_init
 @dataclass(frozen=True)
 class TensorRef:
     """One input: where its bytes are (inline in the message, a region, a CUDA handle)."""
@@ -169,6 +173,7 @@ class Description:
     (complexity score, Soft MoE dispatch and combine weights)."""
 
 
+@fast_init
 @dataclass(frozen=True)
 class Route:
     seq: int
@@ -185,6 +190,7 @@ class Route:
     """Compute the call's aux and z losses (``RouteOptions.return_losses``)."""
 
 
+@fast_init
 @dataclass(frozen=True)
 class OutputRef:
     """One output written into the output region, at ``offset`` from the ref's offset."""
@@ -196,6 +202,7 @@ class OutputRef:
     nbytes: int
 
 
+@fast_init
 @dataclass(frozen=True)
 class Routed:
     seq: int

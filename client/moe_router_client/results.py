@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+from moe_router_client.frozen_init import fast_init
 from moe_router_client.tensors import dtype_name, from_wire
 from moe_router_client.v1 import router_pb2 as pb
 
@@ -36,6 +37,7 @@ __all__ = [
 ServingState = Literal["SERVING", "NOT_SERVING", "DEGRADED", "SERVING_STATUS_UNSPECIFIED"]
 
 
+@fast_init
 @dataclass(frozen=True)
 class RouteInfo:
     """Scalars about one routed call (mirrors ``moe_router.v1.RoutingInfo``)."""
@@ -59,6 +61,7 @@ class RouteInfo:
     layer: int
 
 
+@fast_init
 @dataclass(frozen=True)
 class RouteResult:
     """The routing answer for one call; arrays are numpy unless ``as_torch=True`` was asked.

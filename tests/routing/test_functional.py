@@ -200,25 +200,3 @@ def test_tensor_fields_name_every_tensor_field_of_router_output() -> None:
     tensors = {f.name for f in dataclasses.fields(RouterOutput) if "Tensor" in str(hints[f.name])}
     assert set(TENSOR_FIELDS) == tensors
 
-
-def test_router_output_of_builds_what_the_constructor_builds() -> None:
-    import dataclasses
-
-    from moe_router.routing.output import RouterOutput
-
-    t = [torch.randn(3) for _ in range(8)]
-    required = dict(expert_indices=t[0], expert_weights=t[1], num_experts_per_token=t[2],
-                    router_logits=t[3], tokens_per_expert=t[4])
-    for optional in ({}, {"aux_loss": t[5], "z_loss": t[6], "dropped_tokens": 2,
-                          "info": {"capacity": 4}, "logits_bounded": True,
-                          "dispatch_weights": t[7]}):
-        made, built = RouterOutput.of(**required, **optional), RouterOutput(**required, **optional)
-        for f in dataclasses.fields(RouterOutput):
-            assert getattr(made, f.name) is getattr(built, f.name) or (
-                getattr(made, f.name) == getattr(built, f.name)), f.name
-        with pytest.raises(dataclasses.FrozenInstanceError):
-            made.aux_loss = None  # type: ignore[misc]
-    first, second = RouterOutput.of(**required), RouterOutput.of(**required)
-    assert first.info == {} and first.info is not second.info  # a dict of its own, as built
-    with pytest.raises(TypeError, match="no field.*'aux_los'"):
-        RouterOutput.of(**required, aux_los=t[5])

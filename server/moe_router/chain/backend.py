@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from moe_router.routing.output import RouterOutput
+from moe_router_client.frozen_init import fast_init
 
 __all__ = ["AT_ONCE", "AfterAnswer", "RouteOptions", "RouteCall", "RouteResult", "Backend"]
 
@@ -73,6 +74,7 @@ class AfterAnswer:
 AT_ONCE = AfterAnswer(deferred=False)
 
 
+@fast_init
 @dataclass(frozen=True)
 class RouteOptions:
     """Per-call options that can change the answer (all belong in a cache key).
@@ -93,6 +95,7 @@ class RouteOptions:
     input_ids: torch.Tensor | None = None
 
 
+@fast_init
 @dataclass(frozen=True)
 class RouteCall:
     """A decoded Route request: hidden states [T, D] or [B, S, D] as a host tensor.
@@ -118,6 +121,7 @@ class RouteCall:
         return int(self.hidden_states.numel() // max(self.hidden_states.shape[-1], 1))
 
 
+@fast_init
 @dataclass(frozen=True)
 class RouteResult:
     """A routed answer on the host, plus how it was produced."""

@@ -44,6 +44,7 @@ from moe_router.errors import (
 from moe_router.routing.base import RouterBase
 from moe_router.routing.hashed import HashRouter
 from moe_router.routing.output import LOGIT_BOUND, RouterOutput
+from moe_router_client.frozen_init import fast_init
 
 __all__ = ["AdmittedCall", "DeviceExecutor", "DeviceFigures", "PassAnswer"]
 
@@ -51,6 +52,7 @@ __all__ = ["AdmittedCall", "DeviceExecutor", "DeviceFigures", "PassAnswer"]
 PassAnswer = RouteResult | DynamicMoEError
 
 
+@fast_init
 @dataclass(frozen=True)
 class AdmittedCall:
     """A call that passed the structural checks, with what they found.

@@ -286,7 +286,7 @@ class RouterBase(nn.Module, ABC):
             weights_f32 = weights_f32.reshape(*lead, weights_f32.shape[-1])
             num_per_token = num_per_token.reshape(lead)
             logits = logits.reshape(*lead, logits.shape[-1])
-        return RouterOutput.of(
+        return RouterOutput(
             expert_indices=indices_i32,
             expert_weights=weights_f32,
             num_experts_per_token=num_per_token,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
+
+from moe_router_client.frozen_init import fast_init
 
 __all__ = ["LOGIT_BOUND", "RouterOutput", "Selection", "TENSOR_FIELDS"]
 
@@ -46,6 +48,7 @@ class Selection(NamedTuple):
         return probs if isinstance(probs, torch.Tensor) else probs()
 
 
+@fast_init  # built once or twice a call: 0.6 against 1.6 us
 @dataclass(frozen=True)
 class RouterOutput:
     """Token-centric routing result; leading dims follow the input ([T] or [B, S]).
@@ -90,35 +93,6 @@ class RouterOutput:
     info: dict[str, Any] = field(default_factory=dict)
     logits_bounded: bool | None = None
 
-    @classmethod
-    def of(
-        cls,
-        expert_indices: torch.Tensor,
-        expert_weights: torch.Tensor,
-        num_experts_per_token: torch.Tensor,
-        router_logits: torch.Tensor,
-        tokens_per_expert: torch.Tensor,
-        **optional: Any,
-    ) -> RouterOutput:
-        """The answer the constructor builds, built in a third of its time, for the
-        routers' per-call path: a frozen dataclass's ``__init__`` sets each of the 15
-        fields through ``object.__setattr__`` (1.6 us measured here, a sixth of routing
-        one Mixtral token in-process); this fills the instance's dict at once (0.6 us).
-        ``optional``: fields with defaults, by name."""
-        if not _OPTIONAL_FIELDS.issuperset(optional):
-            raise TypeError(f"RouterOutput has no field {sorted(set(optional) - _OPTIONAL_FIELDS)}")
-        out = object.__new__(cls)
-        values = out.__dict__
-        values.update(_DEFAULTS)
-        values["info"] = {}
-        values.update(optional)
-        values["expert_indices"] = expert_indices
-        values["expert_weights"] = expert_weights
-        values["num_experts_per_token"] = num_experts_per_token
-        values["router_logits"] = router_logits
-        values["tokens_per_expert"] = tokens_per_expert
-        return out
-
     @property
     def k_max(self) -> int:
         """Width of the padded expert dimension."""
@@ -145,10 +119,6 @@ class RouterOutput:
             return value.to(device) if isinstance(value, torch.Tensor) else value
 
         return replace(self, **{name: move(getattr(self, name)) for name in TENSOR_FIELDS})
-
-
-_DEFAULTS = {f.name: f.default for f in fields(RouterOutput) if f.default is not MISSING}
-_OPTIONAL_FIELDS = frozenset(_DEFAULTS) | {"info"}  # info's default is a new dict each
 
 
 TENSOR_FIELDS = (  # every tensor field of RouterOutput (a test keeps the two in step)

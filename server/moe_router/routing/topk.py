@@ -221,7 +221,7 @@ class TopKRouter(RouterBase):
             weights = weights.reshape(*lead, cfg.top_k)
             per_token = per_token.reshape(lead)
             logits = logits.reshape(*lead, cfg.num_experts)
-        return RouterOutput.of(
+        return RouterOutput(
             expert_indices=indices,
             expert_weights=weights,
             num_experts_per_token=per_token,
