@@ -324,7 +324,8 @@ bool route_rows(const In* x, const float* w, const float* gate_bias, const float
                 const SelectOptions& o, int64_t rows, int64_t d, double bound, float* logits,
                 float* scores, int32_t* indices, float* weights) {
   const int64_t e = o.e, k = o.k;
-  const int64_t tile = std::clamp<int64_t>(kTileBytes / (d * int64_t{sizeof(float)}), 1, 16);
+  const int64_t row_bytes = std::max<int64_t>(1, d) * int64_t{sizeof(float)};
+  const int64_t tile = std::clamp<int64_t>(kTileBytes / row_bytes, 1, 16);
   // Rows per task: about 256K multiply-adds (whole tiles), so small calls stay on the
   // calling thread.
   const int64_t grain = std::max<int64_t>(tile, (int64_t{1} << 18) / std::max<int64_t>(1, d * e));

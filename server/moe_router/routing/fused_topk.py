@@ -196,7 +196,7 @@ that pair):
 
 Built for AVX2 (sixteen registers: one row at a time) it loses past a few tokens once
 the gate is wide (the same host with the AVX2 build: 1.12-1.36x at 64 tokens and more
-for 64-256 experts, 0.30-0.34x for 8), so there it takes calls of at most
+for 64-256 experts, 0.30-0.40x for 8), so there it takes calls of at most
 ``FEW_TOKENS`` tokens, and every call of a router with at most ``FEW_EXPERTS`` experts.
 A call's path depends on its own size alone, so a merged pass answers each call as
 routing it alone does."""

@@ -183,7 +183,7 @@ class TopKRouter(RouterBase):
         weight, gate_bias = parameters["weight"], parameters["bias"]
         if not (flat.is_cpu and weight.is_cpu and weight.dtype == torch.float32  # type: ignore[union-attr]
                 and (gate_bias is None or gate_bias.dtype == torch.float32)
-                and (not self.use_correction_bias or self._fusable_bias())
+                and self._fusable_bias()
                 and fused_topk.routes_call(flat.shape[0], weight)):  # type: ignore[arg-type]
             return None
         return weight
