@@ -132,8 +132,8 @@ def test_equal_scores_go_to_the_lower_index() -> None:
 @pytest.mark.parametrize(("experts", "dim"), [(8, 4096), (7, 45), (66, 300)])
 def test_a_rows_answer_does_not_depend_on_its_batch_mates_or_the_threads(
         threads: int, experts: int, dim: int) -> None:
-    """Alone a row is multiplied by itself; among 333 (tiles of up to 16 rows, blocks of
-    up to four rows, experts in blocks of four and the rest) with others: the same bits,
+    """Alone a row is multiplied by itself; among 333 (tiles of up to 64 rows, blocks of
+    up to six rows, experts in blocks of four and the rest) with others: the same bits,
     for hidden sizes with and without a partial last group of 16 columns."""
     weight = torch.randn(experts, dim) / dim**0.5
     batch = torch.randn(333, dim)
@@ -536,9 +536,9 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_process(tmp_path) 
 
 @needs_op
 def test_the_build_says_whether_its_matmul_serves_every_size() -> None:
-    """Four rows at once on AVX-512 (every call fused there), one on other builds."""
+    """Six rows at once on AVX-512 (every call fused there), one on other builds."""
     assert fused_topk.kernel_available()
     rows = fused_topk._ops().rows_at_once
     avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-    assert rows == (4 if avx512 else 1)
+    assert rows == (6 if avx512 else 1)
     assert fused_topk._KERNEL.every_size is (rows > 1)
