@@ -121,7 +121,8 @@ class _Kernel:
             with self._lock:
                 if not self._tried:
                     self.ops = _build()
-                    self.every_size = self.ops is not None and self.ops.rows_at_once > 1
+                    self.every_size = (self.ops is not None and self.ops.rows_at_once > 1
+                                       and self.ops.cpu_vendor == "amd")
                     self._tried = True
         return self.ops
 
@@ -194,11 +195,15 @@ AMD EPYC with AVX-512, p50, op against that pair):
     E = 128, D = 2880:  0.64x at 1 token, 0.88x at 256, 0.87x at 2048
     E = 256, D = 7168:  0.76x at 1 token, 0.44x at 4, 0.81x at 256, 0.80x at 2048
 
-On 2 shared cores of an Intel Xeon with a 2 MiB L2 (AVX-512, the whole routers
-in-process, fused against unfused, fp32): Mixtral's shape 0.72x at 256 tokens and 0.80x
-at 2048, DeepSeek-V3's 0.85x at 1 token, 1.00x at 16, but 1.41x at 256 and 1.44x at 2048
-(8.4 against 6.0 ms, 71 against 49 ms): there the library's matmul outruns the op's on
-the wide gate, and the rule below does not yet tell the two hosts apart.
+On 2 shared cores of an Intel Xeon with a 2 MiB L2 (AVX-512, six rows, the whole routers
+in-process, fused against unfused, fp32, one thread) the op lost on wide gates past a few
+tokens: E = 256, D = 7168 0.85x at 1 token, 1.04x at 16, 1.19x at 32, 1.36x at 256 (8.8
+against 6.4 ms), 1.42x at 1024; E = 64 and 128: 0.43-0.52x at 1, 0.86-0.91x at 16,
+1.03-1.08x at 32, 1.23-1.42x from 256 on; E = 8, D = 4096 0.37-0.77x from 1 to 1024 tokens.
+There PyTorch's matmul (MKL, which takes its fastest paths on Intel's CPUs) outruns the
+op's. So the op serves every size only when built for AVX-512 on AMD's CPUs; elsewhere it
+takes calls of at most ``FEW_TOKENS`` tokens and every call of a router with at most
+``FEW_EXPERTS`` experts, which it wins on every host measured.
 
 Built for AVX2 (sixteen registers: one row at a time) it loses past a few tokens once
 the gate is wide (the same host with the AVX2 build: 1.12-1.36x at 64 tokens and more
