@@ -454,12 +454,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [T, D] through the gate weight [E, D] and bias [E]; counts added into load "
         "when given");
   m.attr("rows_at_once") = kRows;
-  m.attr("tile_bytes") = tile_bytes();
   // Whose CPU this is: the library matmul the op competes with (MKL in PyTorch's x86
   // wheels) takes its fastest paths on Intel's, so where the op's own matmul wins
   // depends on it (fused_topk.routes_call).
   __builtin_cpu_init();
-  m.attr("cpu_vendor") = __builtin_cpu_is("amd") ? "amd" : __builtin_cpu_is("intel") ? "intel" : "other";
+  m.attr("cpu_vendor") = __builtin_cpu_is("amd")     ? "amd"
+                         : __builtin_cpu_is("intel") ? "intel"
+                                                     : "other";
   m.def("topk_select", &topk_select, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "([indices, weights, num_per_token, counts, scores], bounded) from gate logits "
         "[T, E]");

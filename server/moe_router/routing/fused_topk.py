@@ -209,8 +209,8 @@ Built for AVX2 (sixteen registers: one row at a time) it loses past a few tokens
 the gate is wide (the same host with the AVX2 build: 1.12-1.36x at 64 tokens and more
 for 64-256 experts, 0.30-0.40x for 8), so there it takes calls of at most
 ``FEW_TOKENS`` tokens, and every call of a router with at most ``FEW_EXPERTS`` experts.
-A call's path depends on its own size alone, so a merged pass answers each call as
-routing it alone does."""
+A call's path depends on its own size and the host alone, so a merged pass answers each
+call as routing it alone does."""
 
 
 def routes_call(rows: int, weight: torch.Tensor) -> bool:
