@@ -14,8 +14,13 @@ import shutil
 import pytest
 import torch
 
-from moe_router.routing import GroupedTopKRouter, RouterConfig, ScoringFunction, TopKRouter
-from moe_router.routing import fused_topk
+from moe_router.routing import (
+    GroupedTopKRouter,
+    RouterConfig,
+    ScoringFunction,
+    TopKRouter,
+    fused_topk,
+)
 from moe_router.routing.router_config import GroupScore
 
 pytestmark = pytest.mark.skipif(

@@ -163,9 +163,10 @@ class TopKRouter(RouterBase):
         outputs: list[RouterOutput | None] = [None] * len(flats)
         shared = self._stackable([i for i, gate in enumerate(gates)
                                   if gate is not None and not wants[i]], flats)
-        if len(shared) > 1:
+        weight = gates[shared[0]] if shared else None
+        if len(shared) > 1 and weight is not None:
             together = self._route_fused_together(
-                [flats[i] for i in shared], [leads[i] for i in shared], gates[shared[0]])
+                [flats[i] for i in shared], [leads[i] for i in shared], weight)
             for i, output in zip(shared, together, strict=True):
                 outputs[i] = output
         for i, gate in enumerate(gates):
