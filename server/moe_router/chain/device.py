@@ -222,6 +222,11 @@ class DeviceExecutor:
                 and self._pass_cost.get(_size_class(tokens), _NEVER) <= self._inline_max_s
                 and time.monotonic() >= self._inline_held_until)
 
+    def inline_size(self, tokens: int) -> bool:
+        """Whether passes of ``tokens`` tokens are not known to cost more than the inline
+        budget (a size never measured may: its first pass measures it)."""
+        return self._pass_cost.get(_size_class(tokens), 0.0) <= self._inline_max_s
+
     def _pass(
         self, admitted: Sequence[AdmittedCall], tokens: int, inline: bool = False
     ) -> list[PassAnswer]:

@@ -71,11 +71,13 @@ def build_chain(
     metrics: RouterMetrics | None,
     on_breaker_change: Callable[[str, str, str], None] | None = None,
     rate_limit_shared_with: RateLimitBackend | None = None,
+    calls_reading: Callable[[], int] | None = None,
 ) -> HostedRouterChain:
     """Wrap one loaded router in the stages config.yaml switches on.
 
     ``rate_limit_shared_with``: another chain's limiter whose per-caller buckets this one
-    shares (``security.rate_limit`` is per caller across all routers).
+    shares (``security.rate_limit`` is per caller across all routers). ``calls_reading``:
+    how many calls the doors are reading now, which the batcher waits for.
     """
     spec = hosted.spec
     name = spec.name
@@ -99,6 +101,7 @@ def build_chain(
             max_queue_size=batching.max_queue_size,
             on_batch=None if metrics is None else metrics.batch_observer(name),
             on_queue_depth=None if metrics is None else metrics.queue_depth_observer(name),
+            calls_reading=calls_reading,
         )
         chain = batcher
     breaker = None

@@ -132,6 +132,11 @@ class Admission:
         ticket.nbytes = reserve
         return ticket
 
+    def reading(self) -> int:
+        """Calls admitted whose message is still being read (the batchers wait for them:
+        :mod:`moe_router.chain.batcher`)."""
+        return self._readers
+
     def add_bytes(self, ticket: Ticket, nbytes: int) -> None:
         """The read message's true size replaces its reservation; raise when the held
         bytes then pass the bound and other calls are held (the ticket stays held, its

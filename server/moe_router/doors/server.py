@@ -306,7 +306,8 @@ async def create_server(
     shared_limit = None  # one rate-limit bucket per caller across every router
     for name, router in hosted.items():
         chains[name] = build_chain(
-            router, config, pool, metrics, on_breaker_change, rate_limit_shared_with=shared_limit
+            router, config, pool, metrics, on_breaker_change,
+            rate_limit_shared_with=shared_limit, calls_reading=admission.reading,
         )
         shared_limit = shared_limit or chains[name].rate_limit
     running = RunningServer(
