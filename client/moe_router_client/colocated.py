@@ -58,13 +58,15 @@ __all__ = ["CoLocatedClient", "local_socket_path"]
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 _EXTRA_INPUTS = ("attention_weights", "logits", "gradients")
 _RECEIVE_BYTES = 1 << 18  # an answer: a few scalars and tokens_per_expert
-DEFAULT_SPIN_US = 500
+DEFAULT_SPIN_US = 1000
 """How long a lone call polls for its answer before it sleeps (``spin_us``), when calls
 of its size came back within that time. A caller that sleeps in ``recv`` pays for being
 woken up (the halted core, the interrupt, the reschedule, cold caches): one blocking
 caller measured 266 -> 140 us p50 for 1-token Mixtral calls, 400 -> 305 us for 1-token
-DeepSeek-V3 (2 shared cores). Calls that take longer never poll: 2048-token calls that
-polled first came back 8-25% later (the poll took a core from the server's pass)."""
+DeepSeek-V3 (2 shared cores). 1000 rather than 500: on a host where a 1-token
+DeepSeek-V3 call takes a little over 500 us it slept every time (597-616 -> 535-549 us
+p50). Calls that take longer never poll: 2048-token calls that polled first came back
+8-25% later (the poll took a core from the server's pass)."""
 
 
 def local_socket_path(target: str) -> Path | None:
