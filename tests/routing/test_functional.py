@@ -74,6 +74,24 @@ def test_batch_invariant_linear_ignores_where_its_input_starts_in_memory():
         torch.testing.assert_close(F.batch_invariant_linear(view, weight), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("rows", "dim", "block"), [(37, 40, 16), (5, 33, 2), (256, 64, 256)])
+def test_aligned_blocks_of_an_off_grid_input_hold_it_and_zeros_elsewhere(rows, dim, block):
+    """The copy of an input off the 64-byte grid is made into uninitialised memory: the
+    padding rows and the gaps between blocks are zeroed, the rest is the input."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, dim, generator=gen)
+    buffer = bytearray(4) + bytearray(x.numpy().tobytes())
+    view = torch.frombuffer(buffer, dtype=torch.float32, offset=4).reshape(rows, dim)
+    for _ in range(3):  # memory the allocator hands out again holds NaNs
+        torch.full((4 * rows * dim + 4096,), float("nan"))
+        blocks = F._aligned_blocks(view, block)
+        storage = torch.tensor([], dtype=torch.float32).set_(blocks.untyped_storage())
+        per_block = blocks.stride(0)
+        whole = storage[: blocks.shape[0] * per_block].view(blocks.shape[0], per_block)
+        assert torch.equal(blocks.reshape(-1, dim)[:rows], x)
+        assert not whole[:, block * dim :].any() and not blocks.reshape(-1, dim)[rows:].any()
+
+
 # ----------------------------------------------------------------- losses
 def test_aux_loss_four_experts_by_hand():
     probs = _t([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]])

@@ -148,13 +148,19 @@ def _aligned_blocks(x: torch.Tensor, block_rows: int) -> torch.Tensor:
     ):
         return x.view(count, block_rows, dim)
     # A fresh buffer (torch's allocator aligns it); a received message can start anywhere.
-    buffer = x.new_zeros(count * stride)
+    # Only what x does not fill is zeroed: zeroing all of it first cost as much as the
+    # copy (DeepSeek-V3, 256 x 7168 fp32 from a gRPC message: 0.63 ms of 8.2).
+    buffer = x.new_empty(count * stride)
+    if stride > block_rows * dim:  # the gaps between blocks (never read by the matmul)
+        buffer.view(count, stride)[:, block_rows * dim :].zero_()
     blocks = buffer.as_strided((count, block_rows, dim), (stride, dim, 1))
     full = num_rows // block_rows
     if full:
         blocks[:full].copy_(x[: full * block_rows].reshape(full, block_rows, dim))
     if full < count:
-        blocks[full, : num_rows - full * block_rows].copy_(x[full * block_rows :])
+        tail = num_rows - full * block_rows
+        blocks[full, :tail].copy_(x[full * block_rows :])
+        blocks[full, tail:].zero_()
     return blocks
 
 
