@@ -55,7 +55,7 @@ def test_the_loop_keeps_its_ready_queue_where_the_batcher_reads_it() -> None:
 def test_calls_started_in_one_turn_share_one_pass_on_the_loop() -> None:
     router = _router()
     executor = _inline_executor(router)
-    batcher = Batcher(executor, max_queue_delay_us=60_000_000)
+    batcher = Batcher(executor, max_queue_delay_us=60_000_000, gather_min_pass_s=0)
     calls = _calls([1, 3, 1, 2, 1, 1, 4, 1], seed=1)
     inline_before = executor._inline_passes
 
@@ -75,7 +75,8 @@ def test_calls_started_in_one_turn_share_one_pass_on_the_loop() -> None:
 
 def test_a_lone_call_with_nothing_on_its_way_runs_at_once() -> None:
     executor = _inline_executor(_router())
-    batcher = Batcher(executor, max_queue_delay_us=60_000_000, calls_reading=lambda: 0)
+    batcher = Batcher(executor, max_queue_delay_us=60_000_000, calls_reading=lambda: 0,
+                      gather_min_pass_s=0)
     result = asyncio.run(asyncio.wait_for(batcher.route(_calls([2])[0]), timeout=30))
     assert result.batch_requests == 1
     assert not batcher._timers and not batcher._queues
@@ -84,7 +85,8 @@ def test_a_lone_call_with_nothing_on_its_way_runs_at_once() -> None:
 def test_a_call_waits_for_a_call_being_read_and_shares_its_pass() -> None:
     executor = _inline_executor(_router())
     reading = [1]
-    batcher = Batcher(executor, max_queue_delay_us=60_000_000, calls_reading=lambda: reading[0])
+    batcher = Batcher(executor, max_queue_delay_us=60_000_000, calls_reading=lambda: reading[0],
+                      gather_min_pass_s=0)
     first, second = _calls([1, 2], seed=2)
 
     async def main():
@@ -100,7 +102,8 @@ def test_a_call_waits_for_a_call_being_read_and_shares_its_pass() -> None:
 
 def test_a_call_waits_for_calls_being_read_no_longer_than_the_queue_delay() -> None:
     executor = _inline_executor(_router())
-    batcher = Batcher(executor, max_queue_delay_us=50_000, calls_reading=lambda: 1)
+    batcher = Batcher(executor, max_queue_delay_us=50_000, calls_reading=lambda: 1,
+                      gather_min_pass_s=0)
     started = time.monotonic()
     result = asyncio.run(asyncio.wait_for(batcher.route(_calls([1])[0]), timeout=30))
     assert result.batch_requests == 1
@@ -109,9 +112,24 @@ def test_a_call_waits_for_calls_being_read_no_longer_than_the_queue_delay() -> N
 
 def test_no_queue_delay_means_no_gathering() -> None:
     executor = _inline_executor(_router())
-    batcher = Batcher(executor, max_queue_delay_us=0, calls_reading=lambda: 1)
+    batcher = Batcher(executor, max_queue_delay_us=0, calls_reading=lambda: 1, gather_min_pass_s=0)
     result = asyncio.run(asyncio.wait_for(batcher.route(_calls([1])[0]), timeout=30))
     assert result.batch_requests == 1 and not batcher._timers
+
+
+def test_a_call_whose_pass_is_cheaper_than_sharing_it_runs_at_once() -> None:
+    executor = _inline_executor(_router())
+    executor._pass_cost[1] = 50e-6  # 1-token passes measured at 50 us
+    batcher = Batcher(executor, max_queue_delay_us=60_000_000, calls_reading=lambda: 1,
+                      gather_min_pass_s=100e-6)
+    result = asyncio.run(asyncio.wait_for(batcher.route(_calls([1])[0]), timeout=30))
+    assert result.batch_requests == 1 and not batcher._timers
+    executor._pass_cost[1] = 200e-6  # now sharing pays: it waits for the call being read
+    started = time.monotonic()
+    batcher = Batcher(executor, max_queue_delay_us=50_000, calls_reading=lambda: 1,
+                      gather_min_pass_s=100e-6)
+    asyncio.run(asyncio.wait_for(batcher.route(_calls([1])[0]), timeout=30))
+    assert time.monotonic() - started >= 0.05
 
 
 def test_gathered_calls_are_not_merged_past_a_size_too_costly_on_the_loop() -> None:
@@ -119,7 +137,7 @@ def test_gathered_calls_are_not_merged_past_a_size_too_costly_on_the_loop() -> N
     measured above the inline budget, rather than going to a worker thread."""
     executor = _inline_executor(_router())
     executor._pass_cost[8] = 60.0  # passes of 5-8 tokens measured at a minute
-    batcher = Batcher(executor, max_queue_delay_us=60_000_000)
+    batcher = Batcher(executor, max_queue_delay_us=60_000_000, gather_min_pass_s=0)
     calls = _calls([2, 2, 2, 2, 2], seed=3)
 
     async def main():

@@ -9,12 +9,13 @@ stochastic routers, estimator inputs) run alone but still count against the queu
 bound; a full queue answers ``OverloadedError`` (RESOURCE_EXHAUSTED).
 
 A call that finds the device idle and its pass cheap enough to run on the event loop
-runs at once, alone, unless other calls are on their way: callbacks queued on the loop
-(the handlers of calls that arrived while it was busy) or messages the doors are still
-reading (``calls_reading``). It then waits for them, looking again at the end of each
-turn of the loop and for at most ``max_queue_delay_us``, and they share its pass. Without
-this, 16 callers of 1 token never shared one: each call took a pass alone while the
-others waited behind it (DeepSeek-V3 on 2 cores: 5,287 passes for 5,287 calls).
+runs at once, alone, unless its pass costs at least ``GATHER_MIN_PASS_S`` and other
+calls are on their way: callbacks queued on the loop (the handlers of calls that arrived
+while it was busy) or messages the doors are still reading (``calls_reading``). It then
+waits for them, looking again at the end of each turn of the loop and for at most
+``max_queue_delay_us``, and they share its pass. Without this, 16 callers of 1 token
+never shared one: each call took a pass alone while the others waited behind it
+(DeepSeek-V3 on 2 cores: 5,287 passes for 5,287 calls).
 
 The batcher is a Backend over the narrow :class:`DevicePasses` interface: it admits a
 call once and hands admitted calls to device passes; it knows nothing else of the device.
@@ -36,6 +37,14 @@ from moe_router.errors import DynamicMoEError, OverloadedError
 __all__ = ["Batcher", "BatcherFigures", "DevicePasses"]
 
 _Key = tuple[int, int, torch.dtype]
+
+
+GATHER_MIN_PASS_S = 100e-6
+"""Passes measured to cost less than this are not waited for: sharing one costs the
+waiting call a queue entry, a future, a task and a few turns of the loop, more than a
+pass of a few tokens through a narrow gate saves. Measured on 2 cores, 2 callers of
+1-token Mixtral calls (passes of 20-40 us): 1,570-1,640 req/s running each at once,
+1,340-1,460 gathered; DeepSeek-V3's passes of 300 us gain (module docstring)."""
 
 
 def _loop_has_work_queued() -> bool:
@@ -61,6 +70,10 @@ class DevicePasses(Protocol):
 
     def runs_inline(self, tokens: int) -> bool:
         """Whether a pass of ``tokens`` tokens would run on the event loop right now."""
+        ...
+
+    def pass_cost_s(self, tokens: int) -> float:
+        """The running mean cost (s) of a pass of ``tokens`` tokens; 0 if none ran yet."""
         ...
 
     def inline_size(self, tokens: int) -> bool:
@@ -98,10 +111,13 @@ class Batcher:
         on_batch: Callable[[int, int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
         calls_reading: Callable[[], int] | None = None,
+        gather_min_pass_s: float = GATHER_MIN_PASS_S,
     ) -> None:
         """``calls_reading``: how many calls the doors are reading now (module docstring);
-        None: only callbacks queued on the loop say that calls are on their way."""
+        None: only callbacks queued on the loop say that calls are on their way.
+        ``gather_min_pass_s``: the pass cost from which a call waits for them."""
         self.device = device
+        self._gather_min_pass_s = gather_min_pass_s
         self._calls_reading = calls_reading
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_delay_s = max_queue_delay_us / 1e6
@@ -133,14 +149,14 @@ class Batcher:
                 return await self._run_alone(admitted)
             if (self._passes_in_flight == 0 and not self._queues
                     and self.device.runs_inline(admitted.num_tokens)):
-                if self.max_queue_delay_s <= 0 or not self._company_coming():
-                    # Alone and cheap: route it now, on the loop, without a queue
-                    # entry, a future or a task.
+                if (self.max_queue_delay_s <= 0
+                        or self.device.pass_cost_s(admitted.num_tokens)
+                        < self._gather_min_pass_s
+                        or not self._company_coming()):
+                    # Alone, or its pass cheaper than sharing it: route it now, on the
+                    # loop, without a queue entry, a future or a task.
                     return await self._run_alone(admitted)
-                # Other callbacks wait for this turn of the loop: the handlers of calls
-                # that arrived while the loop was busy. Their calls join this one for a
-                # pass at the end of the turn, rather than each taking a pass alone
-                # while the others wait behind it.
+                # Other calls are on their way (module docstring): they join this one.
                 return await self._enqueue(admitted, gather=True)
             return await self._enqueue(admitted)
         finally:

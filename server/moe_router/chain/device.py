@@ -222,6 +222,10 @@ class DeviceExecutor:
                 and self._pass_cost.get(_size_class(tokens), _NEVER) <= self._inline_max_s
                 and time.monotonic() >= self._inline_held_until)
 
+    def pass_cost_s(self, tokens: int) -> float:
+        """The running mean cost (s) of a pass of ``tokens`` tokens; 0 if none ran yet."""
+        return self._pass_cost.get(_size_class(tokens), 0.0)
+
     def inline_size(self, tokens: int) -> bool:
         """Whether passes of ``tokens`` tokens are not known to cost more than the inline
         budget (a size never measured may: its first pass measures it)."""
