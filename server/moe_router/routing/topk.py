@@ -226,8 +226,21 @@ class TopKRouter(RouterBase):
             aux_loss = self._aux_loss(self._fused_selection(route), route.counts)
             z_loss = self.compute_z_loss(logits)
         self.update_stats(route.counts, per_token, 0, indices.numel(), load_added=True)
-        return self._fused_output(lead, indices, weights, per_token, logits, route.counts,
-                                  route.logits_bounded, aux_loss, z_loss)
+        if len(lead) > 1:  # [B, S, ...]
+            return self._fused_output(lead, indices, weights, per_token, logits,
+                                      route.counts, route.logits_bounded, aux_loss, z_loss)
+        # [T, D], every call through a door: built here, one Python call less on a path of
+        # about 10 us
+        return RouterOutput(
+            expert_indices=indices,
+            expert_weights=weights,
+            num_experts_per_token=per_token,
+            router_logits=logits,
+            tokens_per_expert=route.counts,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits_bounded=route.logits_bounded,
+        )
 
     def _stackable(self, fused: list[int], flats: Sequence[torch.Tensor]) -> list[int]:
         """The calls of ``fused`` (in order) whose rows one op call stacks: as many as keep
