@@ -286,6 +286,7 @@ def one_row_at_once(monkeypatch):
     """The op as an AVX2 build has it (one row at a time), whatever this host built."""
     assert fused_topk.kernel_available()
     monkeypatch.setattr(fused_topk._KERNEL, "every_size", False)
+    monkeypatch.setattr(fused_topk._KERNEL, "few_tokens", fused_topk.FEW_TOKENS)
 
 
 @needs_op
@@ -555,3 +556,5 @@ def test_the_build_says_whether_its_matmul_serves_every_size() -> None:
     assert ops.rows_at_once == (6 if avx512 else 1)
     assert ops.cpu_vendor == _cpu_vendor()
     assert fused_topk._KERNEL.every_size is (avx512 and ops.cpu_vendor == "amd")
+    assert fused_topk._KERNEL.few_tokens == (
+        fused_topk.FEW_TOKENS_SIX_ROWS if avx512 else fused_topk.FEW_TOKENS)
