@@ -496,6 +496,26 @@ def test_a_bias_in_another_dtype_takes_the_pytorch_path() -> None:
 
 
 @needs_op
+@pytest.mark.parametrize("experts", [8, 64])  # 64: rows off the grid are copied onto it
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [4, 16, 36])
+def test_an_input_off_the_64_byte_grid_answers_as_on_it(experts, dtype, offset) -> None:
+    """A received message's rows rarely start on a 64-byte boundary; the op reads them
+    there or copies them onto it, and the answer is the same to the bit."""
+    weight = torch.randn(experts, 96)
+    x = torch.randn(70, 96).to(dtype)  # two tiles and a tail at most sizes of L2
+    raw = x.view(torch.uint8).numpy().tobytes()
+    buffer = bytearray(offset + len(raw) + 64)
+    start = offset + (-torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()) % 64
+    buffer[start : start + len(raw)] = raw
+    off_grid = torch.frombuffer(buffer, dtype=dtype, offset=start, count=x.numel()).view(70, 96)
+    assert off_grid.data_ptr() % 64 == offset % 64 and torch.equal(off_grid, x)
+    got, want = (_softmax_route(v, weight, 2, True, 0.0, 1.0) for v in (off_grid, x))
+    for name in ("indices", "weights", "logits", "scores", "counts"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+@needs_op
 def test_a_strided_input_answers_as_its_contiguous_copy() -> None:
     router = _router(dim=64, experts=8)
     wide = torch.randn(6, 128)
