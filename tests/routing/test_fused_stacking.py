@@ -9,10 +9,9 @@ copy more than it saves (a narrow gate) or where a call asks for losses.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from fused_op_build import needs_op
 
 from moe_router.routing import (
     GroupedTopKRouter,
@@ -23,10 +22,7 @@ from moe_router.routing import (
 )
 from moe_router.routing.router_config import GroupScore
 
-pytestmark = pytest.mark.skipif(
-    (shutil.which("c++") is None and shutil.which("g++") is None) or shutil.which("ninja") is None,
-    reason="no C++ compiler or no ninja on PATH: the ops cannot be built here",
-)
+pytestmark = needs_op
 
 FIELDS = ("expert_indices", "expert_weights", "num_experts_per_token", "router_logits",
           "tokens_per_expert")

@@ -10,12 +10,12 @@ untouched, and a host without the op still routing.
 
 from __future__ import annotations
 
-import shutil
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from fused_op_build import needs_op
 
 from moe_router.routing import (
     GroupedTopKRouter,
@@ -27,12 +27,6 @@ from moe_router.routing import (
 from moe_router.routing.fused_topk import SelectionSpec
 from moe_router.routing.output import LOGIT_BOUND
 from moe_router.routing.router_config import CorrectionBiasTarget, GroupMaskFill, GroupScore
-
-needs_op = pytest.mark.skipif(
-    (shutil.which("c++") is None and shutil.which("g++") is None) or shutil.which("ninja") is None,
-    reason="no C++ compiler or no ninja on PATH: the ops cannot be built here (the routers "
-           "use PyTorch ops; `make test` puts the venv's ninja on PATH)",
-)
 
 
 def _router(dim: int = 64, experts: int = 8, k: int = 2, seed: int = 0, **options) -> TopKRouter:
