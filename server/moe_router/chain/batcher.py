@@ -229,7 +229,10 @@ class Batcher:
 
     def _gather(self, key: _Key, deadline: float) -> None:
         """Dispatch the queue once no other call is on its way, or at ``deadline``;
-        until then look again at the end of each turn of the loop."""
+        until then look again at the end of each turn of the loop. With nothing else
+        queued on the loop (only messages being read) the turns follow one another at
+        once: a poll, of at most ``max_queue_delay_us``, that catches a read the moment
+        it completes."""
         loop = asyncio.get_running_loop()
         if loop.time() < deadline and self._company_coming():
             self._timers[key] = loop.call_soon(self._gather, key, deadline)

@@ -229,7 +229,7 @@ class DeviceExecutor:
     def inline_size(self, tokens: int) -> bool:
         """Whether passes of ``tokens`` tokens are not known to cost more than the inline
         budget (a size never measured may: its first pass measures it)."""
-        return self._pass_cost.get(_size_class(tokens), 0.0) <= self._inline_max_s
+        return self.pass_cost_s(tokens) <= self._inline_max_s
 
     def _pass(
         self, admitted: Sequence[AdmittedCall], tokens: int, inline: bool = False

@@ -343,15 +343,6 @@ int64_t tile_bytes() {
   return bytes;
 }
 
-// The n values of a tile of x as fp32 rows for the register blocks: x itself when it is
-// fp32 (``copied`` false), else widened exactly into ``buffer``, or copied there when it
-// lies off the 64-byte grid and the gate is wide. The blocks load 64 bytes at a time and a
-// load across two cache lines costs two, once per pass over the tile (one per kExperts
-// experts). Measured on the Xeon (one thread, p50, fp32 rows 4 bytes off the grid, as a
-// received message's rows mostly are): DeepSeek-V3 16 tokens 726 -> 658 us (on the grid:
-// 559-620), 64 tokens 2.83 -> 2.26 ms; 64 experts of 2048 at 256 tokens 963 -> 870 us;
-// 128 of 2880: 2.40 -> 1.96 ms; but Mixtral's 8 experts (two passes) at 256 tokens
-// 312 -> 411 us, the copy the dearer: so only past kPassesToCopy passes.
 // A buffer of floats on the 64-byte grid (operator new's aligned form: at::empty's
 // tensor cost a 1-token bf16 call about a microsecond more).
 struct AlignedDelete {
@@ -364,6 +355,15 @@ inline float* aligned_floats(int64_t n) {
       ::operator new[](static_cast<size_t>(n) * sizeof(float), std::align_val_t{kAlignment}));
 }
 
+// The n values of a tile of x as fp32 rows for the register blocks: x itself when it is
+// fp32 (``copied`` false), else widened exactly into ``buffer``, or copied there when it
+// lies off the 64-byte grid and the gate is wide. The blocks load 64 bytes at a time and a
+// load across two cache lines costs two, once per pass over the tile (one per kExperts
+// experts). Measured on the Xeon (one thread, p50, fp32 rows 4 bytes off the grid, as a
+// received message's rows mostly are): DeepSeek-V3 16 tokens 726 -> 658 us (on the grid:
+// 559-620), 64 tokens 2.83 -> 2.26 ms; 64 experts of 2048 at 256 tokens 963 -> 870 us;
+// 128 of 2880: 2.40 -> 1.96 ms; but Mixtral's 8 experts (two passes) at 256 tokens
+// 312 -> 411 us, the copy the dearer: so only past kPassesToCopy passes.
 template <typename In>
 const float* x_rows(const In* x, int64_t n, bool copied, float* buffer) {
   if constexpr (std::is_same_v<In, float>) {

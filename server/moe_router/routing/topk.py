@@ -210,15 +210,7 @@ class TopKRouter(RouterBase):
     ) -> RouterOutput:
         """Route flat [T, D] with the fused op and gate ``weight`` (:meth:`_fused_gate`);
         the losses, counts and statistics as :meth:`RouterBase._finish` makes them."""
-        cfg = self.config
-        bias = self._buffers["e_score_correction_bias"] if self.use_correction_bias else None
-        # The op adds the counts into the running expert load (a CPU router's buffer).
-        gate_bias = self._modules["gate"]._parameters["bias"]  # type: ignore[union-attr]
-        route = fused_topk.topk_route(
-            flat, weight, None if gate_bias is None else gate_bias.contiguous(),
-            None if bias is None else bias.contiguous(), cfg.top_k, self._selection_spec,
-            losses, self._buffers["expert_load"],
-        )
+        route = self._fused_op(flat, weight, losses)
         indices, weights, per_token, logits = (
             route.indices, route.weights, route.num_per_token, route.logits)
         aux_loss = z_loss = None
@@ -226,20 +218,20 @@ class TopKRouter(RouterBase):
             aux_loss = self._aux_loss(self._fused_selection(route), route.counts)
             z_loss = self.compute_z_loss(logits)
         self.update_stats(route.counts, per_token, 0, indices.numel(), load_added=True)
-        if len(lead) > 1:  # [B, S, ...]
-            return self._fused_output(lead, indices, weights, per_token, logits,
-                                      route.counts, route.logits_bounded, aux_loss, z_loss)
-        # [T, D], every call through a door: built here, one Python call less on a path of
-        # about 10 us
-        return RouterOutput(
-            expert_indices=indices,
-            expert_weights=weights,
-            num_experts_per_token=per_token,
-            router_logits=logits,
-            tokens_per_expert=route.counts,
-            aux_loss=aux_loss,
-            z_loss=z_loss,
-            logits_bounded=route.logits_bounded,
+        return self._fused_output(lead, indices, weights, per_token, logits, route.counts,
+                                  route.logits_bounded, aux_loss, z_loss)
+
+    def _fused_op(self, x: torch.Tensor, weight: torch.Tensor,
+                  losses: bool) -> fused_topk.FusedRoute:
+        """The fused op over x [T, D] with this router's gate bias, correction bias and
+        selection; it adds the counts into the running expert load (a CPU router's
+        buffer). The scores are kept only with ``losses``."""
+        bias = self._buffers["e_score_correction_bias"] if self.use_correction_bias else None
+        gate_bias = self._modules["gate"]._parameters["bias"]  # type: ignore[union-attr]
+        return fused_topk.topk_route(
+            x, weight, None if gate_bias is None else gate_bias.contiguous(),
+            None if bias is None else bias.contiguous(), self.config.top_k,
+            self._selection_spec, losses, self._buffers["expert_load"],
         )
 
     def _stackable(self, fused: list[int], flats: Sequence[torch.Tensor]) -> list[int]:
@@ -265,14 +257,7 @@ class TopKRouter(RouterBase):
         op call over their rows stacked: per call, the answer :meth:`_route_fused` gives
         it alone, its counts tallied from its own indices as the op tallies them."""
         cfg = self.config
-        bias = self._buffers["e_score_correction_bias"] if self.use_correction_bias else None
-        gate_bias = self._modules["gate"]._parameters["bias"]  # type: ignore[union-attr]
-        route = fused_topk.topk_route(
-            torch.cat(list(flats)), weight,
-            None if gate_bias is None else gate_bias.contiguous(),
-            None if bias is None else bias.contiguous(), cfg.top_k, self._selection_spec,
-            False, self._buffers["expert_load"],
-        )
+        route = self._fused_op(torch.cat(list(flats)), weight, False)
         rows = [flat.shape[0] for flat in flats]
         outputs = []
         for lead, indices, weights, per_token, logits in zip(
