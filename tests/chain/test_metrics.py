@@ -62,7 +62,7 @@ FAMILIES = {
 }
 
 
-QUEUE = BatcherFigures(queue_depth=0, max_queue_size=64, device_batches=0,
+QUEUE = BatcherFigures(queue_depth=5, max_queue_size=64, device_batches=0,
                        avg_calls_per_batch=0.0)
 
 
@@ -105,7 +105,6 @@ def traffic() -> tuple[CollectorRegistry, TopKBackend]:
 
     asyncio.run(run())
     metrics.batch_observer("mixtral")(3, 12)
-    metrics.queue_depth_observer("mixtral")(5)
     metrics.set_build_info("0.1.0", "cpu")
     return registry, real
 

@@ -8,6 +8,7 @@ crosses the chain as a string-keyed dict.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,9 +116,10 @@ class RouteCall:
     peer: str = ""
     after_answer: AfterAnswer = field(default=AT_ONCE, compare=False, repr=False)
 
-    @property
+    @functools.cached_property
     def num_tokens(self) -> int:
-        """Tokens in this call (product of the leading dims)."""
+        """Tokens in this call (product of the leading dims; read once, asked by several
+        stages)."""
         return int(self.hidden_states.numel() // max(self.hidden_states.shape[-1], 1))
 
 

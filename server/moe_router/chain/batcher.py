@@ -109,7 +109,6 @@ class Batcher:
         max_queue_delay_us: int = 500,
         max_queue_size: int = 1024,
         on_batch: Callable[[int, int], None] | None = None,
-        on_queue_depth: Callable[[int], None] | None = None,
         calls_reading: Callable[[], int] | None = None,
         gather_min_pass_s: float = GATHER_MIN_PASS_S,
     ) -> None:
@@ -123,7 +122,6 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
         self._on_batch = on_batch
-        self._on_queue_depth = on_queue_depth
         self._queues: dict[_Key, list[_Pending]] = {}
         # per queue, its pending dispatch: after max_queue_delay_us, or (gathering) at the
         # end of this turn of the loop
@@ -143,7 +141,7 @@ class Batcher:
                 retry_after_s=max(self.max_queue_delay_s, 0.001) * 10,
                 reason="QUEUE_FULL",
             )
-        self._set_depth(self._depth + 1)
+        self._depth += 1
         try:
             if not admitted.batchable or admitted.num_tokens >= self.max_batch_tokens:
                 return await self._run_alone(admitted)
@@ -160,7 +158,7 @@ class Batcher:
                 return await self._enqueue(admitted, gather=True)
             return await self._enqueue(admitted)
         finally:
-            self._set_depth(self._depth - 1)
+            self._depth -= 1
 
     async def _run_alone(self, admitted: AdmittedCall) -> RouteResult:
         (answer,) = await self.device.run_pass([admitted])
@@ -272,11 +270,6 @@ class Batcher:
         self._merged_calls += calls
         if self._on_batch is not None:
             self._on_batch(calls, tokens)
-
-    def _set_depth(self, depth: int) -> None:
-        self._depth = depth
-        if self._on_queue_depth is not None:
-            self._on_queue_depth(depth)
 
     def stats(self) -> BatcherFigures:
         """Queue depth and how many calls each device pass carried on average."""

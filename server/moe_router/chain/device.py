@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import math
 import threading
 import time
@@ -69,9 +70,9 @@ class AdmittedCall:
     batchable: bool
     admitted: float = field(default_factory=time.perf_counter)
 
-    @property
+    @functools.cached_property
     def num_tokens(self) -> int:
-        """Tokens in this call."""
+        """Tokens in this call (read once: the batcher and the pass ask several times)."""
         return int(self.flat.shape[0])
 
     @property

@@ -100,7 +100,6 @@ def build_chain(
             max_queue_delay_us=batching.max_queue_delay_us,
             max_queue_size=batching.max_queue_size,
             on_batch=None if metrics is None else metrics.batch_observer(name),
-            on_queue_depth=None if metrics is None else metrics.queue_depth_observer(name),
             calls_reading=calls_reading,
         )
         chain = batcher

@@ -3,9 +3,9 @@
 ``RouterMetrics`` owns every family in one ``CollectorRegistry`` passed in (tests build
 their own; never the global one). ``MetricsBackend`` records each call it sees, cache
 hits and fast refusals included. Families that mirror a stage's own figures (per-expert
-load, cache, breaker) are read from the router's :class:`RouterFigures` at scrape time
-(:meth:`RouterMetrics.watch`), so no stage has to know about Prometheus and no figure
-is kept twice. Names follow Prometheus conventions: ``moe_router_`` prefix, base
+load, cache, breaker, queue depth) are read from the router's :class:`RouterFigures` at
+scrape time (:meth:`RouterMetrics.watch`), so no stage has to know about Prometheus and
+no figure is kept twice. Names follow Prometheus conventions: ``moe_router_`` prefix, base
 units (seconds, bytes), ``_total`` counters.
 """
 
@@ -90,9 +90,6 @@ class RouterMetrics:
         # The per-call families (requests, sizes, times, batches, in flight): plain counts.
         self._calls = CallMetricsCollector()
         r.register(self._calls)
-        self.queue_depth = Gauge(
-            "moe_router_queue_depth", "Calls waiting in the batcher's queue.",
-            ["router"], registry=r)
         self.breaker_transitions = Counter(
             "moe_router_breaker_transitions_total", "Circuit breaker state changes.",
             ["router", "from", "to"], registry=r)
@@ -138,10 +135,6 @@ class RouterMetrics:
             z.set(z_loss)
 
         return observe
-
-    def queue_depth_observer(self, router: str) -> Callable[[int], None]:
-        """``on_queue_depth(depth)`` for the batcher: sets the queue depth gauge."""
-        return self.queue_depth.labels(router).set
 
     def breaker_transition(self, router: str, old: str, new: str) -> None:
         """Count a circuit breaker transition (its ``on_state_change`` callback)."""
@@ -325,6 +318,9 @@ def _stage_families(figures: list[RouterFigures]) -> Iterator[Metric]:
     state = GaugeMetricFamily("moe_router_breaker_state",
                               "Circuit breaker state: 1 for the state it is in, 0 for the others.",
                               labels=["router", "state"])
+    depth = GaugeMetricFamily(
+        "moe_router_queue_depth", "Calls inside the batcher now (queued or in their pass).",
+        labels=labels)
     capacity = GaugeMetricFamily(
         "moe_router_queue_capacity",
         "Calls the batcher's queue holds at most (batching.max_queue_size).", labels=labels)
@@ -340,8 +336,9 @@ def _stage_families(figures: list[RouterFigures]) -> Iterator[Metric]:
             for name in _BREAKER_STATES:
                 state.add_metric([f.router, name], 1.0 if name == now else 0.0)
         if f.batcher is not None:
+            depth.add_metric([f.router], f.batcher.queue_depth)
             capacity.add_metric([f.router], f.batcher.max_queue_size)
-    yield from (hits, misses, evictions, cache_bytes, entries, state, capacity)
+    yield from (hits, misses, evictions, cache_bytes, entries, state, depth, capacity)
 
 
 def _le(bound: float) -> str:
