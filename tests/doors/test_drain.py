@@ -10,51 +10,18 @@ in some runs, an abort at exit in 2 of 28).
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
+from drain_scenario import INPUTS, RETRIABLE, RUNS, assert_clean_exit, drain_config, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from route_load import RouteLoad
-from server_process import ServerProcess, small_routers, start_server, write_config
+from server_process import ServerProcess, start_server
 
 from moe_router_client import RouterClient
-
-RUNS = int(os.environ.get("MOE_ROUTER_DRAIN_RUNS", "3"))
-RETRIABLE = {"OK", "UNAVAILABLE"}
-
-
-def drain_config(tmp_path: Path, name: str = "config.yaml", **server: object) -> Path:
-    routers = [r for r in small_routers(fault_dir=tmp_path) if r["name"] in ("mixtral", "faulty")]
-    for router in routers:
-        if router["name"] == "faulty":
-            router["fault"]["slow_ms"] = 150
-    return write_config(
-        tmp_path / name, routers, testing={"enable_fault_injection": True},
-        cache={"enabled": False}, server={"drain_grace_s": 20.0, **server},
-    )
-
-
-INPUTS = [("faulty", np.ones((2, 16), np.float32)), ("mixtral", np.ones((3, 64), np.float32))]
-
-
-def assert_clean_exit(server: ServerProcess, status: int) -> None:
-    log = server.log()
-    assert status == 0, log
-    assert "terminate called" not in log and "Traceback" not in log, log
-    assert "drained: every call answered" in log, log
-
-
-async def wait_for(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("run", range(RUNS))

@@ -12,11 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_router.doors.admission import Admission
 from moe_router.doors.health import HealthState
 from moe_router.doors.oip_convert import parse_infer_request, request_to_call
 from moe_router.doors.oip_service import OipService
 from moe_router.doors.shm_regions import SharedMemoryRegistry
-from moe_router.errors import DrainingError, ValidationError
+from moe_router.errors import DrainingError, NotFoundError, ValidationError
 from moe_router.status_mapping import status_code_for
 from moe_router_client.inference import grpc_service_pb2 as oip
 
@@ -173,14 +174,29 @@ def test_input_ids_in_shared_memory_are_copied_not_viewed(tmp_path):
         pool.shutdown(wait=False)
 
 
-def test_infer_is_unavailable_while_loading_and_while_draining():
+class _Context:
+    """What ModelInfer reads of its gRPC context: the peer and the deadline."""
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5555"
+
+    def time_remaining(self) -> None:
+        return None
+
+
+def test_infer_is_unavailable_while_loading_served_while_not_serving_refused_once_closed():
+    """As Route (test_service_readiness): NOT_SERVING during the drain delay still routes;
+    the drain's refusal comes from the admission the doors share."""
     async def scenario() -> None:
         health = HealthState(["mixtral"])
-        service = OipService({}, health, SharedMemoryRegistry(), version="test")
+        admission = Admission(4, 1 << 20)
+        service = OipService({}, health, SharedMemoryRegistry(), version="test",
+                             admission=admission)
         wire = oip.ModelInferRequest(model_name="mixtral").SerializeToString()
         request = parse_infer_request(wire)
+        assert request.nbytes == len(wire)
         with pytest.raises(DrainingError, match="loading its routers") as loading:
-            await service._infer(request, None)  # type: ignore[arg-type]
+            await service._admitted_infer(request, None)  # type: ignore[arg-type]
         assert status_code_for(loading.value).name == "UNAVAILABLE"
         no_context: Any = None  # these handlers never read it
         ready = await service.ServerReady(oip.ServerReadyRequest(), no_context)
@@ -189,7 +205,13 @@ def test_infer_is_unavailable_while_loading_and_while_draining():
         assert (await service.ServerLive(oip.ServerLiveRequest(), no_context)).live
         await health.mark_ready()
         await health.mark_draining()
-        with pytest.raises(DrainingError, match="draining for shutdown"):
-            await service._infer(request, None)  # type: ignore[arg-type]
+        assert not (await service.ServerReady(oip.ServerReadyRequest(), no_context)).ready
+        with pytest.raises(NotFoundError):  # NOT_SERVING published, but the call is routed
+            await service._admitted_infer(request, _Context())  # type: ignore[arg-type]
+        admission.close()
+        with pytest.raises(DrainingError, match="draining for shutdown") as draining:
+            await service._admitted_infer(request, None)  # type: ignore[arg-type]
+        assert status_code_for(draining.value).name == "UNAVAILABLE"
+        assert admission.stats().calls == 0
 
     asyncio.run(scenario())

@@ -29,8 +29,27 @@ class Outcome:
     details: str = ""
 
 
+class RecordedLoad:
+    """What every load keeps: ``outcomes`` (one per call) and a ``_stopping`` flag."""
+
+    outcomes: list[Outcome]
+    _stopping: bool
+
+    def stop(self) -> None:
+        """Let every caller finish its current call and return."""
+        self._stopping = True
+
+    def counts(self) -> collections.Counter[str]:
+        """Outcomes by code."""
+        return collections.Counter(o.code for o in self.outcomes)
+
+    def in_flight_at(self, moment: float) -> list[Outcome]:
+        """The calls started before ``moment`` that ended after it."""
+        return [o for o in self.outcomes if o.started < moment < o.ended]
+
+
 @dataclass
-class RouteLoad:
+class RouteLoad(RecordedLoad):
     """Callers routing ``inputs`` (router name, hidden states) round-robin until stopped."""
 
     target: str
@@ -64,15 +83,3 @@ class RouteLoad:
                 )
                 if exc.code.name == "UNAVAILABLE" and self.retries == 0:
                     await asyncio.sleep(0.05)  # a lone replica is going away: do not spin
-
-    def stop(self) -> None:
-        """Let every caller finish its current call and return."""
-        self._stopping = True
-
-    def counts(self) -> collections.Counter[str]:
-        """Outcomes by code."""
-        return collections.Counter(o.code for o in self.outcomes)
-
-    def in_flight_at(self, moment: float) -> list[Outcome]:
-        """The calls started before ``moment`` that ended after it."""
-        return [o for o in self.outcomes if o.started < moment < o.ended]

@@ -1,9 +1,11 @@
-"""Admission control of the Route calls one server holds at once, and its drain.
+"""Admission control of the calls one server holds at once, and its drain.
 
 gRPC's own ``maximum_concurrent_rpcs`` refuses overload with a bare "Concurrent RPC limit
-exceeded!": no reason, no retry delay. Route calls are admitted here instead, in two
-steps, so that every refusal is RESOURCE_EXHAUSTED with ErrorInfo reason
-``SERVER_OVERLOADED`` and a RetryInfo delay:
+exceeded!": no reason, no retry delay. The calls of every door (Route and RouteStream,
+ModelInfer and ModelStreamInfer, the co-located door's ROUTE) are admitted here instead,
+in two steps, so that every refusal is RESOURCE_EXHAUSTED with ErrorInfo reason
+``SERVER_OVERLOADED`` and a RetryInfo delay, and so that the drain holds every call a
+door has accepted:
 
 - :meth:`Admission.enter`, when the call starts and before its message is read: at most
   ``max_calls`` calls held at once, at most :data:`MAX_READERS` of them still reading
@@ -17,6 +19,10 @@ steps, so that every refusal is RESOURCE_EXHAUSTED with ErrorInfo reason
   reservation, and a call that then passes ``max_bytes`` is refused (a call alone is
   always admitted, so a message up to ``server.max_message_bytes`` still passes on an
   idle server).
+
+Unary gRPC calls (Route, ModelInfer) run as stream-unary handlers so that they are
+admitted before their message is read (:func:`read_single_message`). A co-located call's
+message is a datagram already read: it is admitted with its size at once.
 
 The retry delay is the recent mean time a call was held (an EWMA): by then, on average,
 one held call has left. The same object drains the server: :meth:`close` refuses every
@@ -32,10 +38,13 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from moe_router.errors import DrainingError, OverloadedError
+import grpc
 
-__all__ = ["MAX_READERS", "Admission", "AdmissionFigures", "Ticket"]
+from moe_router.errors import DrainingError, OverloadedError, ValidationError
+
+__all__ = ["MAX_READERS", "Admission", "AdmissionFigures", "Ticket", "read_single_message"]
 
 _MIN_RETRY_S = 0.005
 _MIN_DRAIN_RETRY_S = 0.25
@@ -87,7 +96,7 @@ class Ticket:
 
 
 class Admission:
-    """Bounds the Route calls held at once and their request bytes (module docstring)."""
+    """Bounds the calls held at once and their request bytes (module docstring)."""
 
     def __init__(
         self, max_calls: int, max_bytes: int, clock: Callable[[], float] = time.monotonic
@@ -219,3 +228,17 @@ class Admission:
             self._calls, self.max_calls, self._bytes, self.max_bytes, self._refused,
             self._draining,
         )
+
+
+async def read_single_message(context: grpc.aio.ServicerContext, method: str) -> Any:
+    """The single request message of a unary call run as a stream handler (admitted
+    before this read).
+
+    Read with ``context.read()``, not by iterating the request stream: an ``async for``
+    left by ``return`` leaves grpc's receiving generator suspended on the message it
+    yielded, which kept 8 MiB requests alive until a garbage collection (112 MiB held
+    after 200 sequential calls, measured)."""
+    request = await context.read()
+    if request is grpc.aio.EOF:
+        raise ValidationError(f"{method}: the call carried no request message")
+    return request

@@ -49,7 +49,6 @@ import hmac
 import logging
 import os
 import socket
-import stat
 import struct
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -60,6 +59,7 @@ import torch
 
 from moe_router.chain.backend import AfterAnswer
 from moe_router.chain.hosted import HostedRouterChain
+from moe_router.doors.admission import Admission, Ticket
 from moe_router.doors.colocated_convert import (
     RegionViews,
     describe,
@@ -67,6 +67,7 @@ from moe_router.doors.colocated_convert import (
     result_to_routed,
     route_to_call,
 )
+from moe_router.doors.colocated_socket import prepare_socket_path
 from moe_router.doors.eager_start import start_eagerly
 from moe_router.doors.health import HealthState
 from moe_router.doors.security import key_id
@@ -76,12 +77,11 @@ from moe_router.errors import (
     DrainingError,
     DynamicMoEError,
     NotFoundError,
-    RouterConfigurationError,
     ValidationError,
 )
 from moe_router_client import colocated_wire as wire
 
-__all__ = ["INLINE_LIMIT_BYTES", "MAX_CONNECTIONS", "CoLocatedDoor", "prepare_socket_path"]
+__all__ = ["INLINE_LIMIT_BYTES", "MAX_CONNECTIONS", "CoLocatedDoor"]
 
 log = logging.getLogger("moe_router.doors.colocated")
 
@@ -111,59 +111,6 @@ class _Connection:
     views: RegionViews | None = None  # set with the owner, at HELLO
 
 
-def prepare_socket_path(path: Path, *, default_directory: bool) -> None:
-    """Make ``path`` bindable and safe: its directory the server user's own (created 0700
-    when it is the default one), and no live server on it; a stale socket is removed."""
-    directory = path.parent
-    uid = os.geteuid()
-    if default_directory:
-        try:
-            directory.mkdir(mode=0o700)
-        except FileExistsError:
-            pass
-    try:
-        info = directory.lstat()
-    except FileNotFoundError as exc:
-        raise RouterConfigurationError(
-            f"colocated.socket_path: directory {directory} does not exist; create it (owned "
-            "by the server's user, not writable by others) or change the path"
-        ) from exc
-    mode = stat.S_IMODE(info.st_mode)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
-        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a directory"
-        raise RouterConfigurationError(
-            f"colocated.socket_path: {directory} must be a directory of uid {uid} (the "
-            f"server's user), found {kind} of uid {info.st_uid}"
-        )
-    if mode & (0o077 if default_directory else 0o022):
-        raise RouterConfigurationError(
-            f"colocated.socket_path: {directory} has mode {mode:o}; other users must not "
-            f"{'enter' if default_directory else 'write'} it "
-            f"(chmod {'700' if default_directory else 'go-w'} {directory})"
-        )
-    try:
-        existing = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(existing.st_mode):
-        raise RouterConfigurationError(
-            f"colocated.socket_path: {path} exists and is not a socket; remove it or choose "
-            "another path"
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)  # left by a server that died: nobody answers on it
-        return
-    finally:
-        probe.close()
-    raise OSError(
-        f"colocated.socket_path: another server listens on {path}; stop it or choose "
-        "another path (colocated.socket_path)"
-    )
-
-
 class CoLocatedDoor:
     """Serves co-located callers on ``socket_path`` over ``chains`` (filled as routers
     load), on the running event loop. ``start()`` binds, ``close()`` ends every
@@ -182,10 +129,14 @@ class CoLocatedDoor:
         version: str,
         inline_limit: int = INLINE_LIMIT_BYTES,
         max_connections: int = MAX_CONNECTIONS,
+        admission: Admission | None = None,
     ) -> None:
         self.chains = chains
         self.health = health
         self.regions = regions
+        # The server's, shared with the gRPC doors: the same bounds, and the drain holds
+        # these calls too (a new one when the door is built alone).
+        self.admission = admission if admission is not None else Admission(256, 512 << 20)
         self.socket_path = Path(socket_path)
         self.device = device
         self.version = version
@@ -323,7 +274,7 @@ class CoLocatedDoor:
                 raise AuthenticationError("send HELLO first (with the API key when the "
                                           "server requires one)")
             if isinstance(message, wire.Route):
-                self._start_route(connection, message)
+                self._start_route(connection, message, len(data))
                 return
             if isinstance(message, wire.Register):
                 handed, fds = fds, []  # _register owns them from here (keeps or closes)
@@ -414,17 +365,18 @@ class CoLocatedDoor:
             connection.regions.pop(name, None)
         return wire.Ok(message.seq)
 
-    def _check_ready(self) -> None:
-        if not self.health.ready:  # still loading routers, or draining for shutdown
-            state = "draining for shutdown" if self.health.draining else "loading its routers"
+    def _check_loaded(self) -> None:
+        """Calls are served once the routers are loaded, through the drain delay too;
+        the drain's refusals come from admission (as the gRPC doors')."""
+        if not self.health.loaded:
             raise DrainingError(
-                f"server is {state}; retry shortly or on another replica",
+                "server is loading its routers; retry shortly or on another replica",
                 retry_after_s=1.0,
                 reason="DRAINING",
             )
 
     def _describe(self, message: wire.Describe) -> wire.Description:
-        self._check_ready()
+        self._check_loaded()
         chain = self.chains.get(message.router)
         if chain is None:
             raise NotFoundError(
@@ -433,31 +385,40 @@ class CoLocatedDoor:
             )
         return describe(chain, message.seq)
 
-    def _start_route(self, connection: _Connection, message: wire.Route) -> None:
-        """Run a ROUTE now, as far as it goes without waiting; only a call that waits (a
-        pass in the pool, a batch) becomes a task. A call whose pass runs inline is then
-        answered from this read, without a task or another turn of the loop."""
-        task = start_eagerly(self._route(connection, message))
+    def _start_route(self, connection: _Connection, message: wire.Route, nbytes: int) -> None:
+        """Run a ROUTE (a datagram of ``nbytes``) now, as far as it goes without waiting;
+        only a call that waits (a pass in the pool, a batch) becomes a task. A call whose
+        pass runs inline is then answered from this read, without a task or another turn
+        of the loop."""
+        task = start_eagerly(self._route(connection, message, nbytes))
         if task is not None:
             connection.tasks.add(task)
             task.add_done_callback(connection.tasks.discard)
 
-    async def _route(self, connection: _Connection, message: wire.Route) -> None:
-        """Run one ROUTE through its router's chain and answer it."""
+    async def _route(self, connection: _Connection, message: wire.Route, nbytes: int) -> None:
+        """Run one ROUTE through its router's chain and answer it; admitted (and held
+        until its answer is sent) like a gRPC call."""
         views = connection.views
         assert views is not None  # a ROUTE is served only after HELLO
         request_id = message.request_id
+        ticket: Ticket | None = None
         with AfterAnswer() as after:  # the chain's records of the call, once it is answered
             try:
-                self._check_ready()
-                call = route_to_call(message, self.chains, views, peer=connection.peer,
-                                     device=self.device, after_answer=after)
-                request_id = call.request_id
-                result = await self.chains[call.router].chain.route(call)
-                answer: wire.Message = result_to_routed(result, call, message, views)
-            except Exception as exc:  # answered, never kills the server
-                answer = self._error(exc, message.seq, request_id)
-            self._send(connection, wire.encode(answer))
+                try:
+                    self._check_loaded()
+                    ticket = self.admission.enter()
+                    self.admission.add_bytes(ticket, nbytes)
+                    call = route_to_call(message, self.chains, views, peer=connection.peer,
+                                         device=self.device, after_answer=after)
+                    request_id = call.request_id
+                    result = await self.chains[call.router].chain.route(call)
+                    answer: wire.Message = result_to_routed(result, call, message, views)
+                except Exception as exc:  # answered, never kills the server
+                    answer = self._error(exc, message.seq, request_id)
+                self._send(connection, wire.encode(answer))
+            finally:
+                if ticket is not None:
+                    ticket.release()
 
     # ------------------------------------------------------------------ sending
     def _send(self, connection: _Connection, data: bytes) -> None:

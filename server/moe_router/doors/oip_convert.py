@@ -69,20 +69,24 @@ _RAW_INPUTS = oip.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_content
 class InferRequestView:
     """A ModelInferRequest whose ``raw_input_contents`` are views of the received bytes
     (``message`` holds every other field); ``error`` is set when the bytes are no
-    ModelInferRequest, so the handler answers INVALID_ARGUMENT."""
+    ModelInferRequest, so the handler answers INVALID_ARGUMENT. ``nbytes``: the size of
+    the received message (what admission control counts)."""
 
     message: oip.ModelInferRequest
     raw_inputs: tuple[memoryview, ...] = ()
     error: str = ""
+    nbytes: int = 0
 
 
 def parse_infer_request(raw: bytes) -> InferRequestView:
     """Decode a serialized ModelInferRequest, its tensor payloads left in place."""
     try:
         rest, payloads = split_repeated_bytes(raw, _RAW_INPUTS)
-        return InferRequestView(oip.ModelInferRequest.FromString(rest), tuple(payloads))
+        return InferRequestView(oip.ModelInferRequest.FromString(rest), tuple(payloads),
+                                nbytes=len(raw))
     except Exception as exc:  # any decoding failure is the caller's malformed request
-        return InferRequestView(oip.ModelInferRequest(), (), f"malformed ModelInferRequest: {exc}")
+        return InferRequestView(oip.ModelInferRequest(), (), f"malformed ModelInferRequest: {exc}",
+                                len(raw))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,11 @@ of the one table (``status_mapping``): bad input INVALID_ARGUMENT, unknown model
 NOT_FOUND, not ready UNAVAILABLE; ModelStreamInfer answers a failed request in-band
 (``error_message``) and the stream goes on, as Triton does. The API-key interceptor of
 the server covers these methods like every other (ServerLive and ServerReady are exempt,
-as probes).
+as probes). Inference calls are admitted and held by the server's admission control as
+Route calls are (:mod:`moe_router.doors.admission`): the same bounds and refusals,
+served through ``server.drain_delay_s`` and answered before a drained server exits.
+ModelInfer runs as a stream-unary handler for that, as Route does (the same bytes on
+the wire).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from google.protobuf import descriptor_pool
 
 from moe_router.chain.backend import AfterAnswer
 from moe_router.chain.hosted import HostedRouterChain
+from moe_router.doors.admission import Admission, read_single_message
 from moe_router.doors.health import HealthState, RouterStatus
 from moe_router.doors.method_registration import add_method_handlers
 from moe_router.doors.oip_convert import (
@@ -33,7 +38,7 @@ from moe_router.doors.oip_convert import (
     result_to_response,
 )
 from moe_router.doors.oip_models import model_metadata, resolve_model
-from moe_router.doors.rpc_errors import abort_with_error, failure, new_request_id
+from moe_router.doors.rpc_errors import Failure, abort_with_error, failure, new_request_id
 from moe_router.doors.security import caller_identity
 from moe_router.doors.shm_regions import SharedMemoryRegistry
 from moe_router.doors.v1_convert import peer_host
@@ -60,11 +65,13 @@ class OipService:
         regions: SharedMemoryRegistry,
         *,
         version: str,
+        admission: Admission | None = None,
     ) -> None:
         self.chains = chains
         self.health = health
         self.regions = regions
         self.version = version
+        self.admission = admission if admission is not None else Admission(256, 512 << 20)
 
     # ------------------------------------------------------------------ health, metadata
     async def ServerLive(  # noqa: N802
@@ -106,7 +113,7 @@ class OipService:
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
         try:
-            self._check_ready()
+            self._check_loaded()
             ref = resolve_model(request.name, self.chains)
             chain = self.chains[ref.router]
             if request.version and request.version not in chain.hosted.versions:
@@ -119,11 +126,12 @@ class OipService:
             raise
 
     # ------------------------------------------------------------------ inference
-    def _check_ready(self) -> None:
-        if not self.health.ready:  # still loading routers, or draining for shutdown
-            state = "draining for shutdown" if self.health.draining else "loading its routers"
+    def _check_loaded(self) -> None:
+        """Inference is served once the routers are loaded, through the drain delay too;
+        the drain's refusals come from admission (as Route's)."""
+        if not self.health.loaded:
             raise DrainingError(
-                f"server is {state}; retry shortly or on another replica",
+                "server is loading its routers; retry shortly or on another replica",
                 retry_after_s=1.0,
                 reason="DRAINING",
             )
@@ -131,7 +139,7 @@ class OipService:
     async def _infer(
         self, request: InferRequestView, context: grpc.aio.ServicerContext
     ) -> oip.ModelInferResponse:
-        self._check_ready()
+        self._check_loaded()
         owner = caller_identity()
         after = AfterAnswer()  # the chain's records run once the answer is out (Route's)
         try:
@@ -148,14 +156,38 @@ class OipService:
         finally:
             asyncio.get_running_loop().call_soon(after.run)
 
-    async def ModelInfer(  # noqa: N802
+    async def _admitted_infer(
         self, request: InferRequestView, context: grpc.aio.ServicerContext
     ) -> oip.ModelInferResponse:
+        """One ModelStreamInfer message, held by admission like a ModelInfer call."""
+        with self.admission.enter() as ticket:
+            self.admission.add_bytes(ticket, request.nbytes)
+            return await self._infer(request, context)
+
+    async def _infer_call(
+        self, context: grpc.aio.ServicerContext
+    ) -> oip.ModelInferResponse | Failure:
+        request_id = ""
         try:
+            ticket = self.admission.enter()
+            # Held until the answer has been handed to gRPC (as Route's, v1_service).
+            context.add_done_callback(lambda _: ticket.release())
+            request: InferRequestView = await read_single_message(context, "ModelInfer")
+            request_id = request.message.id
+            self.admission.add_bytes(ticket, request.nbytes)
             return await self._infer(request, context)
         except Exception as exc:  # mapped to a status, never kills the server
-            await abort_with_error(context, failure(exc, request.message.id or new_request_id()))
-            raise  # unreachable: abort raises
+            return failure(exc, request_id or new_request_id())
+
+    async def ModelInfer(  # noqa: N802
+        self, requests: AsyncIterator[InferRequestView], context: grpc.aio.ServicerContext
+    ) -> oip.ModelInferResponse:
+        """Admit the call, then read its one message and route it; a failure is answered
+        from this frame, which holds no request."""
+        outcome = await self._infer_call(context)
+        if isinstance(outcome, Failure):
+            await abort_with_error(context, outcome)
+        return outcome  # type: ignore[return-value]  # abort raised for a Failure
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[InferRequestView], context: grpc.aio.ServicerContext
@@ -167,7 +199,7 @@ class OipService:
         async def feed() -> None:
             try:
                 async for request in request_iterator:
-                    task = asyncio.ensure_future(self._infer(request, context))
+                    task = asyncio.ensure_future(self._admitted_infer(request, context))
                     await pending.put((request.message.id, task))
             finally:
                 await pending.put(None)
@@ -252,21 +284,23 @@ def add_oip_service(
     *,
     version: str,
     regions: SharedMemoryRegistry | None = None,
+    admission: Admission | None = None,
 ) -> OipService:
     """Register the GRPCInferenceService on ``server`` over ``chains`` (filled as routers
     load) and return it; ``regions`` is the registry to share (a new one by default).
 
     ModelInfer and ModelStreamInfer receive raw requests decoded by
-    :func:`parse_infer_request` (tensor payloads are views of the received bytes).
+    :func:`parse_infer_request` (tensor payloads are views of the received bytes);
+    ``admission``: the server's, which Route calls share (a new one by default).
     """
     service = OipService(
         chains, health, regions if regions is not None else SharedMemoryRegistry(),
-        version=version,
+        version=version, admission=admission,
     )
     methods = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
     infer_serializer = oip.ModelInferResponse.SerializeToString
     handlers = {
-        "ModelInfer": grpc.unary_unary_rpc_method_handler(
+        "ModelInfer": grpc.stream_unary_rpc_method_handler(
             service.ModelInfer, request_deserializer=parse_infer_request,
             response_serializer=infer_serializer,
         ),

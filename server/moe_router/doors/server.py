@@ -209,7 +209,8 @@ async def create_server(
     )
     add_router_service(service, server)
     regions = SharedMemoryRegistry()  # one per server: the OIP and co-located doors share it
-    add_oip_service(chains, health, server, version=__version__, regions=regions)
+    add_oip_service(chains, health, server, version=__version__, regions=regions,
+                    admission=admission)
     add_health_service(health.servicer, server)
     reflected = (
         pb.DESCRIPTOR.services_by_name["RouterService"].full_name,
@@ -244,7 +245,7 @@ async def create_server(
     door = None
     try:  # every port is bound before the routers load, so a clash fails fast
         if config.colocated.enabled:
-            door = _colocated_door(config, chains, health, regions, device, port)
+            door = _colocated_door(config, chains, health, regions, admission, device, port)
             door.start()
             closers.insert(0, door.close)  # before the regions it registered are closed
         if metrics is not None:
@@ -325,6 +326,7 @@ def _colocated_door(
     chains: dict[str, HostedRouterChain],
     health: HealthState,
     regions: SharedMemoryRegistry,
+    admission: Admission,
     device: Any,
     port: int,
 ) -> CoLocatedDoor:
@@ -334,7 +336,7 @@ def _colocated_door(
     keys = config.security.api_keys if config.security.api_key_required else ()
     return CoLocatedDoor(
         chains, health, regions, socket_path=Path(path), default_directory=configured is None,
-        api_keys=keys, device=device, version=__version__,
+        api_keys=keys, device=device, version=__version__, admission=admission,
     )
 
 
