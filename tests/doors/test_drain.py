@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-from drain_scenario import INPUTS, RETRIABLE, RUNS, assert_clean_exit, drain_config, wait_for
+from drain_scenario import (
+    INPUTS,
+    RUNS,
+    assert_clean_exit,
+    drain_config,
+    signal_under_load,
+    wait_for,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from route_load import RouteLoad
 from server_process import ServerProcess, start_server
@@ -29,24 +35,7 @@ def test_sigterm_under_load_answers_every_call_and_exits_zero(tmp_path: Path, ru
     (tmp_path / "slow").touch()  # faulty's passes take 150 ms: calls are in flight
     server = start_server(drain_config(tmp_path))
     load = RouteLoad(server.target, INPUTS, callers=16, retries=0)
-
-    async def scenario() -> tuple[float, int]:
-        running = asyncio.ensure_future(load.run())
-        await wait_for(lambda: load.counts()["OK"] >= 20)
-        moment = time.monotonic()
-        server.proc.send_signal(15)
-        status = await asyncio.to_thread(server.proc.wait, 60)
-        load.stop()
-        await running
-        return moment, status
-
-    try:
-        moment, status = asyncio.run(scenario())
-    finally:
-        server.terminate()
-    assert_clean_exit(server, status)
-    codes = load.counts()
-    assert set(codes) <= RETRIABLE, [o for o in load.outcomes if o.code not in RETRIABLE]
+    moment = signal_under_load(server, load)
     in_flight = load.in_flight_at(moment)
     assert in_flight and sum(o.code == "OK" for o in in_flight) >= len(in_flight) // 2, in_flight
 

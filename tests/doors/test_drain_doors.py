@@ -12,12 +12,11 @@ once Route's calls were done.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
 from door_load import DOORS, DoorLoad
-from drain_scenario import INPUTS, RETRIABLE, RUNS, assert_clean_exit, drain_config, wait_for
+from drain_scenario import INPUTS, RUNS, drain_config, signal_under_load, wait_for
 from inprocess_server import serve_in_process
 from route_load import Outcome
 from server_process import start_server
@@ -26,30 +25,12 @@ DELAY_S = 1.0
 
 
 def sigterm_under_load(tmp_path: Path, door: str, delay_s: float) -> tuple[DoorLoad, float]:
-    """Load through ``door``, SIGTERM, the load until the process has left; the load and
-    the moment of the signal, once the exit is checked clean."""
+    """Load through ``door`` and SIGTERM (:func:`drain_scenario.signal_under_load`); the
+    load and the moment of the signal."""
     (tmp_path / "slow").touch()  # faulty's passes take 150 ms: calls are in flight
     server = start_server(drain_config(tmp_path, drain_delay_s=delay_s))
     load = DoorLoad(door, server.target, INPUTS, callers=8)
-
-    async def scenario() -> tuple[float, int]:
-        running = asyncio.ensure_future(load.run())
-        await wait_for(lambda: load.counts()["OK"] >= 20)
-        moment = time.monotonic()
-        server.proc.send_signal(15)
-        status = await asyncio.to_thread(server.proc.wait, 60)
-        load.stop()
-        await running
-        return moment, status
-
-    try:
-        moment, status = asyncio.run(scenario())
-    finally:
-        server.terminate()
-    assert_clean_exit(server, status)
-    assert set(load.counts()) <= RETRIABLE, [
-        o for o in load.outcomes if o.code not in RETRIABLE]
-    return load, moment
+    return load, signal_under_load(server, load)
 
 
 @pytest.mark.parametrize("run", range(RUNS))

@@ -5,7 +5,6 @@ door (tritonclient's asyncio client) and the co-located door (AsyncCoLocatedClie
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,19 +52,8 @@ class DoorLoad(RecordedLoad):
         else:
             client = await AsyncCoLocatedClient.connect(self.target, fallback=False, timeout=60)
         try:
-            turn = index
-            while not self._stopping:
-                router, x = self.inputs[turn % len(self.inputs)]
-                turn += 1
-                started = time.monotonic()
-                try:
-                    await self._call(client, router, x)
-                    self.outcomes.append(Outcome(started, time.monotonic(), "OK"))
-                except Exception as exc:
-                    code, details = _code(exc)
-                    self.outcomes.append(Outcome(started, time.monotonic(), code, details))
-                    if code == "UNAVAILABLE":
-                        await asyncio.sleep(0.05)  # a lone server is going away: do not spin
+            await self._route_in_turns(
+                index, lambda router, x: self._call(client, router, x), _code, True)
         finally:
             await client.close()
 

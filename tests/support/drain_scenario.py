@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from route_load import RecordedLoad
 from server_process import ServerProcess, small_routers, write_config
 
 RUNS = int(os.environ.get("MOE_ROUTER_DRAIN_RUNS", "3"))
@@ -46,3 +47,28 @@ async def wait_for(predicate, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.02)
+
+
+def signal_under_load(server: ServerProcess, load: RecordedLoad) -> float:
+    """Run ``load`` (a load with ``run()``) on ``server``, SIGTERM it once 20 calls were
+    answered, and keep the load on until the process has left; check the exit clean and
+    every outcome OK or UNAVAILABLE. Returns the moment of the signal."""
+
+    async def scenario() -> tuple[float, int]:
+        running = asyncio.ensure_future(load.run())  # type: ignore[attr-defined]
+        await wait_for(lambda: load.counts()["OK"] >= 20)
+        moment = time.monotonic()
+        server.proc.send_signal(15)
+        status = await asyncio.to_thread(server.proc.wait, 60)
+        load.stop()
+        await running
+        return moment, status
+
+    try:
+        moment, status = asyncio.run(scenario())
+    finally:
+        server.terminate()
+    assert_clean_exit(server, status)
+    codes = load.counts()
+    assert set(codes) <= RETRIABLE, [o for o in load.outcomes if o.code not in RETRIABLE]
+    return moment

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,10 +30,32 @@ class Outcome:
 
 
 class RecordedLoad:
-    """What every load keeps: ``outcomes`` (one per call) and a ``_stopping`` flag."""
+    """What every load keeps: its ``inputs`` (router, hidden states), ``outcomes`` (one
+    per call) and a ``_stopping`` flag."""
 
+    inputs: Sequence[tuple[str, np.ndarray]]
     outcomes: list[Outcome]
     _stopping: bool
+
+    async def _route_in_turns(
+        self, index: int, call: Callable[[str, np.ndarray], Awaitable[None]],
+        code_of: Callable[[Exception], tuple[str, str]], pause_when_unavailable: bool,
+    ) -> None:
+        """One caller: ``call`` each input in turn until stopped, recording each outcome
+        (``code_of`` names a failure, or raises what is no call's failure)."""
+        turn = index
+        while not self._stopping:
+            router, x = self.inputs[turn % len(self.inputs)]
+            turn += 1
+            started = time.monotonic()
+            try:
+                await call(router, x)
+                self.outcomes.append(Outcome(started, time.monotonic(), "OK"))
+            except Exception as exc:
+                code, details = code_of(exc)
+                self.outcomes.append(Outcome(started, time.monotonic(), code, details))
+                if code == "UNAVAILABLE" and pause_when_unavailable:
+                    await asyncio.sleep(0.05)  # a lone server is going away: do not spin
 
     def stop(self) -> None:
         """Let every caller finish its current call and return."""
@@ -69,17 +91,13 @@ class RouteLoad(RecordedLoad):
             await asyncio.gather(*(self._caller(client, i) for i in range(self.callers)))
 
     async def _caller(self, client: AsyncRouterClient, index: int) -> None:
-        turn = index
-        while not self._stopping:
-            router, x = self.inputs[turn % len(self.inputs)]
-            turn += 1
-            started = time.monotonic()
-            try:
-                await client.route(router, x, skip_cache=True)
-                self.outcomes.append(Outcome(started, time.monotonic(), "OK"))
-            except RouterError as exc:
-                self.outcomes.append(
-                    Outcome(started, time.monotonic(), exc.code.name, exc.details[:200])
-                )
-                if exc.code.name == "UNAVAILABLE" and self.retries == 0:
-                    await asyncio.sleep(0.05)  # a lone replica is going away: do not spin
+        async def call(router: str, x: np.ndarray) -> None:
+            await client.route(router, x, skip_cache=True)
+
+        await self._route_in_turns(index, call, _route_code, self.retries == 0)
+
+
+def _route_code(exc: Exception) -> tuple[str, str]:
+    if isinstance(exc, RouterError):
+        return exc.code.name, exc.details[:200]
+    raise exc
