@@ -108,6 +108,30 @@ def test_close_refuses_as_draining_and_wait_idle_waits_for_the_held_calls():
     asyncio.run(scenario())
 
 
+def test_a_message_already_read_is_admitted_with_its_size_in_one_step():
+    """A co-located datagram: the call and byte bounds and the drain as for gRPC calls,
+    never a reader, and the expected size of gRPC messages left alone."""
+    admission = Admission(max_calls=3, max_bytes=MiB)
+    readers = [admission.enter(), admission.enter()]  # reading their messages
+    expected = admission.stats().bytes // 2
+    read = admission.enter_read(100)
+    assert admission.reading() == 2 and admission.stats().bytes == 2 * expected + 100
+    with pytest.raises(OverloadedError, match="max_in_flight_calls"):
+        admission.enter_read(100)
+    readers[0].release()
+    with pytest.raises(OverloadedError, match="max_in_flight_bytes"):
+        admission.enter_read(MiB)
+    readers[1].release()
+    read.release()
+    assert admission.stats().calls == 0 and admission.stats().bytes == 0
+    alone = admission.enter_read(4 * MiB)  # one call alone is always admitted
+    alone.release()
+    assert admission.enter().nbytes == expected  # a datagram's size is no gRPC message's
+    admission.close()
+    with pytest.raises(DrainingError):
+        admission.enter_read(100)
+
+
 # ----------------------------------------------------------------- over real gRPC
 @pytest.fixture(scope="module")
 def overload_server(tmp_path_factory: pytest.TempPathFactory):

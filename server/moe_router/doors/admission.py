@@ -22,7 +22,8 @@ door has accepted:
 
 Unary gRPC calls (Route, ModelInfer) run as stream-unary handlers so that they are
 admitted before their message is read (:func:`read_single_message`). A co-located call's
-message is a datagram already read: it is admitted with its size at once.
+message is a datagram already read: it is admitted with its size at once
+(:meth:`Admission.enter_read`).
 
 The retry delay is the recent mean time a call was held (an EWMA): by then, on average,
 one held call has left. The same object drains the server: :meth:`close` refuses every
@@ -116,6 +117,17 @@ class Admission:
 
     def enter(self) -> Ticket:
         """Admit a call that is starting (its message not read yet), or raise why not."""
+        return self._admit(int(self._expected_bytes), reading=True)
+
+    def enter_read(self, nbytes: int) -> Ticket:
+        """Admit a call whose message of ``nbytes`` is already read (a co-located
+        datagram), or raise why not: :meth:`enter` and :meth:`add_bytes` in one step. Its
+        size says nothing of the gRPC messages to come, so it leaves their expected size
+        as it is."""
+        return self._admit(nbytes, reading=False)
+
+    def _admit(self, nbytes: int, *, reading: bool) -> Ticket:
+        """Hold a call bringing ``nbytes`` (reserved while ``reading``), or raise."""
         if self._draining:
             raise DrainingError(
                 "server is draining for shutdown; retry on another replica",
@@ -124,21 +136,21 @@ class Admission:
             )
         if self._calls >= self.max_calls:
             self._refuse(f"{self._calls} calls held (server.max_in_flight_calls)")
-        if self._readers >= MAX_READERS:
+        if reading and self._readers >= MAX_READERS:
             self._refuse(f"{self._readers} calls reading their message")
-        reserve = int(self._expected_bytes)
-        if self._calls and self._bytes + reserve > self.max_bytes:
+        if self._calls and self._bytes + nbytes > self.max_bytes:
             self._refuse(
                 f"{self._bytes} request bytes held or expected "
                 f"(server.max_in_flight_bytes {self.max_bytes})"
             )
         self._calls += 1
-        self._readers += 1
-        self._bytes += reserve
+        self._readers += reading
+        self._bytes += nbytes
         if self._idle is not None:
             self._idle.clear()
         ticket = Ticket(self, self._clock())
-        ticket.nbytes = reserve
+        ticket.nbytes = nbytes
+        ticket.reading = reading
         return ticket
 
     def reading(self) -> int:

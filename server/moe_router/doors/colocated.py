@@ -406,8 +406,7 @@ class CoLocatedDoor:
             try:
                 try:
                     self._check_loaded()
-                    ticket = self.admission.enter()
-                    self.admission.add_bytes(ticket, nbytes)
+                    ticket = self.admission.enter_read(nbytes)
                     call = route_to_call(message, self.chains, views, peer=connection.peer,
                                          device=self.device, after_answer=after)
                     request_id = call.request_id
