@@ -1,11 +1,15 @@
-"""Concurrent 1-token calls share passes over real gRPC (the batcher's gathering).
+"""Concurrent 1-token calls share passes over real gRPC, through Route and through the
+Open Inference Protocol's ModelInfer (the batcher's gathering).
 
 Before, each call of a few tokens that found the device idle took a pass on the event
 loop alone, however many callers waited behind it (16 callers: one pass per call). Now
 the calls on their way join it, where a pass costs more than sharing it: checked here
 with DeepSeek-V3's gate (256 x 7168, 7 MB; a 1-token pass takes hundreds of
 microseconds), whose 1-token calls the fused op routes, stacked into one op call
-(answers bit-identical to routing each call alone in-process).
+(answers bit-identical to routing each call alone in-process). ModelInfer calls that
+arrive together share passes the same way; that the door also reports the calls it is
+still reading (which catches closed-loop callers arriving one by one) is checked in
+test_oip_convert.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ import asyncio
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
 from inprocess_server import serve_in_process
+from oip_calls import infer_input
 from server_process import write_config
 
 from moe_router.config import load_config
@@ -59,11 +66,23 @@ async def _route(client: AsyncRouterClient, x: np.ndarray):
     return await client.route("wide", x)
 
 
+def _rounds(seed: int) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [[rng.standard_normal((1, 7168), dtype=np.float32) for _ in range(CALLERS)]
+            for _ in range(8)]
+
+
+def _check(hosted, x: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> None:
+    """The answer routing ``x`` alone in-process gives, bit for bit."""
+    with torch.inference_mode():
+        alone = hosted["wide"].layers[0](torch.from_numpy(x))
+    np.testing.assert_array_equal(indices, alone.expert_indices.numpy())
+    np.testing.assert_array_equal(weights, alone.expert_weights.numpy())
+
+
 def test_sixteen_callers_of_one_token_share_passes_bit_identically(served) -> None:
     server, hosted = served
-    rng = np.random.default_rng(7)
-    rounds = [[rng.standard_normal((1, 7168), dtype=np.float32) for _ in range(CALLERS)]
-              for _ in range(8)]
+    rounds = _rounds(7)
 
     async def fire():
         async with AsyncRouterClient(server.target, timeout=30) as client:
@@ -76,13 +95,51 @@ def test_sixteen_callers_of_one_token_share_passes_bit_identically(served) -> No
 
     answers = asyncio.run(fire())
     merged = 0
-    with torch.inference_mode():
-        for inputs, results in zip(rounds, answers, strict=True):
-            for x, result in zip(inputs, results, strict=True):
-                alone = hosted["wide"].layers[0](torch.from_numpy(x))
-                np.testing.assert_array_equal(result.expert_indices, alone.expert_indices.numpy())
-                np.testing.assert_array_equal(result.expert_weights, alone.expert_weights.numpy())
-                if result.info.batch_requests > 1:
-                    merged += 1
-                    assert result.info.batch_tokens == result.info.batch_requests
+    for inputs, results in zip(rounds, answers, strict=True):
+        for x, result in zip(inputs, results, strict=True):
+            _check(hosted, x, result.expert_indices, result.expert_weights)
+            if result.info.batch_requests > 1:
+                merged += 1
+                assert result.info.batch_tokens == result.info.batch_requests
+    assert merged >= CALLERS, f"only {merged} of {8 * CALLERS} calls shared a pass"
+
+
+def test_sixteen_tritonclient_callers_share_passes_bit_identically(served) -> None:
+    server, hosted = served
+    rounds = _rounds(11)
+
+    async def infer(client: triton_aio.InferenceServerClient, x: np.ndarray):
+        tensor = infer_input(triton, "hidden_states", x, "FP32")
+        for _ in range(20):  # refused while 16 others are read: sent again, as for Route
+            try:
+                return await client.infer("wide", [tensor], client_timeout=30)
+            except triton.InferenceServerException as exc:
+                if "RESOURCE_EXHAUSTED" not in str(exc.status()):
+                    raise
+                await asyncio.sleep(0.01)
+        return await client.infer("wide", [tensor], client_timeout=30)
+
+    async def caller(client: triton_aio.InferenceServerClient, inputs: list[np.ndarray]):
+        return [await infer(client, x) for x in inputs]  # closed loop, as a serving stack
+
+    async def fire():
+        clients = [triton_aio.InferenceServerClient(server.target) for _ in range(CALLERS)]
+        try:
+            for client, x in zip(clients, rounds[0], strict=True):  # sizes measured first
+                await infer(client, x)
+            per_caller = await asyncio.gather(*(
+                caller(c, [inputs[i] for inputs in rounds]) for i, c in enumerate(clients)))
+            return [list(answers) for answers in zip(*per_caller, strict=True)]
+        finally:
+            for client in clients:
+                await client.close()
+
+    answers = asyncio.run(fire())
+    merged = 0
+    for inputs, results in zip(rounds, answers, strict=True):
+        for x, result in zip(inputs, results, strict=True):
+            _check(hosted, x, result.as_numpy("expert_indices"),
+                   result.as_numpy("expert_weights"))
+            if result.get_response().parameters["batch_requests"].int64_param > 1:
+                merged += 1
     assert merged >= CALLERS, f"only {merged} of {8 * CALLERS} calls shared a pass"

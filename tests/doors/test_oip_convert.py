@@ -215,3 +215,44 @@ def test_infer_is_unavailable_while_loading_served_while_not_serving_refused_onc
         assert admission.stats().calls == 0
 
     asyncio.run(scenario())
+
+
+class _ReadingContext(_Context):
+    """A ModelInfer context whose one message arrives when the test says."""
+
+    def __init__(self, message: bytes) -> None:
+        self.arrived = asyncio.Event()
+        self.message = message
+        self.callbacks: list[Any] = []
+
+    def add_done_callback(self, callback: Any) -> None:
+        self.callbacks.append(callback)
+
+    async def read(self) -> Any:
+        await self.arrived.wait()
+        return parse_infer_request(self.message)
+
+
+def test_a_modelinfer_call_is_admitted_before_its_message_is_read_and_counted_reading():
+    """What the batcher waits for (``Admission.reading``) and what the drain holds: the
+    call from its start, before its message has arrived, until gRPC has its answer."""
+    async def scenario() -> None:
+        health = HealthState(["mixtral"])
+        await health.mark_ready()
+        admission = Admission(4, 1 << 20)
+        service = OipService({}, health, SharedMemoryRegistry(), version="test",
+                             admission=admission)
+        wire = oip.ModelInferRequest(model_name="mixtral").SerializeToString()
+        context = _ReadingContext(wire)
+        call = asyncio.ensure_future(service._infer_call(context))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert admission.reading() == 1 and admission.stats().calls == 1
+        context.arrived.set()
+        outcome = await call
+        assert isinstance(outcome.error, NotFoundError)  # type: ignore[union-attr]
+        assert admission.reading() == 0 and admission.stats().calls == 1  # until sent
+        for callback in context.callbacks:
+            callback(context)
+        assert admission.stats().calls == 0
+
+    asyncio.run(scenario())

@@ -13,7 +13,8 @@ as probes). Inference calls are admitted and held by the server's admission cont
 Route calls are (:mod:`moe_router.doors.admission`): the same bounds and refusals,
 served through ``server.drain_delay_s`` and answered before a drained server exits.
 ModelInfer runs as a stream-unary handler for that, as Route does (the same bytes on
-the wire).
+the wire), so the batcher also sees the calls being read and lets them share a pass
+(16 closed-loop tritonclient callers of 1-token DeepSeek-V3: 1.0 -> 2.7 calls a pass).
 """
 
 from __future__ import annotations
