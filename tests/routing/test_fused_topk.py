@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from fused_op_build import needs_op
+from fused_routes import grouped_router, pytorch_path, top_k_router
 
 from moe_router.routing import (
-    GroupedTopKRouter,
     RouterConfig,
     ScoringFunction,
     TopKRouter,
@@ -26,13 +26,6 @@ from moe_router.routing import (
 )
 from moe_router.routing.fused_topk import SelectionSpec
 from moe_router.routing.output import LOGIT_BOUND
-from moe_router.routing.router_config import CorrectionBiasTarget, GroupMaskFill, GroupScore
-
-
-def _router(dim: int = 64, experts: int = 8, k: int = 2, seed: int = 0, **options) -> TopKRouter:
-    torch.manual_seed(seed)
-    return TopKRouter(RouterConfig(hidden_size=dim, num_experts=experts, top_k=k,
-                                   **options)).eval()
 
 
 def _by_hand(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, eps: float,
@@ -54,16 +47,6 @@ def _softmax_route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: b
     return fused_topk.topk_route(x, weight, None, None, k,
                                  SelectionSpec(renormalize=renormalize, eps=eps, scale=scale),
                                  want_scores, load)
-
-
-def _torch_path(router: TopKRouter, x: torch.Tensor, **kwargs):
-    """The same router's answer through its PyTorch ops."""
-    fusable, selection_fusable = router._fusable, router._selection_fusable
-    router._fusable = router._selection_fusable = False
-    try:
-        return router(x, **kwargs)
-    finally:
-        router._fusable, router._selection_fusable = fusable, selection_fusable
 
 
 @needs_op
@@ -149,11 +132,11 @@ def test_a_rows_answer_does_not_depend_on_its_batch_mates_or_the_threads(
 @pytest.mark.parametrize("options", [{}, {"renormalize": False},
                                      {"routed_scaling_factor": 2.5, "renormalize_eps": 1e-6}])
 def test_the_router_answers_as_its_pytorch_path(options: dict) -> None:
-    router = _router(dim=256, experts=16, k=4, **options)
+    router = top_k_router(dim=256, experts=16, k=4, **options)
     x = torch.randn(2, 5, 256)
     with torch.inference_mode():
         fused = router(x, return_losses=True)
-        plain = _torch_path(router, x, return_losses=True)
+        plain = pytorch_path(router, x, return_losses=True)
     assert torch.equal(fused.expert_indices, plain.expert_indices)
     assert fused.expert_indices.shape == (2, 5, 4) and fused.router_logits.shape == (2, 5, 16)
     assert torch.equal(fused.num_experts_per_token, plain.num_experts_per_token)
@@ -195,7 +178,7 @@ def test_the_op_adds_its_counts_into_the_load_from_threads_at_once() -> None:
 
 @needs_op
 def test_merged_calls_answer_what_each_call_alone_does() -> None:
-    router = _router(dim=128, experts=8)
+    router = top_k_router(dim=128, experts=8)
     calls = [torch.randn(n, 128) for n in (1, 3, 16, 40)]
     with torch.inference_mode():
         merged = router.route_many(calls, return_losses=[False, True, False, True])
@@ -209,7 +192,7 @@ def test_merged_calls_answer_what_each_call_alone_does() -> None:
 @needs_op
 @pytest.mark.parametrize("change", ["in_place", "load_state_dict", "new_parameter"])
 def test_every_weight_change_shows_in_the_next_answer(change: str) -> None:
-    router = _router(dim=32, experts=6)
+    router = top_k_router(dim=32, experts=6)
     x = torch.randn(4, 32)
     with torch.inference_mode():
         before = router(x).router_logits
@@ -228,7 +211,7 @@ def test_every_weight_change_shows_in_the_next_answer(change: str) -> None:
 
 
 def test_training_and_autograd_take_the_pytorch_path() -> None:
-    router = _router(dim=32, experts=6)
+    router = top_k_router(dim=32, experts=6)
     x = torch.randn(4, 32)
     out = router(x)  # grad enabled: the logits carry the graph to the gate
     assert out.router_logits.requires_grad
@@ -240,10 +223,10 @@ def test_training_and_autograd_take_the_pytorch_path() -> None:
 
 
 def test_the_router_still_routes_where_the_op_cannot_be_built(monkeypatch) -> None:
-    router = _router(dim=32, experts=6)
+    router = top_k_router(dim=32, experts=6)
     x = torch.randn(4, 32)
     with torch.inference_mode():
-        want = _torch_path(router, x)
+        want = pytorch_path(router, x)
     unavailable = fused_topk._Kernel()
     unavailable._tried = True  # as after a failed build
     monkeypatch.setattr(fused_topk, "_KERNEL", unavailable)
@@ -257,15 +240,15 @@ def test_the_router_still_routes_where_the_op_cannot_be_built(monkeypatch) -> No
 @needs_op
 def test_the_whole_route_is_fused_where_the_gate_is_a_plain_linear_layer() -> None:
     fused = [
-        _router(), _router(renormalize=False), _router(routed_scaling_factor=2.0),
-        _router(scoring=ScoringFunction.SIGMOID),
+        top_k_router(), top_k_router(renormalize=False), top_k_router(routed_scaling_factor=2.0),
+        top_k_router(scoring=ScoringFunction.SIGMOID),
         TopKRouter(RouterConfig(hidden_size=64, num_experts=8, top_k=2),
                    use_correction_bias=True).eval(),
-        _grouped(),
-        _router(gate_bias=True),
+        grouped_router(),
+        top_k_router(gate_bias=True),
     ]
-    selection_only = [_router(logit_softcap=30.0), _router(logit_multiplier=2.0)]
-    torch_only = [_router(capacity_factor=1.0), _router(per_expert_scale=True)]
+    selection_only = [top_k_router(logit_softcap=30.0), top_k_router(logit_multiplier=2.0)]
+    torch_only = [top_k_router(capacity_factor=1.0), top_k_router(per_expert_scale=True)]
     x = torch.randn(3, 64)
     with torch.inference_mode():
         assert all(r._fused_gate(torch.randn(3, r.hidden_size)) is not None for r in fused)
@@ -275,21 +258,13 @@ def test_the_whole_route_is_fused_where_the_gate_is_a_plain_linear_layer() -> No
     assert fused[0]._fused_gate(x) is None  # outside inference: autograd may want the graph
 
 
-@pytest.fixture
-def one_row_at_once(monkeypatch):
-    """The op as an AVX2 build has it (one row at a time), whatever this host built."""
-    assert fused_topk.kernel_available()
-    monkeypatch.setattr(fused_topk._KERNEL, "every_size", False)
-    monkeypatch.setattr(fused_topk._KERNEL, "few_tokens", fused_topk.FEW_TOKENS)
-
-
 @needs_op
 def test_the_amd_avx512_build_fuses_every_call_and_others_few_token_calls(one_row_at_once) -> None:
     """Built for AVX2 the op's matmul loses to the tuned one past a few tokens once the
     gate is wide (FEW_TOKENS); a router of at most FEW_EXPERTS experts is fused at every
     size."""
-    wide = _grouped(experts=64, scoring=ScoringFunction.SIGMOID)
-    narrow = _router(experts=fused_topk.FEW_EXPERTS)
+    wide = grouped_router(experts=64, scoring=ScoringFunction.SIGMOID)
+    narrow = top_k_router(experts=fused_topk.FEW_EXPERTS)
     limit = fused_topk.FEW_TOKENS
     with torch.inference_mode():
         assert wide._fused_gate(torch.randn(limit, 32)) is not None
@@ -297,37 +272,6 @@ def test_the_amd_avx512_build_fuses_every_call_and_others_few_token_calls(one_ro
         assert narrow._fused_gate(torch.randn(4096, 64)) is not None
         fused_topk._KERNEL.every_size = True  # as the AVX-512 build on an AMD CPU
         assert wide._fused_gate(torch.randn(4096, 32)) is not None
-
-
-@needs_op
-@pytest.mark.parametrize("case", ["deepseek-v3", "deepseek-v2", "zero fill, negative bias",
-                                  "bias on the logits", "top-k, sigmoid", "top-k, bias",
-                                  "top-k, gate bias"])
-def test_the_fused_route_answers_as_the_pytorch_path(case: str) -> None:
-    """The op's own gate matmul against the batch-invariant one: logits to float32
-    rounding, the same experts, weights and losses to rounding."""
-    router = _SELECTIONS[case]()
-    if case.startswith("zero"):
-        with torch.no_grad():
-            router.e_score_correction_bias.fill_(-2.0)
-    x = torch.randn(2, 4, 32)  # FEW_TOKENS: the op's matmul on every build
-    with torch.inference_mode():
-        assert router._fused_gate(x.reshape(-1, 32)) is not None
-        fused = router(x, return_losses=True)
-        plain = _torch_path(router, x, return_losses=True)
-        unasked = router(x)
-    assert torch.equal(fused.expert_indices, plain.expert_indices)
-    assert torch.equal(fused.tokens_per_expert, plain.tokens_per_expert)
-    assert torch.equal(fused.num_experts_per_token, plain.num_experts_per_token)
-    torch.testing.assert_close(fused.router_logits, plain.router_logits, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fused.expert_weights, plain.expert_weights, rtol=1e-5,
-                               atol=1e-6)
-    torch.testing.assert_close(fused.aux_loss, plain.aux_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fused.z_loss, plain.z_loss, rtol=1e-5, atol=1e-6)
-    # The losses cost nothing to the answer: a call without them has the same bits.
-    assert unasked.aux_loss is None and unasked.z_loss is None
-    for name in ("expert_indices", "expert_weights", "router_logits", "tokens_per_expert"):
-        assert torch.equal(getattr(unasked, name), getattr(fused, name))
 
 
 @needs_op
@@ -380,113 +324,14 @@ def test_the_ops_say_whether_every_logit_is_finite_and_below_the_bound(value: st
 @needs_op
 def test_the_routers_answer_carries_the_ops_verdict_and_none_without_it() -> None:
     x = torch.randn(5, 64)
-    for router in (_router(), _router(scoring=ScoringFunction.SIGMOID)):
+    for router in (top_k_router(), top_k_router(scoring=ScoringFunction.SIGMOID)):
         with torch.inference_mode():
             assert router(x).logits_bounded is True
             x_bad = x.clone()
             x_bad[2, 1] = float("nan")
             assert router(x_bad).logits_bounded is False
-            assert _torch_path(router, x).logits_bounded is None  # not checked there
-    assert _router()(x).logits_bounded is None  # autograd on: the PyTorch path
-
-
-def _grouped(experts: int = 64, groups: int = 8, kept: int = 4, k: int = 8,
-             bias: bool = True, dim: int = 32, **options) -> GroupedTopKRouter:
-    torch.manual_seed(experts + groups + kept + k)
-    router = GroupedTopKRouter(RouterConfig(hidden_size=dim, num_experts=experts, top_k=k,
-                                            n_group=groups, topk_group=kept, **options),
-                               use_correction_bias=bias).eval()
-    if bias:
-        with torch.no_grad():
-            router.e_score_correction_bias.copy_(torch.randn(experts) * 0.1)
-    return router
-
-
-_SELECTIONS = {
-    "deepseek-v3": lambda: _grouped(scoring=ScoringFunction.SIGMOID,
-                                    group_score=GroupScore.TOP2_SUM,
-                                    routed_scaling_factor=2.5),
-    "deepseek-v2": lambda: _grouped(experts=40, kept=3, k=6, bias=False,
-                                    renormalize=False, routed_scaling_factor=16.0),
-    "zero fill, negative bias": lambda: _grouped(scoring=ScoringFunction.SIGMOID,
-                                                 group_mask_fill=GroupMaskFill.ZERO),
-    "bias on the logits": lambda: _grouped(
-        scoring=ScoringFunction.SIGMOID, correction_bias_target=CorrectionBiasTarget.LOGITS),
-    "top-k, sigmoid": lambda: _router(dim=32, experts=16, k=4,
-                                      scoring=ScoringFunction.SIGMOID),
-    "top-k, bias": lambda: TopKRouter(RouterConfig(hidden_size=32, num_experts=16, top_k=4),
-                                      use_correction_bias=True).eval(),
-    "top-k, logit cap": lambda: _router(dim=32, experts=16, k=4, logit_softcap=1.5),
-    "top-k, gate bias": lambda: _router(dim=32, experts=16, k=4, gate_bias=True),
-}
-
-
-@needs_op
-@pytest.mark.parametrize("case", sorted(_SELECTIONS))
-def test_the_fused_selection_answers_as_the_pytorch_path(case: str) -> None:
-    router = _SELECTIONS[case]()
-    assert router._selection_fusable
-    router._fusable = False  # the selection op on the batch-invariant matmul's logits
-    if case.startswith("zero"):
-        with torch.no_grad():  # every biased score negative: zero-filled experts can win
-            router.e_score_correction_bias.fill_(-2.0)
-    x = torch.randn(3, 7, 32)
-    with torch.inference_mode():
-        fused = router(x, return_losses=True)
-        plain = _torch_path(router, x, return_losses=True)
-    assert torch.equal(fused.expert_indices, plain.expert_indices)
-    assert torch.equal(fused.tokens_per_expert, plain.tokens_per_expert)
-    assert torch.equal(fused.num_experts_per_token, plain.num_experts_per_token)
-    assert torch.equal(fused.router_logits, plain.router_logits)  # the same gate matmul
-    torch.testing.assert_close(fused.expert_weights, plain.expert_weights, rtol=1e-6,
-                               atol=1e-6)
-    torch.testing.assert_close(fused.aux_loss, plain.aux_loss, rtol=1e-6, atol=1e-6)
-    assert torch.equal(fused.z_loss, plain.z_loss)
-
-
-@needs_op
-@pytest.mark.parametrize("group_score", [GroupScore.MAX, GroupScore.TOP2_SUM])
-def test_equal_groups_and_experts_go_to_the_lower_index(group_score: GroupScore) -> None:
-    # Four groups of four with the same scores: groups 0 and 1 are kept, and in each
-    # the experts' tie (0 == 2, 1 == 3) goes to the lower expert.
-    row = torch.tensor([3.0, 2.0, 3.0, 2.0] * 4)
-    logits = torch.stack([row, row.flip(0)])
-    got = fused_topk.topk_select(
-        logits, None, 4, SelectionSpec(sigmoid=True, groups=4, kept_groups=2,
-                                       top2_sum=group_score is GroupScore.TOP2_SUM, eps=1e-20))
-    assert got.indices.tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]]
-    assert got.counts.tolist() == [1] * 8 + [0] * 8
-
-
-@needs_op
-def test_merged_grouped_calls_answer_what_each_call_alone_does(one_row_at_once) -> None:
-    """With the op taking calls of at most FEW_TOKENS tokens, the larger calls of a merged
-    pass share the merged matmul and the others are op calls of their own."""
-    router = _grouped(scoring=ScoringFunction.SIGMOID, group_score=GroupScore.TOP2_SUM,
-                      routed_scaling_factor=2.5)
-    calls = [torch.randn(n, 32) for n in (1, 2, 9, 33, 8)]
-    wants = [False, True, False, True, True]
-    with torch.inference_mode():
-        paths = [router._fused_gate(c) is not None for c in calls]
-        merged = router.route_many(calls, return_losses=wants)
-        alone = [router(c, return_losses=want) for c, want in zip(calls, wants, strict=True)]
-    assert paths == [True, True, False, False, True]
-    for got, want in zip(merged, alone, strict=True):
-        for name in ("expert_indices", "expert_weights", "router_logits", "tokens_per_expert",
-                     "aux_loss", "z_loss"):
-            assert torch.equal(getattr(got, name), getattr(want, name)) if getattr(
-                want, name) is not None else getattr(got, name) is None
-
-
-@needs_op
-def test_a_bias_in_another_dtype_takes_the_pytorch_path() -> None:
-    router = _SELECTIONS["deepseek-v3"]()
-    x = torch.randn(4, 32)
-    with torch.inference_mode():
-        want = router(x)
-        router.e_score_correction_bias.data = router.e_score_correction_bias.double()
-        got = router(x)  # no op error: the PyTorch path casts as it always did
-    assert torch.equal(got.expert_indices, want.expert_indices)
+            assert pytorch_path(router, x).logits_bounded is None  # not checked there
+    assert top_k_router()(x).logits_bounded is None  # autograd on: the PyTorch path
 
 
 @needs_op
@@ -511,7 +356,7 @@ def test_an_input_off_the_64_byte_grid_answers_as_on_it(experts, dtype, offset) 
 
 @needs_op
 def test_a_strided_input_answers_as_its_contiguous_copy() -> None:
-    router = _router(dim=64, experts=8)
+    router = top_k_router(dim=64, experts=8)
     wide = torch.randn(6, 128)
     strided = wide[:, ::2]  # every other column: a view that is not contiguous
     assert not strided.is_contiguous()
