@@ -79,31 +79,33 @@ def test_a_message_larger_than_reserved_is_refused_once_read_and_counted_until_r
     assert admission.stats().bytes == 0 and admission.stats().refused == 1
 
 
-def test_at_most_max_readers_calls_read_their_message_at_once():
-    admission = Admission(max_calls=100, max_bytes=1 << 40)
-    reading = [admission.enter() for _ in range(MAX_READERS)]
-    with pytest.raises(OverloadedError, match="reading their message"):
-        admission.enter()
-    admission.add_bytes(reading[0], 100)  # read: no longer a reader, still held
-    extra = admission.enter()
-    assert admission.stats().calls == MAX_READERS + 1
-    for ticket in (*reading, extra):
-        ticket.release()
-    assert admission.stats().calls == 0
-    assert len([admission.enter() for _ in range(MAX_READERS)]) == MAX_READERS
-
-
-def test_close_refuses_as_draining_and_wait_idle_waits_for_the_held_calls():
+def test_at_most_max_readers_calls_read_their_message_at_once_the_others_wait_their_turn():
+    """The 17th call is admitted but waits to read until a reader is done, in arrival
+    order; a waiter that leaves gives its place up, a reader that leaves its turn."""
     async def scenario() -> None:
-        admission = Admission(max_calls=4, max_bytes=MiB)
-        held = admission.enter()
-        admission.close()
-        with pytest.raises(DrainingError) as refused:
-            admission.enter()
-        assert refused.value.reason == "DRAINING" and refused.value.retry_after_s >= 0.25
-        assert not await admission.wait_idle(0.05)
-        asyncio.get_running_loop().call_later(0.05, held.release)
-        assert await admission.wait_idle(10)
+        admission = Admission(max_calls=100, max_bytes=1 << 40)
+        reading = [admission.enter() for _ in range(MAX_READERS)]
+        for ticket in reading:
+            await admission.read_turn(ticket)  # a turn each, at once
+        late = [admission.enter() for _ in range(3)]
+        waits = [asyncio.ensure_future(admission.read_turn(t)) for t in late]
+        await asyncio.sleep(0)
+        assert not any(w.done() for w in waits)
+        assert admission.reading() == MAX_READERS + 3 and admission.stats().refused == 0
+        waits[0].cancel()  # its caller went away while waiting ...
+        await asyncio.sleep(0)
+        late[0].release()  # ... and its ticket is released
+        admission.add_bytes(reading[0], 100)  # read: the turn goes to the next waiter
+        await asyncio.sleep(0)
+        assert waits[1].done() and not waits[2].done()
+        reading[1].release()  # a reader that leaves before reading hands its turn on
+        await asyncio.sleep(0)
+        assert waits[2].done()
+        for ticket in (*reading, *late):
+            ticket.release()
+        assert admission.stats().calls == 0 and admission.reading() == 0
+        fresh = [admission.enter() for _ in range(MAX_READERS)]  # every turn came back
+        await asyncio.wait_for(asyncio.gather(*(admission.read_turn(t) for t in fresh)), 1)
 
     asyncio.run(scenario())
 

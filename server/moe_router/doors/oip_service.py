@@ -173,6 +173,7 @@ class OipService:
             ticket = self.admission.enter()
             # Held until the answer has been handed to gRPC (as Route's, v1_service).
             context.add_done_callback(lambda _: ticket.release())
+            await self.admission.read_turn(ticket)
             request: InferRequestView = await read_single_message(context, "ModelInfer")
             request_id = request.message.id
             self.admission.add_bytes(ticket, request.nbytes)

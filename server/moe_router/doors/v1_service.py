@@ -117,6 +117,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
             # Held until the answer has been handed to gRPC, not only computed: a drain
             # that waits for the held calls then never exits before an answer is out.
             context.add_done_callback(lambda _: ticket.release())
+            await self.admission.read_turn(ticket)
             request: RouteRequestView = await read_single_message(context, "Route")
             request_id = request_id_of(request) or new_request_id()
             self.admission.add_bytes(ticket, request.nbytes)
