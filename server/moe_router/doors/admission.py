@@ -180,7 +180,7 @@ class Admission:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         ticket.turn = waiter
         self._turn_queue.append(ticket)
-        await waiter  # the turn is ticket's when this returns (_pass_turns)
+        await waiter  # the turn is ticket's when this returns (_end_turn hands it over)
 
     def _end_turn(self, ticket: Ticket) -> None:
         """``ticket``'s call has read its message, or left: its turn goes to the next
