@@ -110,6 +110,21 @@ def test_at_most_max_readers_calls_read_their_message_at_once_the_others_wait_th
     asyncio.run(scenario())
 
 
+def test_close_refuses_as_draining_and_wait_idle_waits_for_the_held_calls():
+    async def scenario() -> None:
+        admission = Admission(max_calls=4, max_bytes=MiB)
+        held = admission.enter()
+        admission.close()
+        with pytest.raises(DrainingError) as refused:
+            admission.enter()
+        assert refused.value.reason == "DRAINING" and refused.value.retry_after_s >= 0.25
+        assert not await admission.wait_idle(0.05)
+        asyncio.get_running_loop().call_later(0.05, held.release)
+        assert await admission.wait_idle(10)
+
+    asyncio.run(scenario())
+
+
 def test_a_message_already_read_is_admitted_with_its_size_in_one_step():
     """A co-located datagram: the call and byte bounds and the drain as for gRPC calls,
     never a reader, and the expected size of gRPC messages left alone."""
