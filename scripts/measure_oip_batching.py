@@ -1,5 +1,5 @@
-"""Calls a second and calls a device pass of closed-loop tritonclient callers of a running
-server's Open Inference Protocol door (ModelInfer), read from its /metrics.
+"""Calls a second, calls a device pass and refusals of closed-loop tritonclient callers of
+a running server's Open Inference Protocol door (ModelInfer), read from its /metrics.
 
     python scripts/measure_oip_batching.py TARGET METRICS_PORT [--router deepseek-v3]
         [--dim 7168] [--tokens 1] [--callers 16] [--seconds 5]
@@ -7,7 +7,8 @@ server's Open Inference Protocol door (ModelInfer), read from its /metrics.
 Each caller sends its next call when its answer is back, as a serving stack does, so the
 calls reach the server one by one: what the batcher's gathering has to catch. The calls
 a pass are the change of ``moe_router_batch_size_requests`` (sum over count) for the
-router over the timed window. Run it against two servers in turn (the code before and
+router over the timed window; a call that fails is counted by its status code (the
+callers go on). Run it against two servers in turn (the code before and
 after a change, e.g. a ``git worktree`` on ``PYTHONPATH``) to compare them.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import re
 import time
 import urllib.request
@@ -22,6 +24,7 @@ import urllib.request
 import numpy as np
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
 
 
 def batch_figures(metrics_port: int, router: str) -> tuple[float, float]:
@@ -37,14 +40,16 @@ def batch_figures(metrics_port: int, router: str) -> tuple[float, float]:
     return figures[0], figures[1]
 
 
-async def closed_loop(args: argparse.Namespace) -> tuple[int, float, float, float]:
-    """Run the callers for ``args.seconds``; (calls answered, seconds, and the calls and
+async def closed_loop(
+    args: argparse.Namespace,
+) -> tuple[collections.Counter[str], float, float, float]:
+    """Run the callers for ``args.seconds``; (calls by outcome, seconds, and the calls and
     passes the batcher counted meanwhile)."""
     x = np.random.default_rng(0).standard_normal((args.tokens, args.dim), dtype=np.float32)
     tensor = triton.InferInput("hidden_states", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
     clients = [triton_aio.InferenceServerClient(args.target) for _ in range(args.callers)]
-    answered = 0
+    outcomes: collections.Counter[str] = collections.Counter()
     try:
         for client in clients:  # warm: connections up, pass sizes measured
             await client.infer(args.router, [tensor])
@@ -53,15 +58,17 @@ async def closed_loop(args: argparse.Namespace) -> tuple[int, float, float, floa
         end = started + args.seconds
 
         async def caller(client: triton_aio.InferenceServerClient) -> None:
-            nonlocal answered
             while time.perf_counter() < end:
-                await client.infer(args.router, [tensor])
-                answered += 1
+                try:
+                    await client.infer(args.router, [tensor])
+                    outcomes["OK"] += 1
+                except InferenceServerException as exc:  # "StatusCode.RESOURCE_EXHAUSTED"
+                    outcomes[str(exc.status()).rpartition(".")[2]] += 1
 
         await asyncio.gather(*(caller(client) for client in clients))
         seconds = time.perf_counter() - started
         calls, passes = batch_figures(args.metrics_port, args.router)
-        return answered, seconds, calls - calls_before, passes - passes_before
+        return outcomes, seconds, calls - calls_before, passes - passes_before
     finally:
         for client in clients:
             await client.close()
@@ -78,10 +85,11 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
-    answered, seconds, calls, passes = asyncio.run(closed_loop(args))
-    print(f"{args.router} T={args.tokens} {args.callers} callers: {answered / seconds:,.0f} "
-          f"calls/s; {calls:.0f} calls in {passes:.0f} passes "
-          f"({calls / max(passes, 1):.2f} a pass)")
+    outcomes, seconds, calls, passes = asyncio.run(closed_loop(args))
+    refused = {code: n for code, n in outcomes.items() if code != "OK"}
+    print(f"{args.router} T={args.tokens} {args.callers} callers: "
+          f"{outcomes['OK'] / seconds:,.0f} calls/s; {calls:.0f} calls in {passes:.0f} "
+          f"passes ({calls / max(passes, 1):.2f} a pass); failed: {refused or 'none'}")
 
 
 if __name__ == "__main__":

@@ -50,12 +50,12 @@ async def wait_for(predicate, timeout: float = 60.0) -> None:
 
 
 def signal_under_load(server: ServerProcess, load: RecordedLoad) -> float:
-    """Run ``load`` (a load with ``run()``) on ``server``, SIGTERM it once 20 calls were
-    answered, and keep the load on until the process has left; check the exit clean and
-    every outcome OK or UNAVAILABLE. Returns the moment of the signal."""
+    """Run ``load`` on ``server``, SIGTERM it once 20 calls were answered, and keep the
+    load on until the process has left; check the exit clean and every outcome OK or
+    UNAVAILABLE. Returns the moment of the signal."""
 
     async def scenario() -> tuple[float, int]:
-        running = asyncio.ensure_future(load.run())  # type: ignore[attr-defined]
+        running = asyncio.ensure_future(load.run())
         await wait_for(lambda: load.counts()["OK"] >= 20)
         moment = time.monotonic()
         server.proc.send_signal(15)

@@ -37,6 +37,10 @@ class RecordedLoad:
     outcomes: list[Outcome]
     _stopping: bool
 
+    async def run(self) -> None:
+        """Route until :meth:`stop`; returns when every caller has finished its call."""
+        raise NotImplementedError
+
     async def _route_in_turns(
         self, index: int, call: Callable[[str, np.ndarray], Awaitable[None]],
         code_of: Callable[[Exception], tuple[str, str]], pause_when_unavailable: bool,

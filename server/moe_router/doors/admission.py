@@ -19,15 +19,15 @@ door has accepted:
   calls read their message at once; the others wait for a turn, first come first
   served, their message no further read than the read-ahead. They used to be refused
   SERVER_OVERLOADED, which 32 concurrent callers of small calls met without any memory
-  at stake (83 of 6,714 tritonclient calls of 16 tokens at 32 callers, none of whose
-  clients retry such a refusal);
+  at stake (3-83 of about 6,500 tritonclient calls of 16 tokens in 4 s at 32 callers,
+  none of whose clients retry such a refusal; ``scripts/measure_oip_batching.py``);
 - :meth:`Admission.add_bytes`, once the message is read: its true size replaces the
   reservation, and a call that then passes ``max_bytes`` is refused (a call alone is
   always admitted, so a message up to ``server.max_message_bytes`` still passes on an
   idle server).
 
 Unary gRPC calls (Route, ModelInfer) run as stream-unary handlers so that they are
-admitted before their message is read (:func:`read_single_message`). A co-located call's
+admitted before their message is read (:meth:`Admission.read_admitted`). A co-located call's
 message is a datagram already read: it is admitted with its size at once
 (:meth:`Admission.enter_read`).
 
@@ -52,7 +52,7 @@ import grpc
 
 from moe_router.errors import DrainingError, OverloadedError, ValidationError
 
-__all__ = ["MAX_READERS", "Admission", "AdmissionFigures", "Ticket", "read_single_message"]
+__all__ = ["MAX_READERS", "Admission", "AdmissionFigures", "Ticket"]
 
 _MIN_RETRY_S = 0.005
 _MIN_DRAIN_RETRY_S = 0.25
@@ -182,6 +182,26 @@ class Admission:
         self._turn_queue.append(ticket)
         await waiter  # the turn is ticket's when this returns (_end_turn hands it over)
 
+    async def read_admitted(self, context: grpc.aio.ServicerContext, method: str
+                            ) -> tuple[Ticket, Any]:
+        """Admit a unary call run as a stream handler (Route, ModelInfer), hold it until
+        its answer has been handed to gRPC, and read its single message in its turn: the
+        ticket and the message, whose true size the door then gives :meth:`add_bytes`.
+
+        Held until handed over, not only computed: a drain that waits for the held calls
+        then never exits before an answer is out. Read with ``context.read()``, not by
+        iterating the request stream: an ``async for`` left by ``return`` leaves grpc's
+        receiving generator suspended on the message it yielded, which kept 8 MiB
+        requests alive until a garbage collection (112 MiB held after 200 sequential
+        calls, measured)."""
+        ticket = self.enter()
+        context.add_done_callback(lambda _: ticket.release())
+        await self.read_turn(ticket)
+        request = await context.read()
+        if request is grpc.aio.EOF:
+            raise ValidationError(f"{method}: the call carried no request message")
+        return ticket, request
+
     def _end_turn(self, ticket: Ticket) -> None:
         """``ticket``'s call has read its message, or left: its turn goes to the next
         waiting call (its place in the queue, if it was still waiting, is skipped)."""
@@ -282,17 +302,3 @@ class Admission:
             self._calls, self.max_calls, self._bytes, self.max_bytes, self._refused,
             self._draining,
         )
-
-
-async def read_single_message(context: grpc.aio.ServicerContext, method: str) -> Any:
-    """The single request message of a unary call run as a stream handler (admitted
-    before this read).
-
-    Read with ``context.read()``, not by iterating the request stream: an ``async for``
-    left by ``return`` leaves grpc's receiving generator suspended on the message it
-    yielded, which kept 8 MiB requests alive until a garbage collection (112 MiB held
-    after 200 sequential calls, measured)."""
-    request = await context.read()
-    if request is grpc.aio.EOF:
-        raise ValidationError(f"{method}: the call carried no request message")
-    return request

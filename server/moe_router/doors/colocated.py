@@ -129,14 +129,14 @@ class CoLocatedDoor:
         version: str,
         inline_limit: int = INLINE_LIMIT_BYTES,
         max_connections: int = MAX_CONNECTIONS,
-        admission: Admission | None = None,
+        admission: Admission,
     ) -> None:
         self.chains = chains
         self.health = health
         self.regions = regions
         # The server's, shared with the gRPC doors: the same bounds, and the drain holds
-        # these calls too (a new one when the door is built alone).
-        self.admission = admission if admission is not None else Admission(256, 512 << 20)
+        # these calls too.
+        self.admission = admission
         self.socket_path = Path(socket_path)
         self.device = device
         self.version = version

@@ -28,7 +28,7 @@ from google.protobuf import descriptor_pool
 
 from moe_router.chain.backend import AfterAnswer
 from moe_router.chain.hosted import HostedRouterChain
-from moe_router.doors.admission import Admission, read_single_message
+from moe_router.doors.admission import Admission
 from moe_router.doors.health import HealthState, RouterStatus
 from moe_router.doors.method_registration import add_method_handlers
 from moe_router.doors.oip_convert import (
@@ -66,13 +66,13 @@ class OipService:
         regions: SharedMemoryRegistry,
         *,
         version: str,
-        admission: Admission | None = None,
+        admission: Admission,
     ) -> None:
         self.chains = chains
         self.health = health
         self.regions = regions
         self.version = version
-        self.admission = admission if admission is not None else Admission(256, 512 << 20)
+        self.admission = admission
 
     # ------------------------------------------------------------------ health, metadata
     async def ServerLive(  # noqa: N802
@@ -170,11 +170,7 @@ class OipService:
     ) -> oip.ModelInferResponse | Failure:
         request_id = ""
         try:
-            ticket = self.admission.enter()
-            # Held until the answer has been handed to gRPC (as Route's, v1_service).
-            context.add_done_callback(lambda _: ticket.release())
-            await self.admission.read_turn(ticket)
-            request: InferRequestView = await read_single_message(context, "ModelInfer")
+            ticket, request = await self.admission.read_admitted(context, "ModelInfer")
             request_id = request.message.id
             self.admission.add_bytes(ticket, request.nbytes)
             return await self._infer(request, context)
@@ -285,15 +281,15 @@ def add_oip_service(
     server: grpc.aio.Server,
     *,
     version: str,
+    admission: Admission,
     regions: SharedMemoryRegistry | None = None,
-    admission: Admission | None = None,
 ) -> OipService:
     """Register the GRPCInferenceService on ``server`` over ``chains`` (filled as routers
     load) and return it; ``regions`` is the registry to share (a new one by default).
 
     ModelInfer and ModelStreamInfer receive raw requests decoded by
     :func:`parse_infer_request` (tensor payloads are views of the received bytes);
-    ``admission``: the server's, which Route calls share (a new one by default).
+    ``admission``: the server's, which the other doors share.
     """
     service = OipService(
         chains, health, regions if regions is not None else SharedMemoryRegistry(),

@@ -21,7 +21,7 @@ import grpc
 from moe_router.chain.alerts import AlertMonitor
 from moe_router.chain.backend import AfterAnswer
 from moe_router.chain.hosted import HostedRouterChain
-from moe_router.doors.admission import Admission, read_single_message
+from moe_router.doors.admission import Admission
 from moe_router.doors.health import HealthState, RouterStatus
 from moe_router.doors.method_registration import add_method_handlers
 from moe_router.doors.request_wire import RouteRequestView, parse_route_request
@@ -65,13 +65,13 @@ class RouterService(pb_grpc.RouterServiceServicer):
         device: str,
         version: str,
         alerts: AlertMonitor | None = None,
-        admission: Admission | None = None,
+        admission: Admission,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.chains = chains
         self.health = health
         self.alerts = alerts
-        self.admission = admission if admission is not None else Admission(256, 512 << 20)
+        self.admission = admission
         self.device = device
         self.version = version
         self._clock = clock
@@ -113,12 +113,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
     async def _route_call(self, context: grpc.aio.ServicerContext) -> bytes | Failure:
         request_id = ""
         try:
-            ticket = self.admission.enter()
-            # Held until the answer has been handed to gRPC, not only computed: a drain
-            # that waits for the held calls then never exits before an answer is out.
-            context.add_done_callback(lambda _: ticket.release())
-            await self.admission.read_turn(ticket)
-            request: RouteRequestView = await read_single_message(context, "Route")
+            ticket, request = await self.admission.read_admitted(context, "Route")
             request_id = request_id_of(request) or new_request_id()
             self.admission.add_bytes(ticket, request.nbytes)
             return await self._route(request, context, request_id)
